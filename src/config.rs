@@ -1,0 +1,1024 @@
+//! The program's configuration: validated, typed, with every default named.
+//!
+//! [`Config::load`] reads `config.toml` (shape in [`file`]), resolves `env:`/`file:` secrets and checks
+//! everything that can be checked without the network, collecting **every** problem as
+//! `key.path: reason` so an operator fixes them in one pass. Nothing is bound or fetched here.
+
+pub mod file;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::{HeaderName, Method};
+use url::Url;
+
+use crate::secret::{self, Secret};
+
+/// Default `server.limits.max_header_bytes`: request line plus headers, in bytes. 16 KiB holds a
+/// browser's cookies with room to spare while bounding per-connection memory.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default `server.limits.header_read_timeout`: a client gets this long to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.limits.idle_timeout`: a keep-alive connection with no traffic is closed after this.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `server.limits.max_connections`: concurrent client connections; more wait in the backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default `server.limits.shutdown_grace`: time in-flight requests get after SIGTERM/SIGINT.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default `route.timeout`: time the upstream gets to send its response headers.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `route.max_body_bytes`: request body limit, 10 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Default `route.retry_body_bytes`: bodies up to this size are buffered so a request can be replayed
+/// once after an upstream 401 `invalid_token`; 64 KiB.
+pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
+/// Default `session.cookie_name`. The `__Host-` prefix makes browsers insist on Secure, Path=/ and no Domain.
+pub const DEFAULT_COOKIE_NAME: &str = "__Host-coatcheck";
+/// Default `session.idle_timeout` (sliding).
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+/// Default `session.absolute_timeout` (hard cap from login, never extended).
+pub const DEFAULT_SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
+/// Default `session.touch_interval`: the idle clock is written to the store at most this often per
+/// session, so the hot path does not write on every request.
+pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+/// Default `session.store.path` for the embedded store.
+pub const DEFAULT_STORE_PATH: &str = "data/sessions.db";
+/// Default `session.cache.capacity`: decrypted sessions held in memory.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+/// Default `session.cache.ttl`: a cached session is served without the store for at most this long.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Default `oidc.scopes`.
+pub const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "offline_access"];
+/// Default `oidc.allowed_algs`: asymmetric algorithms only (HMAC with a public key is a known attack).
+pub const DEFAULT_ALGS: &[&str] = &["RS256", "ES256", "PS256"];
+/// Default `oidc.clock_skew` tolerated on `exp`/`iat`/`nbf`.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// Default `oidc.refresh_before_expiry`.
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
+/// Default `oidc.timeout`: each call to the identity provider.
+pub const DEFAULT_IDP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `oidc.refresh_wait`: how long a request waits behind an in-flight refresh before 503.
+pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(15);
+/// Default `oidc.rotation_grace`: how long the result of a refresh is kept for requests that raced it.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
+/// Default `csrf.header`.
+pub const DEFAULT_CSRF_HEADER: &str = "x-csrf";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    pub server: Server,
+    pub log: Log,
+    pub session: Session,
+    pub oidc: Option<Oidc>,
+    pub csrf: Csrf,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// `scheme://host[:port]`, no trailing slash.
+    pub public_origin: String,
+    pub http_redirect_listen: Option<SocketAddr>,
+    pub tls: Tls,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// A `tracing` filter directive; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Strict,
+    Lax,
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub cookie_name: String,
+    pub same_site: SameSite,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub persistent: bool,
+    pub touch_interval: Duration,
+    /// Decoded keys; the first signs, all verify.
+    pub keys: Vec<Secret<Vec<u8>>>,
+    pub store: StoreKind,
+    pub cache_capacity: u64,
+    pub cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Embedded { path: PathBuf },
+    Redis { url: Secret },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Basic,
+    Post,
+}
+
+#[derive(Debug, Clone)]
+pub struct Oidc {
+    pub issuer: Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scopes: Vec<String>,
+    pub allowed_algs: Vec<jsonwebtoken::Algorithm>,
+    pub clock_skew: Duration,
+    pub refresh_before_expiry: Duration,
+    pub post_logout_redirect: String,
+    pub ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    pub timeout: Duration,
+    pub refresh_wait: Duration,
+    pub rotation_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Csrf {
+    pub header: HeaderName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Required,
+    Optional,
+    None,
+    Bearer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrfMode {
+    All,
+    UnsafeMethods,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Index in the file, for `route[N]` in messages and logs.
+    pub index: usize,
+    pub path: String,
+    pub upstream: Url,
+    pub auth: AuthMode,
+    pub strip_prefix: bool,
+    pub roles: Vec<String>,
+    pub timeout: Duration,
+    pub max_body_bytes: u64,
+    pub retry_body_bytes: u64,
+    pub methods: Option<Vec<Method>>,
+    pub preserve_host: bool,
+    pub ca: Option<PathBuf>,
+    pub login_redirect: bool,
+    pub csrf: CsrfMode,
+}
+
+/// One configuration problem: which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Everything wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw) {
+            Ok(d) if d.is_zero() => {
+                self.push(key, format!("{raw:?} must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.push(
+                    key,
+                    format!(
+                        "{raw:?} is not a duration ({e}); write e.g. \"90s\", \"30m\", \"12h\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, raw: Option<i64>, default: u64) -> u64 {
+        match raw {
+            None => default,
+            Some(v) if v > 0 => v as u64,
+            Some(v) => {
+                self.push(key, format!("{v} must be a positive integer"));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    key,
+                    format!(
+                        "{raw:?} is not an address:port such as \"127.0.0.1:8443\" or \"[::]:8443\""
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn readable_file(&mut self, key: &str, base: &Path, raw: &str) -> PathBuf {
+        let path = resolve_path(base, raw);
+        if let Err(e) = std::fs::metadata(&path) {
+            self.push(key, format!("cannot read {}: {e}", path.display()));
+        }
+        path
+    }
+}
+
+/// Relative paths in the file are relative to the working directory, as operators expect from a
+/// command line; absolute paths are taken as they are. (`base` is kept for future use.)
+fn resolve_path(_base: &Path, raw: &str) -> PathBuf {
+    PathBuf::from(raw)
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors and anchors relative paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: file::ConfigFile = parse(text).map_err(|p| ConfigError {
+            file: file.clone(),
+            problems: vec![p],
+        })?;
+        let mut p = Problems(Vec::new());
+        let config = validate(raw, path, &mut p);
+        if p.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file,
+                problems: p.0,
+            })
+        }
+    }
+
+    /// Whether any route needs sessions (and therefore OIDC and session keys).
+    pub fn needs_sessions(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| matches!(r.auth, AuthMode::Required | AuthMode::Optional))
+            || self.oidc.is_some()
+    }
+}
+
+fn parse(text: &str) -> Result<file::ConfigFile, Problem> {
+    let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
+        key: "(syntax)".into(),
+        reason: one_line(&e),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let reason = inner.message().to_owned();
+        let at = inner
+            .span()
+            .map(|s| line_of(text, s.start))
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        let key = if key == "." {
+            "(top level)".to_owned()
+        } else {
+            key.replace("route[", "route[")
+        };
+        Problem {
+            key,
+            reason: format!("{reason}{at}"),
+        }
+    })
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|s| format!(" at byte {}", s.start))
+        .unwrap_or_default();
+    format!("{}{at}", e.message())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let server = validate_server(raw.server, base, p);
+    let log = validate_log(raw.log, p);
+    let csrf = Csrf {
+        header: match raw.csrf.header.as_deref() {
+            None => HeaderName::from_static(DEFAULT_CSRF_HEADER),
+            Some(h) => HeaderName::try_from(h).unwrap_or_else(|_| {
+                p.push("csrf.header", format!("{h:?} is not a valid header name"));
+                HeaderName::from_static(DEFAULT_CSRF_HEADER)
+            }),
+        },
+    };
+    let oidc = raw.oidc.map(|o| validate_oidc(o, base, p));
+    let routes = validate_routes(raw.routes, base, p);
+    let needs = routes.iter().any(|r| r.auth != AuthMode::None) || oidc.is_some();
+    let session = validate_session(raw.session, base, needs, p);
+    for r in &routes {
+        if r.auth != AuthMode::None && oidc.is_none() {
+            p.push(
+                format!("route[{}].auth", r.index),
+                "needs an [oidc] section (issuer, client_id, client_secret)",
+            );
+        }
+    }
+    Config {
+        source: path.to_owned(),
+        server,
+        log,
+        session,
+        oidc,
+        csrf,
+        routes,
+    }
+}
+
+fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server {
+    let listen = p
+        .socket_addr("server.listen", &s.listen)
+        .unwrap_or_else(|| ([127, 0, 0, 1], 8443).into());
+    let http_redirect_listen = s
+        .http_redirect_listen
+        .as_deref()
+        .and_then(|a| p.socket_addr("server.http_redirect_listen", a));
+    let public_origin = match Url::parse(&s.public_origin) {
+        Ok(u) if u.scheme() != "https" => {
+            p.push(
+                "server.public_origin",
+                format!(
+                    "{:?} must be an https:// origin (the session cookie is Secure)",
+                    s.public_origin
+                ),
+            );
+            String::new()
+        }
+        Ok(u)
+            if u.host_str().is_none()
+                || u.path() != "/"
+                || u.query().is_some()
+                || u.fragment().is_some() =>
+        {
+            p.push(
+                "server.public_origin",
+                format!(
+                    "{:?} must be an origin only: https://host[:port], no path",
+                    s.public_origin
+                ),
+            );
+            String::new()
+        }
+        Ok(u) => u.origin().ascii_serialization(),
+        Err(e) => {
+            p.push(
+                "server.public_origin",
+                format!("{:?} is not a URL: {e}", s.public_origin),
+            );
+            String::new()
+        }
+    };
+    let tls = Tls {
+        cert: p.readable_file("server.tls.cert", base, &s.tls.cert),
+        key: p.readable_file("server.tls.key", base, &s.tls.key),
+    };
+    let l = s.limits;
+    let max_header_bytes = p.positive(
+        "server.limits.max_header_bytes",
+        l.max_header_bytes,
+        DEFAULT_MAX_HEADER_BYTES as u64,
+    );
+    if max_header_bytes < 1024 || max_header_bytes > 1024 * 1024 {
+        p.push(
+            "server.limits.max_header_bytes",
+            format!("{max_header_bytes} must be between 1024 and 1048576"),
+        );
+    }
+    let limits = Limits {
+        max_header_bytes: max_header_bytes as usize,
+        header_read_timeout: p.duration(
+            "server.limits.header_read_timeout",
+            l.header_read_timeout.as_deref(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        ),
+        idle_timeout: p.duration(
+            "server.limits.idle_timeout",
+            l.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+        max_connections: p.positive(
+            "server.limits.max_connections",
+            l.max_connections,
+            DEFAULT_MAX_CONNECTIONS as u64,
+        ) as usize,
+        shutdown_grace: p.duration(
+            "server.limits.shutdown_grace",
+            l.shutdown_grace.as_deref(),
+            DEFAULT_SHUTDOWN_GRACE,
+        ),
+    };
+    Server {
+        listen,
+        public_origin,
+        http_redirect_listen,
+        tls,
+        limits,
+    }
+}
+
+fn validate_log(l: file::LogFile, p: &mut Problems) -> Log {
+    let format = match l.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            p.push(
+                "log.format",
+                format!("{other:?} must be \"text\" or \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    let level = l.level.unwrap_or_else(|| "info".to_owned());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        p.push(
+            "log.level",
+            format!("{level:?} is not a level or filter such as \"info\" or \"coatcheck=debug\""),
+        );
+    }
+    Log { level, format }
+}
+
+fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Problems) -> Session {
+    let cookie_name = s
+        .cookie_name
+        .unwrap_or_else(|| DEFAULT_COOKIE_NAME.to_owned());
+    if cookie_name.is_empty()
+        || !cookie_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        p.push(
+            "session.cookie_name",
+            format!("{cookie_name:?} must be letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let same_site = match s.same_site.as_deref() {
+        None | Some("strict") => SameSite::Strict,
+        Some("lax") => SameSite::Lax,
+        Some(o) => {
+            p.push(
+                "session.same_site",
+                format!("{o:?} must be \"strict\" or \"lax\""),
+            );
+            SameSite::Strict
+        }
+    };
+    let idle_timeout = p.duration(
+        "session.idle_timeout",
+        s.idle_timeout.as_deref(),
+        DEFAULT_SESSION_IDLE,
+    );
+    let absolute_timeout = p.duration(
+        "session.absolute_timeout",
+        s.absolute_timeout.as_deref(),
+        DEFAULT_SESSION_ABSOLUTE,
+    );
+    if idle_timeout > absolute_timeout {
+        p.push(
+            "session.idle_timeout",
+            "must not be longer than session.absolute_timeout",
+        );
+    }
+    let mut keys = Vec::new();
+    for (i, k) in s.keys.iter().enumerate() {
+        let key = format!("session.keys[{i}]");
+        match secret::resolve(k) {
+            Err(e) => p.push(key, e),
+            Ok(v) => match base64::engine::general_purpose::STANDARD.decode(v.expose().trim()) {
+                Ok(bytes) if bytes.len() >= 32 => keys.push(Secret::new(bytes)),
+                Ok(bytes) => p.push(
+                    key,
+                    format!(
+                        "decodes to {} bytes; at least 32 are needed (openssl rand -base64 32)",
+                        bytes.len()
+                    ),
+                ),
+                Err(_) => p.push(
+                    key,
+                    "is not valid base64 (generate one with: openssl rand -base64 32)",
+                ),
+            },
+        }
+    }
+    if needed && s.keys.is_empty() {
+        p.push("session.keys", "at least one key is needed when sessions are used (e.g. [\"env:COATCHECK_SESSION_KEY\"] with openssl rand -base64 32)");
+    }
+    let store = match s.store.kind.as_deref() {
+        None | Some("embedded") => {
+            if s.store.url.is_some() {
+                p.push("session.store.url", "only applies to kind = \"redis\"");
+            }
+            StoreKind::Embedded {
+                path: resolve_path(base, s.store.path.as_deref().unwrap_or(DEFAULT_STORE_PATH)),
+            }
+        }
+        Some("memory") => StoreKind::Memory,
+        Some("redis") => match s.store.url.as_deref() {
+            None => {
+                p.push("session.store.url", "is required for kind = \"redis\"");
+                StoreKind::Memory
+            }
+            Some(raw) => match secret::resolve(raw) {
+                Err(e) => {
+                    p.push("session.store.url", e);
+                    StoreKind::Memory
+                }
+                Ok(u) => {
+                    match Url::parse(u.expose()) {
+                        Ok(parsed)
+                            if matches!(parsed.scheme(), "redis" | "rediss")
+                                && parsed.host_str().is_some() => {}
+                        _ => p.push(
+                            "session.store.url",
+                            "is not a valid redis:// or rediss:// URL",
+                        ),
+                    }
+                    StoreKind::Redis { url: u }
+                }
+            },
+        },
+        Some(o) => {
+            p.push(
+                "session.store.kind",
+                format!("{o:?} must be \"memory\", \"embedded\" or \"redis\""),
+            );
+            StoreKind::Memory
+        }
+    };
+    let cache_capacity = match s.cache.capacity {
+        None => DEFAULT_CACHE_CAPACITY,
+        Some(c) if c >= 0 => c as u64,
+        Some(c) => {
+            p.push(
+                "session.cache.capacity",
+                format!("{c} must be zero or more"),
+            );
+            DEFAULT_CACHE_CAPACITY
+        }
+    };
+    Session {
+        cookie_name,
+        same_site,
+        idle_timeout,
+        absolute_timeout,
+        persistent: s.persistent.unwrap_or(false),
+        touch_interval: p.duration(
+            "session.touch_interval",
+            s.touch_interval.as_deref(),
+            DEFAULT_TOUCH_INTERVAL,
+        ),
+        keys,
+        store,
+        cache_capacity,
+        cache_ttl: p.duration(
+            "session.cache.ttl",
+            s.cache.ttl.as_deref(),
+            DEFAULT_CACHE_TTL,
+        ),
+    }
+}
+
+/// Whether `url` is http on a loopback host (allowed for local development and tests).
+pub fn is_loopback_http(url: &Url) -> bool {
+    url.scheme() == "http"
+        && match url.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        }
+}
+
+fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
+    let issuer = match Url::parse(&o.issuer) {
+        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => u,
+        Ok(_) => {
+            p.push(
+                "oidc.issuer",
+                format!(
+                    "{:?} must be https:// (http:// only for a loopback host)",
+                    o.issuer
+                ),
+            );
+            Url::parse("https://invalid.invalid").expect("constant URL")
+        }
+        Err(e) => {
+            p.push("oidc.issuer", format!("{:?} is not a URL: {e}", o.issuer));
+            Url::parse("https://invalid.invalid").expect("constant URL")
+        }
+    };
+    if o.client_id.is_empty() {
+        p.push("oidc.client_id", "must not be empty");
+    }
+    let client_secret = secret::resolve(&o.client_secret).unwrap_or_else(|e| {
+        p.push("oidc.client_secret", e);
+        Secret::default()
+    });
+    let scopes = o
+        .scopes
+        .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect());
+    if !scopes.iter().any(|s| s == "openid") {
+        p.push("oidc.scopes", "must include \"openid\"");
+    }
+    let mut allowed_algs = Vec::new();
+    for (i, a) in o
+        .allowed_algs
+        .unwrap_or_else(|| DEFAULT_ALGS.iter().map(|s| s.to_string()).collect())
+        .iter()
+        .enumerate()
+    {
+        use jsonwebtoken::Algorithm as A;
+        match a.parse::<A>() {
+            Ok(A::HS256 | A::HS384 | A::HS512) => p.push(
+                format!("oidc.allowed_algs[{i}]"),
+                format!(
+                    "{a:?}: HMAC algorithms are refused (key confusion); use RS*, PS*, ES* or EdDSA"
+                ),
+            ),
+            Ok(alg) => allowed_algs.push(alg),
+            Err(_) => p.push(
+                format!("oidc.allowed_algs[{i}]"),
+                format!("{a:?} is not a JWS algorithm such as \"RS256\""),
+            ),
+        }
+    }
+    if allowed_algs.is_empty() {
+        p.push("oidc.allowed_algs", "must name at least one algorithm");
+    }
+    let client_auth = match o.token_endpoint_auth_method.as_deref() {
+        None | Some("client_secret_basic") => ClientAuth::Basic,
+        Some("client_secret_post") => ClientAuth::Post,
+        Some(x) => {
+            p.push(
+                "oidc.token_endpoint_auth_method",
+                format!("{x:?} must be \"client_secret_basic\" or \"client_secret_post\""),
+            );
+            ClientAuth::Basic
+        }
+    };
+    let post_logout_redirect = o.post_logout_redirect.unwrap_or_else(|| "/".to_owned());
+    if !post_logout_redirect.starts_with('/') || post_logout_redirect.starts_with("//") {
+        p.push(
+            "oidc.post_logout_redirect",
+            format!("{post_logout_redirect:?} must be a local path such as \"/\""),
+        );
+    }
+    Oidc {
+        issuer,
+        client_id: o.client_id,
+        client_secret,
+        scopes,
+        allowed_algs,
+        clock_skew: match o.clock_skew.as_deref() {
+            Some("0s") => Duration::ZERO,
+            raw => p.duration("oidc.clock_skew", raw, DEFAULT_CLOCK_SKEW),
+        },
+        refresh_before_expiry: p.duration(
+            "oidc.refresh_before_expiry",
+            o.refresh_before_expiry.as_deref(),
+            DEFAULT_REFRESH_BEFORE,
+        ),
+        post_logout_redirect,
+        ca: o.ca.map(|c| p.readable_file("oidc.ca", base, &c)),
+        client_auth,
+        timeout: p.duration("oidc.timeout", o.timeout.as_deref(), DEFAULT_IDP_TIMEOUT),
+        refresh_wait: p.duration(
+            "oidc.refresh_wait",
+            o.refresh_wait.as_deref(),
+            DEFAULT_REFRESH_WAIT,
+        ),
+        rotation_grace: p.duration(
+            "oidc.rotation_grace",
+            o.rotation_grace.as_deref(),
+            DEFAULT_ROTATION_GRACE,
+        ),
+    }
+}
+
+fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) -> Vec<Route> {
+    let mut out: Vec<Route> = Vec::new();
+    for (i, r) in routes.into_iter().enumerate() {
+        let k = |name: &str| format!("route[{i}].{name}");
+        if !r.path.starts_with('/')
+            || r.path.contains(['?', '#', '%', '\\'])
+            || r.path.split('/').any(|s| s == "." || s == "..")
+        {
+            p.push(
+                k("path"),
+                format!(
+                    "{:?} must be an absolute, plain path prefix such as \"/api/\"",
+                    r.path
+                ),
+            );
+        }
+        if let Some(prev) = out.iter().find(|o| o.path == r.path) {
+            p.push(
+                k("path"),
+                format!("{:?} is already used by route[{}]", r.path, prev.index),
+            );
+        }
+        let upstream = match Url::parse(&r.upstream) {
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none() =>
+            {
+                u
+            }
+            Ok(_) => {
+                p.push(
+                    k("upstream"),
+                    format!(
+                        "{:?} must be an http:// or https:// URL with a host and no query",
+                        r.upstream
+                    ),
+                );
+                Url::parse("http://invalid.invalid").expect("constant URL")
+            }
+            Err(e) => {
+                p.push(k("upstream"), format!("{:?} is not a URL: {e}", r.upstream));
+                Url::parse("http://invalid.invalid").expect("constant URL")
+            }
+        };
+        let auth = match r.auth.as_deref() {
+            None | Some("required") => AuthMode::Required,
+            Some("optional") => AuthMode::Optional,
+            Some("none") => AuthMode::None,
+            Some("bearer") => AuthMode::Bearer,
+            Some(o) => {
+                p.push(
+                    k("auth"),
+                    format!("{o:?} must be \"required\", \"optional\", \"none\" or \"bearer\""),
+                );
+                AuthMode::None
+            }
+        };
+        let csrf = match r.csrf.as_deref() {
+            None | Some("all") => CsrfMode::All,
+            Some("unsafe-methods") => CsrfMode::UnsafeMethods,
+            Some("off") => CsrfMode::Off,
+            Some(o) => {
+                p.push(
+                    k("csrf"),
+                    format!("{o:?} must be \"all\", \"unsafe-methods\" or \"off\""),
+                );
+                CsrfMode::All
+            }
+        };
+        let methods = r.methods.map(|ms| {
+            ms.iter()
+                .enumerate()
+                .filter_map(
+                    |(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            p.push(
+                                format!("route[{i}].methods[{j}]"),
+                                format!("{m:?} is not an HTTP method"),
+                            );
+                            None
+                        }
+                    },
+                )
+                .collect::<Vec<_>>()
+        });
+        if methods.as_ref().is_some_and(|m| m.is_empty()) {
+            p.push(
+                k("methods"),
+                "must list at least one method (or be left out)",
+            );
+        }
+        let roles = r.roles.unwrap_or_default();
+        if !roles.is_empty() && auth == AuthMode::None {
+            p.push(
+                k("roles"),
+                "needs auth = \"required\", \"optional\" or \"bearer\"",
+            );
+        }
+        let ca = r.ca.map(|c| {
+            if upstream.scheme() != "https" {
+                p.push(k("ca"), "only applies to an https:// upstream");
+            }
+            p.readable_file(&k("ca"), base, &c)
+        });
+        let login_redirect = r.login_redirect.unwrap_or(false);
+        if login_redirect && auth != AuthMode::Required {
+            p.push(k("login_redirect"), "only applies to auth = \"required\"");
+        }
+        out.push(Route {
+            index: i,
+            path: r.path,
+            upstream,
+            auth,
+            strip_prefix: r.strip_prefix.unwrap_or(false),
+            roles,
+            timeout: p.duration(&k("timeout"), r.timeout.as_deref(), DEFAULT_ROUTE_TIMEOUT),
+            max_body_bytes: p.positive(
+                &k("max_body_bytes"),
+                r.max_body_bytes,
+                DEFAULT_MAX_BODY_BYTES,
+            ),
+            retry_body_bytes: match r.retry_body_bytes {
+                Some(0) => 0,
+                raw => p.positive(&k("retry_body_bytes"), raw, DEFAULT_RETRY_BODY_BYTES),
+            },
+            methods,
+            preserve_host: r.preserve_host.unwrap_or(false),
+            ca,
+            login_redirect,
+            csrf,
+        });
+    }
+    if out.is_empty() {
+        p.push("route", "at least one [[route]] is needed");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_cert() -> (String, String) {
+        let dir = std::env::temp_dir();
+        let c = dir.join("coatcheck-config-test.crt");
+        std::fs::write(&c, "x").unwrap();
+        (c.display().to_string(), c.display().to_string())
+    }
+
+    fn base(extra: &str) -> String {
+        let (c, k) = tmp_cert();
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"https://localhost:8443\"\n[server.tls]\ncert = \"{c}\"\nkey = \"{k}\"\n{extra}"
+        )
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::from_toml(text, Path::new("t.toml"))
+            .err()
+            .map(|e| e.problems)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_minimal_config_with_one_route_is_valid_and_gets_defaults() {
+        let c = Config::from_toml(
+            &base(
+                "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n",
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.server.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+        assert_eq!(c.routes[0].timeout, DEFAULT_ROUTE_TIMEOUT);
+        assert_eq!(c.server.public_origin, "https://localhost:8443");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let p = problems(&base("[server.limits]\nmax_headr_bytes = 1\n"));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].key.starts_with("server.limits"), "{p:?}");
+        assert!(p[0].reason.contains("max_headr_bytes"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let p = problems(&base(
+            "[server.limits]\nidle_timeout = \"soon\"\nmax_connections = -1\n[[route]]\npath = \"api\"\nupstream = \"ftp://x\"\nauth = \"none\"\nmethods = [\"G T\"]\n",
+        ));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "server.limits.idle_timeout",
+            "server.limits.max_connections",
+            "route[0].path",
+            "route[0].upstream",
+            "route[0].methods[0]",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn authenticated_routes_need_oidc_and_keys() {
+        let p = problems(&base(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n",
+        ));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"route[0].auth"), "{keys:?}");
+        assert!(keys.contains(&"session.keys"), "{keys:?}");
+    }
+
+    #[test]
+    fn http_issuers_are_refused_unless_loopback() {
+        assert!(is_loopback_http(
+            &Url::parse("http://127.0.0.1:3000").unwrap()
+        ));
+        assert!(!is_loopback_http(
+            &Url::parse("http://idp.example.com").unwrap()
+        ));
+    }
+
+    #[test]
+    fn hmac_algorithms_are_refused() {
+        let p = problems(&base(
+            "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\nallowed_algs = [\"HS256\"]\n[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n",
+        ));
+        assert!(p.iter().any(|p| p.key == "oidc.allowed_algs[0]"), "{p:?}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The shape of `config.toml` exactly as written by operators (serde, unknown keys rejected).
+//! Nothing here is validated beyond types: [`crate::config`] turns it into the program's truth.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: ServerFile,
+    #[serde(default)]
+    pub log: LogFile,
+    #[serde(default)]
+    pub session: SessionFile,
+    pub oidc: Option<OidcFile>,
+    #[serde(default)]
+    pub csrf: CsrfFile,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: String,
+    pub public_origin: String,
+    pub http_redirect_listen: Option<String>,
+    pub tls: TlsFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_header_bytes: Option<i64>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionFile {
+    pub cookie_name: Option<String>,
+    pub same_site: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub absolute_timeout: Option<String>,
+    pub persistent: Option<bool>,
+    pub touch_interval: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub store: StoreFile,
+    #[serde(default)]
+    pub cache: CacheFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    pub capacity: Option<i64>,
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFile {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub scopes: Option<Vec<String>>,
+    pub allowed_algs: Option<Vec<String>>,
+    pub clock_skew: Option<String>,
+    pub refresh_before_expiry: Option<String>,
+    pub post_logout_redirect: Option<String>,
+    pub ca: Option<String>,
+    pub token_endpoint_auth_method: Option<String>,
+    pub timeout: Option<String>,
+    pub refresh_wait: Option<String>,
+    pub rotation_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrfFile {
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub path: String,
+    pub upstream: String,
+    pub auth: Option<String>,
+    pub strip_prefix: Option<bool>,
+    pub roles: Option<Vec<String>>,
+    pub timeout: Option<String>,
+    pub max_body_bytes: Option<i64>,
+    pub retry_body_bytes: Option<i64>,
+    pub methods: Option<Vec<String>>,
+    pub preserve_host: Option<bool>,
+    pub ca: Option<String>,
+    pub login_redirect: Option<bool>,
+    pub csrf: Option<String>,
+}

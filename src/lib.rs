@@ -1,0 +1,38 @@
+//! coatcheck: a backend-for-frontend reverse proxy. The browser gets an opaque `HttpOnly` session
+//! cookie; the OAuth/OIDC tokens stay here, and every API request leaves with
+//! `Authorization: Bearer` injected.
+//!
+//! # Layout
+//!
+//! ```text
+//! listener ─▶ tls ─▶ router ─▶ auth (session, oidc, csrf, policy, refresh) ─▶ proxy ─▶ upstream
+//! ```
+//!
+//! A module uses the ones to its right and the leaves; it never reaches back left.
+//!
+//! - [`cli`]: the command line (`run`, `check-config`, `dev-cert`).
+//! - [`app`]: the composition root; wires every module, starts and stops.
+//! - [`listener`]: accepts connections, terminates TLS, serves HTTP/1.1 + HTTP/2, drains on shutdown.
+//! - [`tls`]: rustls server/client configuration and development certificates.
+//! - [`router`]: path normalization, route choice, coatcheck's own endpoints, errors → responses.
+//! - [`auth`]: login (OIDC), sessions, CSRF, per-route policy, token refresh.
+//! - [`session`]: the session ticket (cookie), its cache and its stores.
+//! - [`proxy`]: rewrites a request for its upstream and streams the answer back.
+//! - [`upstream`]: pooled HTTP/1.1 + HTTP/2 clients per upstream.
+//!
+//! Leaves: [`config`] (file shape and validated truth), [`error`] (taxonomy → status),
+//! [`secret`] (values that never print), [`body`] (shared body types), [`telemetry`] (logs).
+
+pub mod app;
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod proxy;
+pub mod router;
+pub mod secret;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

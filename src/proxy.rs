@@ -1,0 +1,156 @@
+//! Forwarding one request to its upstream and streaming the answer back.
+//!
+//! `proxy` receives the access token to inject as a ready `Authorization` value, never a session: it
+//! cannot reach the store. Bodies stream both ways (no buffering); upgrades (WebSocket) are spliced
+//! into a bidirectional byte tunnel once both sides said `101`.
+
+pub mod headers;
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{Body, UpstreamBody};
+use crate::config::Route;
+use crate::error::{BoxError, Error};
+use crate::upstream::Upstream;
+
+/// What the caller decided about the request before it leaves.
+pub struct Forward<'a> {
+    /// Path to request upstream (normalized, prefix stripped if configured), without the query.
+    pub path: &'a str,
+    /// The client's address, for `X-Forwarded-For`/`Forwarded`.
+    pub client: IpAddr,
+    /// The request id, sent upstream and echoed back.
+    pub request_id: &'a HeaderValue,
+    /// `Authorization` value to inject (`Bearer <access token>`), marked sensitive.
+    pub authorization: Option<HeaderValue>,
+    /// Cookies that belong to coatcheck and must not reach the upstream.
+    pub own_cookies: &'a [String],
+}
+
+/// Forwards `req` to `upstream` for `route`.
+pub async fn forward(
+    upstream: &Upstream,
+    route: &Route,
+    req: Request<Incoming>,
+    fwd: Forward<'_>,
+) -> Result<Response<Body>, Error> {
+    let (req, client_upgrade) = prepare(upstream, route, req, &fwd)?;
+    send(upstream, route, req, client_upgrade).await
+}
+
+/// Rewrites the request for the upstream: URI, headers, body limit, token.
+pub fn prepare(
+    upstream: &Upstream,
+    route: &Route,
+    mut req: Request<Incoming>,
+    fwd: &Forward<'_>,
+) -> Result<(Request<UpstreamBody>, Option<hyper::upgrade::OnUpgrade>), Error> {
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > route.max_body_bytes
+    {
+        return Err(Error::PayloadTooLarge {
+            limit: route.max_body_bytes,
+        });
+    }
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream
+        .uri(fwd.path, parts.uri.query())
+        .map_err(|e| Error::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    // The pooled client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 request version would be
+    // refused on an HTTP/1.1 connection (see ../shared/CRATES.md).
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, upgrade);
+    headers::add_forwarding(h, fwd.client, original_host.as_ref());
+    h.insert(headers::X_REQUEST_ID.clone(), fwd.request_id.clone());
+    if !route.preserve_host || original_host.is_none() {
+        h.insert(header::HOST, upstream.host.clone());
+    } else if let Some(host) = original_host {
+        h.insert(header::HOST, host);
+    }
+    headers::remove_cookies(h, fwd.own_cookies);
+    // The browser never chooses the upstream credential of a session route: whatever it sent goes.
+    h.remove(header::AUTHORIZATION);
+    if let Some(auth) = &fwd.authorization {
+        h.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let body = Either::Left(Limited::new(body, route.max_body_bytes as usize));
+    Ok((Request::from_parts(parts, body), client_upgrade))
+}
+
+/// Sends a prepared request and turns the upstream's answer (or failure) into ours.
+pub async fn send(
+    upstream: &Upstream,
+    route: &Route,
+    req: Request<UpstreamBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<Body>, Error> {
+    let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let mut res =
+        match tokio::time::timeout(route.timeout, upstream.send(req, client_upgrade.is_some()))
+            .await
+        {
+            Err(_) => return Err(Error::GatewayTimeout(route.timeout)),
+            Ok(Err(e)) => return Err(classify(e, route)),
+            Ok(Ok(res)) => res,
+        };
+    let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(Error::BadGateway(
+                "upstream switched protocols without being asked".into(),
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut res);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+    }
+    headers::strip_hop_by_hop(res.headers_mut(), upgraded);
+    if let Some(id) = request_id {
+        res.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
+    }
+    Ok(res.map(Either::Left))
+}
+
+/// A client error is ours to report precisely: the body limit shows up as a body error.
+fn classify(e: hyper_util::client::legacy::Error, route: &Route) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return Error::PayloadTooLarge {
+                limit: route.max_body_bytes,
+            };
+        }
+        source = s.source();
+    }
+    Error::BadGateway(BoxError::from(e))
+}

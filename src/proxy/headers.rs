@@ -1,0 +1,318 @@
+//! Header rules for a request on its way upstream and a response on its way back.
+//!
+//! Hop-by-hop headers belong to one connection and are never forwarded (RFC 9110 §7.6.1): the fixed
+//! list below plus every name the `Connection` header lists. Forwarding headers tell the upstream
+//! who asked (`X-Forwarded-*`, and `Forwarded` from RFC 7239).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`.
+fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// Whether the request asks for a protocol upgrade (e.g. WebSocket) in HTTP/1.1 terms.
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+}
+
+fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers. With `upgrade`, `Upgrade` is kept and `Connection: upgrade` is set
+/// again (the upgrade must travel one more hop). `TE: trailers` survives (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in fixed_hop_by_hop() {
+        if upgrade && *name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Adds `X-Forwarded-For` (appended to any value the client sent), `X-Forwarded-Proto: https`,
+/// `X-Forwarded-Host` and `Forwarded` (RFC 7239, appended).
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
+    let ip = client.to_string();
+    append_list(headers, &X_FORWARDED_FOR, &ip);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    let host_str = host
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| is_token_like(h));
+    match host_str {
+        Some(h) => {
+            headers.insert(
+                X_FORWARDED_HOST.clone(),
+                HeaderValue::from_str(h).expect("checked token-like"),
+            );
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+    // RFC 7239 §6: IPv6 addresses are quoted and bracketed.
+    let node = match client {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let mut fwd = format!("for={node};proto=https");
+    if let Some(h) = host_str {
+        fwd.push_str(";host=\"");
+        fwd.push_str(h);
+        fwd.push('"');
+    }
+    append_list(headers, &FORWARDED, &fwd);
+}
+
+/// Host values are `host[:port]`; anything else is not echoed into forwarding headers.
+fn is_token_like(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
+    let joined = {
+        let existing: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if existing.is_empty() {
+            item.to_owned()
+        } else {
+            format!("{}, {item}", existing.join(", "))
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+/// The request id: the client's `X-Request-Id` when it is short and printable, else a new random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    let mut raw = [0u8; 16];
+    crate::secret::random_bytes(&mut raw);
+    let mut hex = [0u8; 32];
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in raw.iter().enumerate() {
+        hex[2 * i] = DIGITS[(b >> 4) as usize];
+        hex[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex digits are a valid header value")
+}
+
+/// Removes the named cookies from the `Cookie` header(s), keeping every other cookie in order.
+pub fn remove_cookies(headers: &mut HeaderMap, names: &[String]) {
+    if !headers.contains_key(header::COOKIE) {
+        return;
+    }
+    let mut kept: Vec<String> = Vec::new();
+    let mut changed = false;
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(s) = v.to_str() else {
+            changed = true;
+            continue;
+        };
+        for pair in s.split(';') {
+            let pair = pair.trim();
+            if pair.is_empty() {
+                continue;
+            }
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+            if names.iter().any(|n| n == name) {
+                changed = true;
+            } else {
+                kept.push(pair.to_owned());
+            }
+        }
+    }
+    if !changed {
+        return;
+    }
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` header(s), if present exactly once.
+/// (Two cookies with our name are refused: a sibling subdomain may have planted one.)
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut found = None;
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(s) = v.to_str() else { continue };
+        for pair in s.split(';') {
+            if let Some((n, value)) = pair.trim().split_once('=')
+                && n.trim() == name
+            {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(value.trim());
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "h2c"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrades_keep_upgrade_and_connection() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "1"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn forwarding_headers_append_and_quote_ipv6() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+        ]);
+        add_forwarding(
+            &mut h,
+            "::1".parse().unwrap(),
+            Some(&HeaderValue::from_static("localhost:8443")),
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "localhost:8443");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.9, for=\"[::1]\";proto=https;host=\"localhost:8443\""
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
+        let generated = request_id(&map(&[("x-request-id", "has space")]));
+        assert_eq!(generated.len(), 32);
+        assert_ne!(generated, request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn only_the_named_cookies_are_removed() {
+        let mut h = map(&[
+            ("cookie", "a=1; __Host-coatcheck=secret; b=2"),
+            ("cookie", "__Host-coatcheck-login=x"),
+        ]);
+        remove_cookies(
+            &mut h,
+            &["__Host-coatcheck".into(), "__Host-coatcheck-login".into()],
+        );
+        assert_eq!(h["cookie"], "a=1; b=2");
+        let mut h = map(&[("cookie", "__Host-coatcheck=secret")]);
+        remove_cookies(&mut h, &["__Host-coatcheck".into()]);
+        assert!(!h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn a_duplicated_cookie_is_not_trusted() {
+        assert_eq!(cookie(&map(&[("cookie", "a=1; s=v")]), "s"), Some("v"));
+        assert_eq!(cookie(&map(&[("cookie", "s=v1; s=v2")]), "s"), None);
+    }
+}

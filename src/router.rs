@@ -1,0 +1,461 @@
+//! The router: one request in, one response out. It normalizes the path, answers coatcheck's own
+//! endpoints, picks the route (longest prefix), applies the route's policy through `auth`, hands the
+//! request to `proxy`, and is the one place that turns an [`Error`] into a response.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::auth::{self, Auth};
+use crate::body::{self, Body};
+use crate::config::{AuthMode, Config, Route};
+use crate::error::Error;
+use crate::proxy::{self, headers};
+use crate::telemetry::{AccessRecord, Logged};
+use crate::tls::TlsError;
+use crate::upstream::Upstream;
+
+/// One route with its upstream client.
+pub struct RouteEntry {
+    pub config: Route,
+    /// The route's normalized prefix (no trailing slash, "" for the root).
+    prefix: String,
+    /// Number of path segments in `prefix` (for `strip_prefix`).
+    prefix_segments: usize,
+    pub name: Arc<str>,
+    pub upstream: Upstream,
+}
+
+/// The request router.
+pub struct Router {
+    routes: Vec<RouteEntry>,
+    max_header_bytes: usize,
+    auth: Option<Arc<Auth>>,
+}
+
+impl Router {
+    /// Builds the route table (longest prefix first) and the upstream clients.
+    pub fn new(config: &Config, auth: Option<Arc<Auth>>) -> Result<Router, TlsError> {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for r in &config.routes {
+            let prefix = r.path.trim_end_matches('/').to_owned();
+            routes.push(RouteEntry {
+                prefix_segments: prefix.matches('/').count(),
+                prefix,
+                name: Arc::from(r.path.as_str()),
+                upstream: Upstream::new(&r.upstream, r.ca.as_deref(), "route.ca")?,
+                config: r.clone(),
+            });
+        }
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Ok(Router {
+            routes,
+            max_header_bytes: config.server.limits.max_header_bytes,
+            auth,
+        })
+    }
+
+    /// Whether every configured piece is ready (identity provider metadata, session store).
+    pub async fn ready(&self) -> Result<(), String> {
+        match &self.auth {
+            Some(a) => a.ready().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Handles one request. Never fails: errors become JSON answers (DESIGN §5).
+    pub async fn handle(&self, req: Request<Incoming>, client: IpAddr) -> Response<Logged<Body>> {
+        let request_id = headers::request_id(req.headers());
+        let mut record = Box::new(AccessRecord {
+            start: Instant::now(),
+            method: req.method().clone(),
+            path: truncate(req.uri().path(), 512).to_owned(),
+            status: 0,
+            route: None,
+            upstream: None,
+            request_id: request_id.clone(),
+            client,
+            error: None,
+        });
+        let mut res = match self
+            .handle_inner(req, client, &request_id, &mut record)
+            .await
+        {
+            Ok(res) => res,
+            Err(e) => {
+                record.error = Some(e.code());
+                if e.is_client_error() {
+                    tracing::debug!(error = %e, request_id = ?request_id, "request refused");
+                } else {
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), request_id = ?request_id, "request failed");
+                }
+                error_response(&e, self.auth.as_deref())
+            }
+        };
+        res.headers_mut()
+            .insert(headers::X_REQUEST_ID.clone(), request_id);
+        record.status = res.status().as_u16();
+        res.map(|b| Logged::new(b, record))
+    }
+
+    async fn handle_inner(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+        request_id: &HeaderValue,
+        record: &mut AccessRecord,
+    ) -> Result<Response<Body>, Error> {
+        let size = header_bytes(&req);
+        if size > self.max_header_bytes {
+            return Err(Error::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
+        }
+        // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
+        let uri = req.uri().clone();
+        let path = NormalizedPath::parse(uri.path())?;
+        match path.matched.as_ref() {
+            "/healthz" => return Ok(body::json(StatusCode::OK, &json!({"status": "ok"}))),
+            "/readyz" => {
+                return Ok(match self.ready().await {
+                    Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
+                    Err(why) => body::json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "not_ready", "message": why}),
+                    ),
+                });
+            }
+            _ => {}
+        }
+        if let Some(auth) = &self.auth
+            && auth::is_bff_path(&path.matched)
+        {
+            record.route = Some(Arc::from("/bff/"));
+            return auth.handle_bff(req, &path.matched).await;
+        }
+        let entry = self.route_for(&path.matched).ok_or(Error::NotFound)?;
+        record.route = Some(entry.name.clone());
+        record.upstream = Some(entry.upstream.name.clone());
+        let route = &entry.config;
+        if let Some(methods) = &route.methods
+            && !methods.contains(req.method())
+        {
+            let allow = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::MethodNotAllowed { allow });
+        }
+        let forward_path = if route.strip_prefix {
+            strip_segments(&path.raw, entry.prefix_segments)
+        } else {
+            &path.raw
+        };
+        let own_cookies = self.auth.as_ref().map(|a| a.cookie_names()).unwrap_or(&[]);
+        let fwd = proxy::Forward {
+            path: forward_path,
+            client,
+            request_id,
+            authorization: None,
+            own_cookies,
+        };
+        match (route.auth, &self.auth) {
+            (AuthMode::None, _) => proxy::forward(&entry.upstream, route, req, fwd).await,
+            (_, Some(auth)) => auth.forward(&entry.upstream, route, req, fwd).await,
+            // Config validation makes this unreachable; fail closed all the same.
+            (_, None) => Err(Error::Internal(
+                "route needs authentication but no [oidc] is configured".into(),
+            )),
+        }
+    }
+
+    /// The route whose prefix is the longest one matching `path` on a segment boundary.
+    fn route_for(&self, path: &str) -> Option<&RouteEntry> {
+        self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix)
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+/// `path` without its first `n` segments ("/api/users", 1 → "/users"; "/api", 1 → "/").
+fn strip_segments(path: &str, n: usize) -> &str {
+    if n == 0 {
+        return path;
+    }
+    match path.match_indices('/').nth(n) {
+        Some((i, _)) => &path[i..],
+        None => "/",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Size of the request line and headers as they would be on an HTTP/1.1 wire.
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    line + req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+}
+
+/// Turns an error into coatcheck's JSON answer (DESIGN §5).
+fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
+    let mut value = json!({"error": e.code(), "message": e.public_message()});
+    match e {
+        Error::Unauthenticated { login_url } | Error::SessionExpired { login_url, .. } => {
+            value["login_url"] = json!(login_url);
+        }
+        _ => {}
+    }
+    let mut res = body::json(e.status(), &value);
+    let h = res.headers_mut();
+    match e {
+        Error::MethodNotAllowed { allow } => {
+            if let Ok(v) = HeaderValue::from_str(allow) {
+                h.insert(header::ALLOW, v);
+            }
+        }
+        Error::IdpUnavailable { retry_after, .. } => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        Error::SessionExpired {
+            clear_cookie: true, ..
+        } => {
+            if let Some(auth) = auth {
+                h.append(header::SET_COOKIE, auth.clear_session_cookie());
+            }
+        }
+        Error::Unauthenticated { .. } => {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        _ => {}
+    }
+    res
+}
+
+/// A request path after percent-decoding checks and dot-segment removal.
+///
+/// `matched` is what routes are matched against: segments percent-decoded, except that bytes which
+/// would change the segment structure or are not text (`/`, `\`, `%`, controls, invalid UTF-8) stay
+/// encoded. `raw` is what goes upstream: the client's own encoding, minus resolved dot segments.
+/// Decoded `.`/`..` segments (`%2e%2e`) count as dot segments, so `/api/%2e%2e/admin` is `/admin`
+/// everywhere; a segment hiding one behind an encoded slash (`..%2f`) is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NormalizedPath<'a> {
+    pub matched: Cow<'a, str>,
+    pub raw: Cow<'a, str>,
+}
+
+impl<'a> NormalizedPath<'a> {
+    /// Normalizes `path` (the URI path, starting with `/`).
+    pub fn parse(path: &'a str) -> Result<NormalizedPath<'a>, Error> {
+        if !path.starts_with('/') {
+            return Err(Error::BadRequest(
+                "the request target must be an absolute path".into(),
+            ));
+        }
+        // Fast path: nothing encoded, no dot segments, no backslash: already normal.
+        if !path.contains(['%', '\\']) && !path.split('/').any(|s| s == "." || s == "..") {
+            return Ok(NormalizedPath {
+                matched: Cow::Borrowed(path),
+                raw: Cow::Borrowed(path),
+            });
+        }
+        let mut out: Vec<(&str, String)> = Vec::new();
+        let segments: Vec<&str> = path[1..].split('/').collect();
+        let last = segments.len() - 1;
+        let mut trailing_slash = false;
+        for (i, seg) in segments.iter().enumerate() {
+            let decoded = percent_decode(seg)?;
+            if decoded.contains(&0) {
+                return Err(Error::BadRequest("the path contains a NUL byte".into()));
+            }
+            let dot = match decoded.as_slice() {
+                b"." => Some(false),
+                b".." => Some(true),
+                _ => None,
+            };
+            match dot {
+                Some(up) => {
+                    if up && out.pop().is_none() {
+                        return Err(Error::BadRequest("the path climbs above the root".into()));
+                    }
+                    if i == last {
+                        trailing_slash = true;
+                    }
+                }
+                None => {
+                    if decoded.iter().any(|&b| b == b'/' || b == b'\\')
+                        && decoded
+                            .split(|&b| b == b'/' || b == b'\\')
+                            .any(|p| p == b"." || p == b"..")
+                    {
+                        return Err(Error::BadRequest(
+                            "the path hides a dot segment behind an encoded separator".into(),
+                        ));
+                    }
+                    out.push((seg, matched_segment(&decoded)));
+                }
+            }
+        }
+        let mut raw = String::with_capacity(path.len());
+        let mut matched = String::with_capacity(path.len());
+        for (r, m) in &out {
+            raw.push('/');
+            raw.push_str(r);
+            matched.push('/');
+            matched.push_str(m);
+        }
+        if out.is_empty() || trailing_slash {
+            raw.push('/');
+            matched.push('/');
+        }
+        Ok(NormalizedPath {
+            matched: Cow::Owned(matched),
+            raw: Cow::Owned(raw),
+        })
+    }
+}
+
+fn percent_decode(seg: &str) -> Result<Vec<u8>, Error> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+                _ => {
+                    return Err(Error::BadRequest(
+                        "the path has an invalid percent-encoding".into(),
+                    ));
+                }
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// A decoded segment for matching: text as text, structure-changing or non-text bytes re-encoded.
+fn matched_segment(decoded: &[u8]) -> String {
+    let text = String::from_utf8_lossy(decoded);
+    if matches!(text, Cow::Owned(_)) {
+        return decoded.iter().map(|b| format!("%{b:02X}")).collect();
+    }
+    let mut s = String::with_capacity(decoded.len());
+    for c in text.chars() {
+        if c == '/' || c == '\\' || c == '%' || c.is_control() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                s.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<(String, String), u16> {
+        NormalizedPath::parse(p)
+            .map(|n| (n.matched.into_owned(), n.raw.into_owned()))
+            .map_err(|e| e.status().as_u16())
+    }
+
+    #[test]
+    fn plain_paths_are_taken_as_they_are() {
+        assert_eq!(
+            norm("/api/users/1").unwrap(),
+            ("/api/users/1".into(), "/api/users/1".into())
+        );
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_even_when_encoded() {
+        assert_eq!(norm("/api/../admin").unwrap().0, "/admin");
+        assert_eq!(
+            norm("/api/%2e%2e/admin").unwrap(),
+            ("/admin".into(), "/admin".into())
+        );
+        assert_eq!(norm("/api/%2E%2e/").unwrap().0, "/");
+        assert_eq!(norm("/api/./x/.").unwrap().0, "/api/x/");
+    }
+
+    #[test]
+    fn traversal_behind_encoded_separators_is_refused() {
+        assert_eq!(norm("/api/..%2fadmin"), Err(400));
+        assert_eq!(norm("/api/..%5cadmin"), Err(400));
+        assert_eq!(norm("/api/%2e%2e%2fadmin"), Err(400));
+        assert_eq!(norm("/.."), Err(400));
+        assert_eq!(norm("/api/../../etc"), Err(400));
+    }
+
+    #[test]
+    fn nul_and_invalid_encodings_are_refused() {
+        assert_eq!(norm("/api/a%00b"), Err(400));
+        assert_eq!(norm("/api/%zz"), Err(400));
+        assert_eq!(norm("/api/%4"), Err(400));
+    }
+
+    #[test]
+    fn encoded_slashes_stay_inside_their_segment() {
+        let (m, r) = norm("/api/a%2Fb").unwrap();
+        assert_eq!(m, "/api/a%2Fb");
+        assert_eq!(r, "/api/a%2Fb");
+        assert_eq!(
+            norm("/ap%69/x").unwrap(),
+            ("/api/x".into(), "/ap%69/x".into())
+        );
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("", "/anything"));
+    }
+
+    #[test]
+    fn strip_prefix_removes_whole_segments() {
+        assert_eq!(strip_segments("/api/users?x", 1), "/users?x");
+        assert_eq!(strip_segments("/api", 1), "/");
+        assert_eq!(strip_segments("/a/b/c", 2), "/c");
+        assert_eq!(strip_segments("/x", 0), "/x");
+    }
+}

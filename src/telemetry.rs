@@ -1,0 +1,128 @@
+//! Logging: the `tracing` subscriber (text or JSON, level from config or `RUST_LOG`) and the access
+//! log, one line per request, written when the response body has been sent (so the duration and byte
+//! count include streaming).
+//!
+//! The access line holds the path without its query string, and never a header value: cookies,
+//! `Authorization` and query strings (which carry authorization codes) do not reach the log.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Frame, SizeHint};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
+pub fn init(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// What the access log line says about one request; filled in as the request travels.
+#[derive(Debug)]
+pub struct AccessRecord {
+    pub start: Instant,
+    pub method: Method,
+    /// Path only, never the query string.
+    pub path: String,
+    pub status: u16,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub request_id: HeaderValue,
+    pub client: IpAddr,
+    /// Short reason for an error answer (the error code), if any.
+    pub error: Option<&'static str>,
+}
+
+impl AccessRecord {
+    fn emit(&self, bytes: u64) {
+        tracing::info!(
+            target: "coatcheck::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            route = self.route.as_deref().unwrap_or("-"),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            bytes,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = %self.client,
+            error = self.error.unwrap_or("-"),
+            "request"
+        );
+    }
+}
+
+/// A response body that counts the bytes it sends and writes the access log line when it is done
+/// (or dropped, e.g. because the client went away).
+pub struct Logged<B> {
+    inner: B,
+    record: Option<Box<AccessRecord>>,
+    bytes: u64,
+}
+
+impl<B> Logged<B> {
+    pub fn new(inner: B, record: Box<AccessRecord>) -> Self {
+        Logged {
+            inner,
+            record: Some(record),
+            bytes: 0,
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Logged<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(r) = this.record.take() {
+                    r.emit(this.bytes);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            // Bodies hyper never polls to their end (empty ones, or a client that went away).
+            r.emit(self.bytes);
+        }
+    }
+}

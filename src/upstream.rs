@@ -1,0 +1,152 @@
+//! Upstreams: where a route's requests go, and the pooled hyper-util clients that carry them.
+//!
+//! HTTP/1.1 keep-alive to every upstream; HTTP/2 to an https upstream that offers `h2` by ALPN;
+//! a separate HTTP/1.1-only client for upgrades (WebSocket cannot ride HTTP/2 here).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use url::Url;
+
+use crate::body::UpstreamBody;
+use crate::tls::{self, TlsError};
+
+/// Idle pooled connections to an upstream are closed after this long.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connecting (TCP) to an upstream may take at most this long; the route timeout bounds the rest.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// One configured upstream.
+pub struct Upstream {
+    /// The upstream URL as configured, for logs.
+    pub name: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream URL's path without its trailing slash ("" for "/").
+    base_path: String,
+    /// `Host` value sent upstream unless the route preserves the client's.
+    pub host: HeaderValue,
+    client: HttpClient,
+    upgrade_client: HttpClient,
+}
+
+impl Upstream {
+    /// Builds the upstream and its clients; `ca` adds a trust anchor for an https upstream.
+    pub fn new(url: &Url, ca: Option<&Path>, ca_key: &'static str) -> Result<Upstream, TlsError> {
+        let roots = tls::root_store(ca_key, ca)?;
+        let client = build_client(tls::client_config(roots.clone(), &[])?, true);
+        let upgrade_client = build_client(tls::client_config(roots, &[])?, false);
+        // `host_str` already brackets IPv6 literals.
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        Ok(Upstream {
+            name: Arc::from(url.as_str().trim_end_matches('/')),
+            scheme: if url.scheme() == "https" {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            host: HeaderValue::from_str(&authority)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            authority: authority
+                .parse()
+                .unwrap_or_else(|_| Authority::from_static("localhost")),
+            base_path: url.path().trim_end_matches('/').to_owned(),
+            client,
+            upgrade_client,
+        })
+    }
+
+    /// The upstream URI for a request whose (already normalized, possibly stripped) path is `path`.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(
+            self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&self.base_path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+
+    /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1).
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        if upgrade {
+            self.upgrade_client.request(req).await
+        } else {
+            self.client.request(req).await
+        }
+    }
+}
+
+fn build_client(tls: rustls::ClientConfig, h2: bool) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    let connector = if h2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uris_join_the_base_path_and_keep_the_query() {
+        tls::install_provider();
+        let u = Upstream::new(
+            &Url::parse("http://127.0.0.1:9000/v1/").unwrap(),
+            None,
+            "route[0].ca",
+        )
+        .unwrap();
+        assert_eq!(
+            u.uri("/users", Some("a=1")).unwrap().to_string(),
+            "http://127.0.0.1:9000/v1/users?a=1"
+        );
+        let u = Upstream::new(
+            &Url::parse("https://[::1]:9443").unwrap(),
+            None,
+            "route[0].ca",
+        )
+        .unwrap();
+        assert_eq!(u.uri("/", None).unwrap().to_string(), "https://[::1]:9443/");
+        assert_eq!(u.host, "[::1]:9443");
+    }
+}
