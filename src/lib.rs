@@ -33,6 +33,7 @@ pub mod listener;
 pub mod proxy;
 pub mod router;
 pub mod secret;
+pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -80,8 +80,119 @@ pub fn random_bytes(buf: &mut [u8]) {
     aws_lc_rs::rand::fill(buf).expect("operating system random source failed");
 }
 
+/// Derives a 32-byte key from `ikm` for one purpose (HKDF-SHA256, RFC 5869). Each purpose gets
+/// its own `info`, so a key never serves two roles.
+pub fn derive_key(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
+    use aws_lc_rs::hkdf;
+    struct Len32;
+    impl hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    let mut out = [0u8; 32];
+    // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 × 32).
+    prk.expand(&[info], Len32)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 expand of 32 bytes");
+    out
+}
+
+/// HMAC-SHA256 of `data` under `key`.
+pub fn hmac(key: &[u8; 32], data: &[&[u8]]) -> [u8; 32] {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+    let mut ctx = hmac::Context::with_key(&key);
+    for d in data {
+        ctx.update(d);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
+    out
+}
+
+const NONCE_LEN: usize = 12;
+
+/// Encrypts and authenticates `plaintext` with AES-256-GCM under `key`, binding `aad`.
+/// Output: random 96-bit nonce ‖ ciphertext ‖ tag.
+pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"));
+    let mut nonce = [0u8; NONCE_LEN];
+    random_bytes(&mut nonce);
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[NONCE_LEN..],
+        )
+        .expect("AES-GCM seal of an in-memory buffer");
+    out.extend_from_slice(tag.as_ref());
+    out
+}
+
+/// Reverses [`seal`]; `None` if the data was altered, the key is wrong or `aad` differs.
+pub fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    if sealed.len() < NONCE_LEN + 16 {
+        return None;
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
+    let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).ok()?;
+    let mut buf = sealed[NONCE_LEN..].to_vec();
+    let plain = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .ok()?
+        .len();
+    buf.truncate(plain);
+    Some(buf)
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// A random value of `n` bytes, base64url without padding (state, nonce, PKCE verifier…).
+pub fn random_token(n: usize) -> String {
+    use base64::Engine as _;
+    let mut buf = vec![0u8; n];
+    random_bytes(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sealed_data_opens_only_with_the_same_key_and_aad() {
+        let k = derive_key(b"ikm", b"salt", b"test");
+        let sealed = seal(&k, b"aad", b"hello");
+        assert_eq!(open(&k, b"aad", &sealed).unwrap(), b"hello");
+        assert!(open(&k, b"other", &sealed).is_none());
+        let k2 = derive_key(b"ikm", b"salt", b"other purpose");
+        assert!(open(&k2, b"aad", &sealed).is_none());
+        let mut tampered = sealed.clone();
+        tampered[14] ^= 1;
+        assert!(open(&k, b"aad", &tampered).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -1,0 +1,232 @@
+//! The session ticket: what the browser's cookie holds.
+//!
+//! `base64url(id ‖ secret ‖ mac)`: a random 128-bit id, a random 128-bit per-session secret, and
+//! HMAC-SHA256 over both under the current key (older keys in `session.keys` still verify). A forged
+//! or altered ticket fails the MAC before any cache or store lookup. The store never sees the id or
+//! the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
+//! under a key derived from the secret ([`Ticket::record_key`]).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::HeaderValue;
+
+use crate::config::SameSite;
+use crate::secret::{self, Secret};
+
+const ID_LEN: usize = 16;
+const SECRET_LEN: usize = 16;
+const MAC_LEN: usize = 32;
+const TICKET_LEN: usize = ID_LEN + SECRET_LEN + MAC_LEN;
+/// Encoded length of a ticket (base64url of 64 bytes, no padding).
+pub const ENCODED_LEN: usize = 86;
+
+/// Keys derived from each configured `session.keys` entry; the first is current.
+pub struct Keys {
+    keys: Vec<DerivedKeys>,
+}
+
+struct DerivedKeys {
+    ticket_mac: [u8; 32],
+    login_aead: [u8; 32],
+}
+
+impl Keys {
+    /// Derives the purpose keys from the configured keys (at least one).
+    pub fn new(configured: &[Secret<Vec<u8>>]) -> Keys {
+        let keys = configured
+            .iter()
+            .map(|k| DerivedKeys {
+                ticket_mac: secret::derive_key(k.expose(), b"coatcheck", b"session ticket mac v1"),
+                login_aead: secret::derive_key(k.expose(), b"coatcheck", b"login cookie aead v1"),
+            })
+            .collect();
+        Keys { keys }
+    }
+
+    /// The key that encrypts login cookies now.
+    pub fn login_key(&self) -> &[u8; 32] {
+        &self.keys[0].login_aead
+    }
+
+    /// Every key that may still decrypt a login cookie.
+    pub fn login_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.keys.iter().map(|k| &k.login_aead)
+    }
+}
+
+/// A verified (or freshly minted) session ticket.
+pub struct Ticket {
+    id: [u8; ID_LEN],
+    secret: Secret<[u8; SECRET_LEN]>,
+}
+
+impl Ticket {
+    /// A new random ticket (fixation defence: every login gets one).
+    pub fn generate() -> Ticket {
+        let mut id = [0u8; ID_LEN];
+        let mut s = [0u8; SECRET_LEN];
+        secret::random_bytes(&mut id);
+        secret::random_bytes(&mut s);
+        Ticket {
+            id,
+            secret: Secret::new(s),
+        }
+    }
+
+    /// Verifies a cookie value; `None` for anything malformed, forged or altered.
+    pub fn verify(value: &str, keys: &Keys) -> Option<Ticket> {
+        if value.len() != ENCODED_LEN {
+            return None;
+        }
+        let mut raw = [0u8; TICKET_LEN];
+        if URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()? != TICKET_LEN {
+            return None;
+        }
+        let (body, mac) = raw.split_at(ID_LEN + SECRET_LEN);
+        let ok = keys
+            .keys
+            .iter()
+            .any(|k| secret::constant_time_eq(&secret::hmac(&k.ticket_mac, &[b"v1", body]), mac));
+        if !ok {
+            return None;
+        }
+        let mut id = [0u8; ID_LEN];
+        let mut s = [0u8; SECRET_LEN];
+        id.copy_from_slice(&body[..ID_LEN]);
+        s.copy_from_slice(&body[ID_LEN..]);
+        Some(Ticket {
+            id,
+            secret: Secret::new(s),
+        })
+    }
+
+    /// The cookie value, authenticated with the current key.
+    pub fn encode(&self, keys: &Keys) -> Secret {
+        let mut raw = [0u8; TICKET_LEN];
+        raw[..ID_LEN].copy_from_slice(&self.id);
+        raw[ID_LEN..ID_LEN + SECRET_LEN].copy_from_slice(self.secret.expose());
+        let mac = secret::hmac(
+            &keys.keys[0].ticket_mac,
+            &[b"v1", &raw[..ID_LEN + SECRET_LEN]],
+        );
+        raw[ID_LEN + SECRET_LEN..].copy_from_slice(&mac[..MAC_LEN]);
+        Secret::new(URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    /// The session's public handle and store key: a hash of the id (never the id itself).
+    pub fn handle(&self) -> String {
+        secret::hex(
+            &secret::sha256(&[b"coatcheck session handle v1".as_slice(), &self.id].concat())[..16],
+        )
+    }
+
+    /// The key that encrypts this session's store record; only the cookie holder can derive it.
+    pub fn record_key(&self) -> [u8; 32] {
+        secret::derive_key(
+            self.secret.expose(),
+            &self.id,
+            b"coatcheck session record v1",
+        )
+    }
+}
+
+/// Cookie attributes shared by the session cookie's `Set-Cookie` headers.
+#[derive(Clone)]
+pub struct CookieSpec {
+    pub name: String,
+    pub same_site: SameSite,
+    /// `Max-Age` in seconds, when the cookie is configured persistent.
+    pub max_age: Option<u64>,
+}
+
+impl CookieSpec {
+    /// `Set-Cookie` for a new session ticket (DESIGN §4).
+    pub fn set(&self, value: &Secret) -> HeaderValue {
+        let same_site = match self.same_site {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+        };
+        let mut s = format!(
+            "{}={}; Path=/; Secure; HttpOnly; SameSite={same_site}",
+            self.name,
+            value.expose()
+        );
+        if let Some(age) = self.max_age {
+            s.push_str(&format!("; Max-Age={age}"));
+        }
+        let mut v = HeaderValue::from_str(&s).expect("cookie name validated, value base64url");
+        v.set_sensitive(true);
+        v
+    }
+
+    /// `Set-Cookie` that removes the session cookie.
+    pub fn clear(&self) -> HeaderValue {
+        let same_site = match self.same_site {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+        };
+        HeaderValue::from_str(&format!(
+            "{}=; Path=/; Secure; HttpOnly; SameSite={same_site}; Max-Age=0",
+            self.name
+        ))
+        .expect("cookie name validated")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(seed: u8) -> Keys {
+        Keys::new(&[Secret::new(vec![seed; 32])])
+    }
+
+    #[test]
+    fn a_ticket_round_trips_and_has_the_documented_size() {
+        let k = keys(1);
+        let t = Ticket::generate();
+        let v = t.encode(&k);
+        assert_eq!(v.expose().len(), ENCODED_LEN);
+        let back = Ticket::verify(v.expose(), &k).unwrap();
+        assert_eq!(back.handle(), t.handle());
+        assert_eq!(back.record_key(), t.record_key());
+    }
+
+    #[test]
+    fn forged_or_altered_tickets_are_rejected() {
+        let k = keys(1);
+        let v = Ticket::generate().encode(&k).expose().clone();
+        assert!(Ticket::verify(&v, &keys(2)).is_none());
+        let mut altered = v.clone().into_bytes();
+        altered[3] = if altered[3] == b'A' { b'B' } else { b'A' };
+        assert!(Ticket::verify(std::str::from_utf8(&altered).unwrap(), &k).is_none());
+        assert!(Ticket::verify("short", &k).is_none());
+        assert!(Ticket::verify(&"!".repeat(ENCODED_LEN), &k).is_none());
+    }
+
+    #[test]
+    fn older_keys_still_verify_after_rotation() {
+        let old = Secret::new(vec![1u8; 32]);
+        let new = Secret::new(vec![2u8; 32]);
+        let before = Keys::new(std::slice::from_ref(&old));
+        let v = Ticket::generate().encode(&before);
+        let rotated = Keys::new(&[new, old]);
+        assert!(Ticket::verify(v.expose(), &rotated).is_some());
+    }
+
+    #[test]
+    fn the_cookie_carries_the_design_attributes() {
+        let spec = CookieSpec {
+            name: "__Host-coatcheck".into(),
+            same_site: SameSite::Strict,
+            max_age: None,
+        };
+        let set = spec.set(&Secret::new("v".into()));
+        assert_eq!(
+            set,
+            "__Host-coatcheck=v; Path=/; Secure; HttpOnly; SameSite=Strict"
+        );
+        assert!(set.is_sensitive());
+        assert!(spec.clear().to_str().unwrap().ends_with("Max-Age=0"));
+    }
+}
