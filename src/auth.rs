@@ -1,12 +1,34 @@
-//! Authentication and authorization (interface only; filled in by the OIDC/session work).
+//! Authentication and authorization: login (OIDC code + PKCE), sessions, CSRF, per-route policy
+//! and token refresh. It decides what `Authorization` a request leaves with, then hands it to
+//! `proxy`, which never sees a session.
+//!
+//! - [`oidc`]: the identity provider (discovery, JWKS, token/revocation/end-session endpoints).
+//! - [`id_token`]: ID and logout token validation.
+//! - [`login`]: `/bff/login` and `/bff/callback`, and the encrypted login cookie.
+//! - [`endpoints`]: the other `/bff/*` endpoints (user, logout, sessions, back-channel logout).
+//! - [`refresh`]: single-flight token refresh.
+//! - [`csrf`], [`policy`]: request checks.
 
-use http::{HeaderValue, Request, Response};
+pub mod csrf;
+pub mod endpoints;
+pub mod id_token;
+pub mod login;
+pub mod oidc;
+pub mod policy;
+pub mod refresh;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::body::Body;
-use crate::config::Route;
+use crate::config::{AuthMode, Config, Route};
 use crate::error::Error;
-use crate::proxy::Forward;
+use crate::proxy::{self, Forward, headers};
+use crate::session::{Lookup, Session, Sessions};
 use crate::upstream::Upstream;
 
 /// Whether `path` (normalized) is one of coatcheck's own `/bff/*` endpoints.
@@ -14,35 +36,254 @@ pub fn is_bff_path(path: &str) -> bool {
     path == "/bff" || path.starts_with("/bff/")
 }
 
+/// Login URL answered with a 401.
+pub const LOGIN_PATH: &str = "/bff/login";
+
 /// Sessions, login and per-route policy.
 pub struct Auth {
-    cookie_names: Vec<String>,
+    pub provider: Arc<oidc::Provider>,
+    pub sessions: Arc<Sessions>,
+    pub refresher: refresh::Refresher,
+    pub login: login::Login,
+    pub csrf_header: HeaderName,
+    pub public_origin: String,
 }
 
 impl Auth {
+    /// Builds the provider client, opens the session store. No network yet.
+    pub fn new(config: &Config) -> Result<Auth, String> {
+        let oidc = config.oidc.as_ref().ok_or("no [oidc] section")?;
+        let provider = Arc::new(
+            oidc::Provider::new(oidc, &config.server.public_origin).map_err(|e| e.to_string())?,
+        );
+        let sessions =
+            Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
+        Ok(Auth {
+            refresher: refresh::Refresher::new(provider.clone(), sessions.clone(), oidc),
+            login: login::Login::new(),
+            provider,
+            sessions,
+            csrf_header: config.csrf.header.clone(),
+            public_origin: config.server.public_origin.clone(),
+        })
+    }
+
+    /// Ready when the provider's metadata is loaded and the store answers.
     pub async fn ready(&self) -> Result<(), String> {
-        Err("not built".into())
+        self.provider.ready()?;
+        self.sessions.ping().await.map_err(|e| e.to_string())
     }
-    pub fn cookie_names(&self) -> &[String] {
-        &self.cookie_names
+
+    /// The session cookie's name (login cookies are `<name>-login-…`).
+    pub fn cookie_name(&self) -> &str {
+        &self.sessions.cookie.name
     }
-    pub async fn handle_bff(
-        &self,
-        _req: Request<Incoming>,
-        _path: &str,
-    ) -> Result<Response<Body>, Error> {
-        Err(Error::NotFound)
+
+    /// `Set-Cookie` that removes the session cookie.
+    pub fn clear_session_cookie(&self) -> HeaderValue {
+        self.sessions.clear_cookie()
     }
+
+    fn csrf(&self) -> csrf::Check<'_> {
+        csrf::Check {
+            header: &self.csrf_header,
+            public_origin: &self.public_origin,
+        }
+    }
+
+    /// Forwards a request to a route whose `auth` is `required`, `optional` or `bearer`.
     pub async fn forward(
         &self,
-        _u: &Upstream,
-        _r: &Route,
-        _req: Request<Incoming>,
-        _f: Forward<'_>,
+        upstream: &Upstream,
+        route: &Route,
+        req: Request<Incoming>,
+        mut fwd: Forward<'_>,
     ) -> Result<Response<Body>, Error> {
-        Err(Error::NotFound)
+        if route.auth == AuthMode::Bearer {
+            return self.forward_bearer(upstream, route, req, fwd).await;
+        }
+        let upgrade = headers::is_upgrade_request(req.headers());
+        self.csrf()
+            .check(req.headers(), req.method(), route.csrf, upgrade)?;
+        let session = match self.sessions.lookup(req.headers()).await? {
+            Lookup::Live(s) => Some(s),
+            Lookup::Ended if route.auth == AuthMode::Required => {
+                return self.not_logged_in(route, &req, true);
+            }
+            Lookup::Ended | Lookup::None => None,
+        };
+        let Some(session) = session else {
+            if route.auth == AuthMode::Required {
+                return self.not_logged_in(route, &req, false);
+            }
+            return proxy::forward(upstream, route, req, fwd).await;
+        };
+        policy::check_roles(route, &session.data.claims)?;
+        let session = self.refresher.fresh(session).await?;
+        fwd.authorization = Some(session.bearer.clone());
+        if upgrade || !replayable(route, &req) {
+            return proxy::forward(upstream, route, req, fwd).await;
+        }
+        // Small bodies are kept so the request can be replayed once after a refresh.
+        let (mut parts, body, _) = proxy::split(route, req)?;
+        let body = match Limited::new(body, route.retry_body_bytes as usize)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Error::PayloadTooLarge {
+                    limit: route.retry_body_bytes,
+                });
+            }
+            Err(e) => {
+                return Err(Error::BadRequest(format!(
+                    "reading the request body failed: {e}"
+                )));
+            }
+        };
+        proxy::rewrite(upstream, route, &mut parts, &fwd, false)?;
+        let res = proxy::send(upstream, route, rebuild(&parts, body.clone()), None).await?;
+        if !is_invalid_token(&res) {
+            return Ok(res);
+        }
+        tracing::info!(session = %session.handle, "upstream rejected the access token; refreshing once and replaying");
+        let session = self.refresher.after_rejection(session).await?;
+        parts
+            .headers
+            .insert(header::AUTHORIZATION, session.bearer.clone());
+        proxy::send(upstream, route, rebuild(&parts, body), None).await
     }
-    pub fn clear_session_cookie(&self) -> HeaderValue {
-        HeaderValue::from_static("")
+
+    /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
+    async fn forward_bearer(
+        &self,
+        upstream: &Upstream,
+        route: &Route,
+        req: Request<Incoming>,
+        mut fwd: Forward<'_>,
+    ) -> Result<Response<Body>, Error> {
+        let unauth = || Error::Unauthenticated {
+            login_url: LOGIN_PATH.into(),
+        };
+        let value = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .ok_or_else(unauth)?
+            .clone();
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or_else(unauth)?;
+        let claims = match id_token::validate_access_token(&self.provider, token).await {
+            Ok(c) => c,
+            Err(Ok(e)) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                return Err(unauth());
+            }
+            Err(Err(e)) => return Err(e),
+        };
+        policy::check_roles(route, &claims)?;
+        fwd.authorization = Some(value);
+        proxy::forward(upstream, route, req, fwd).await
     }
+
+    /// 401 (`unauthenticated` or `session_expired`) — or, for a top-level navigation to a route
+    /// with `login_redirect`, a redirect to the login.
+    fn not_logged_in(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+        ended: bool,
+    ) -> Result<Response<Body>, Error> {
+        let return_url = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let login_url = format!(
+            "{LOGIN_PATH}?returnUrl={}",
+            url::form_urlencoded::byte_serialize(return_url.as_bytes()).collect::<String>()
+        );
+        if route.login_redirect && policy::is_navigation(req.headers()) {
+            let mut res = crate::body::redirect(StatusCode::FOUND, &login_url);
+            if ended {
+                res.headers_mut()
+                    .append(header::SET_COOKIE, self.clear_session_cookie());
+            }
+            return Ok(res);
+        }
+        Err(if ended {
+            Error::SessionExpired {
+                login_url,
+                clear_cookie: true,
+            }
+        } else {
+            Error::Unauthenticated { login_url }
+        })
+    }
+
+    /// Answers a `/bff/*` request.
+    pub async fn handle_bff(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+    ) -> Result<Response<Body>, Error> {
+        let mut res = endpoints::dispatch(self, req, path).await?;
+        // Every /bff/* answer is per-user: never cached by anyone.
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(res)
+    }
+
+    /// The live session of a request, or 401.
+    pub async fn require_session(&self, req: &Request<Incoming>) -> Result<Arc<Session>, Error> {
+        match self.sessions.lookup(req.headers()).await? {
+            Lookup::Live(s) => Ok(s),
+            Lookup::Ended => Err(Error::SessionExpired {
+                login_url: LOGIN_PATH.into(),
+                clear_cookie: true,
+            }),
+            Lookup::None => Err(Error::Unauthenticated {
+                login_url: LOGIN_PATH.into(),
+            }),
+        }
+    }
+}
+
+/// Whether a request may be buffered for one replay: no upgrade, and a body that is absent or
+/// declared no larger than the route's `retry_body_bytes`.
+fn replayable(route: &Route, req: &Request<Incoming>) -> bool {
+    if route.retry_body_bytes == 0 || req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match proxy::content_length(req.headers()) {
+        Some(n) => n <= route.retry_body_bytes,
+        // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
+        None => {
+            req.version() != http::Version::HTTP_2 || http_body::Body::is_end_stream(req.body())
+        }
+    }
+}
+
+fn rebuild(
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Request<Either<Limited<Incoming>, Full<Bytes>>> {
+    let mut req = Request::new(Either::Right(Full::new(body)));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// An upstream 401 saying the token itself is bad (RFC 6750 §3.1 `invalid_token`).
+fn is_invalid_token(res: &Response<Body>) -> bool {
+    res.status() == StatusCode::UNAUTHORIZED
+        && res
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.contains("invalid_token")))
 }

@@ -618,6 +618,7 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
                     StoreKind::Memory
                 }
                 Ok(u) => {
+                    p.push("session.store.kind", "\"redis\" is not available in this version of coatcheck; use \"embedded\" (persistent) or \"memory\"");
                     match Url::parse(u.expose()) {
                         Ok(parsed)
                             if matches!(parsed.scheme(), "redis" | "rediss")

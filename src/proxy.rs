@@ -29,42 +29,71 @@ pub struct Forward<'a> {
     pub request_id: &'a HeaderValue,
     /// `Authorization` value to inject (`Bearer <access token>`), marked sensitive.
     pub authorization: Option<HeaderValue>,
-    /// Cookies that belong to coatcheck and must not reach the upstream.
-    pub own_cookies: &'a [String],
+    /// Name of coatcheck's session cookie: it and its login cookies never reach the upstream.
+    pub own_cookie: Option<&'a str>,
 }
 
-/// Forwards `req` to `upstream` for `route`.
+/// Forwards `req` to `upstream` for `route`, streaming the body under the route's size limit.
 pub async fn forward(
     upstream: &Upstream,
     route: &Route,
     req: Request<Incoming>,
     fwd: Forward<'_>,
 ) -> Result<Response<Body>, Error> {
-    let (req, client_upgrade) = prepare(upstream, route, req, &fwd)?;
-    send(upstream, route, req, client_upgrade).await
+    let (mut parts, body, client_upgrade) = split(route, req)?;
+    rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
+    let body = Either::Left(Limited::new(body, route.max_body_bytes as usize));
+    send(
+        upstream,
+        route,
+        Request::from_parts(parts, body),
+        client_upgrade,
+    )
+    .await
 }
 
-/// Rewrites the request for the upstream: URI, headers, body limit, token.
-pub fn prepare(
-    upstream: &Upstream,
+/// Splits a client request, refusing a declared body over the route's limit up front and taking
+/// the upgrade handle of an HTTP/1.1 upgrade request.
+pub fn split(
     route: &Route,
     mut req: Request<Incoming>,
-    fwd: &Forward<'_>,
-) -> Result<(Request<UpstreamBody>, Option<hyper::upgrade::OnUpgrade>), Error> {
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+) -> Result<
+    (
+        http::request::Parts,
+        Incoming,
+        Option<hyper::upgrade::OnUpgrade>,
+    ),
+    Error,
+> {
+    if let Some(len) = content_length(req.headers())
         && len > route.max_body_bytes
     {
         return Err(Error::PayloadTooLarge {
             limit: route.max_body_bytes,
         });
     }
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    Ok((parts, body, client_upgrade))
+}
+
+/// The declared `Content-Length`, if any.
+pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Rewrites a request head for the upstream: URI, hop-by-hop and forwarding headers, `Host`,
+/// coatcheck's own cookies removed, the browser's `Authorization` replaced by the injected one.
+pub fn rewrite(
+    upstream: &Upstream,
+    route: &Route,
+    parts: &mut http::request::Parts,
+    fwd: &Forward<'_>,
+    upgrade: bool,
+) -> Result<(), Error> {
     parts.uri = upstream
         .uri(fwd.path, parts.uri.query())
         .map_err(|e| Error::BadRequest(format!("cannot build the upstream URI: {e}")))?;
@@ -81,19 +110,19 @@ pub fn prepare(
     headers::strip_hop_by_hop(h, upgrade);
     headers::add_forwarding(h, fwd.client, original_host.as_ref());
     h.insert(headers::X_REQUEST_ID.clone(), fwd.request_id.clone());
-    if !route.preserve_host || original_host.is_none() {
-        h.insert(header::HOST, upstream.host.clone());
-    } else if let Some(host) = original_host {
-        h.insert(header::HOST, host);
+    match original_host {
+        Some(host) if route.preserve_host => h.insert(header::HOST, host),
+        _ => h.insert(header::HOST, upstream.host.clone()),
+    };
+    if let Some(base) = fwd.own_cookie {
+        headers::remove_cookies(h, |name| headers::is_own_cookie(base, name));
     }
-    headers::remove_cookies(h, fwd.own_cookies);
     // The browser never chooses the upstream credential of a session route: whatever it sent goes.
     h.remove(header::AUTHORIZATION);
     if let Some(auth) = &fwd.authorization {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
-    let body = Either::Left(Limited::new(body, route.max_body_bytes as usize));
-    Ok((Request::from_parts(parts, body), client_upgrade))
+    Ok(())
 }
 
 /// Sends a prepared request and turns the upstream's answer (or failure) into ours.

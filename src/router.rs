@@ -157,13 +157,13 @@ impl Router {
         } else {
             &path.raw
         };
-        let own_cookies = self.auth.as_ref().map(|a| a.cookie_names()).unwrap_or(&[]);
+        let own_cookie = self.auth.as_ref().map(|a| a.cookie_name());
         let fwd = proxy::Forward {
             path: forward_path,
             client,
             request_id,
             authorization: None,
-            own_cookies,
+            own_cookie,
         };
         match (route.auth, &self.auth) {
             (AuthMode::None, _) => proxy::forward(&entry.upstream, route, req, fwd).await,

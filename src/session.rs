@@ -43,6 +43,9 @@ pub struct SessionData {
     pub access_token: Secret,
     /// Unix seconds at which the access token expires.
     pub access_expires_at: u64,
+    /// Unix seconds at which the access token was received.
+    #[serde(default)]
+    pub access_issued_at: u64,
     pub refresh_token: Option<Secret>,
 }
 
@@ -402,6 +405,7 @@ mod tests {
             id_token: Secret::new("id".into()),
             access_token: Secret::new("at-secret".into()),
             access_expires_at: now() + 60,
+            access_issued_at: now(),
             refresh_token: Some(Secret::new("rt".into())),
         }
     }

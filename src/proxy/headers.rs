@@ -163,8 +163,15 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&hex).expect("hex digits are a valid header value")
 }
 
-/// Removes the named cookies from the `Cookie` header(s), keeping every other cookie in order.
-pub fn remove_cookies(headers: &mut HeaderMap, names: &[String]) {
+/// Whether cookie `name` is one of coatcheck's: the session cookie `base` or a login cookie
+/// `base-login-…`.
+pub fn is_own_cookie(base: &str, name: &str) -> bool {
+    name.strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("-login"))
+}
+
+/// Removes the cookies `is_own` selects from the `Cookie` header(s), keeping every other cookie in order.
+pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&str) -> bool) {
     if !headers.contains_key(header::COOKIE) {
         return;
     }
@@ -181,7 +188,7 @@ pub fn remove_cookies(headers: &mut HeaderMap, names: &[String]) {
                 continue;
             }
             let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
-            if names.iter().any(|n| n == name) {
+            if is_own(name) {
                 changed = true;
             } else {
                 kept.push(pair.to_owned());

@@ -1,0 +1,270 @@
+//! coatcheck's own `/bff/*` endpoints (DESIGN §3) other than login and callback: user, logout,
+//! sessions (devices), logout-all and the back-channel logout receiver.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::{Auth, id_token, login};
+use crate::body::{self, Body};
+use crate::config::CsrfMode;
+use crate::error::Error;
+use crate::secret::{self, Secret};
+use crate::session::{self, Lookup, Session, subject_key};
+
+/// How long logout waits for the provider to revoke the refresh token.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest back-channel logout request body.
+const MAX_LOGOUT_BODY: usize = 64 * 1024;
+
+/// Routes a `/bff/*` request.
+pub async fn dispatch(
+    auth: &Auth,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<Body>, Error> {
+    let method = req.method().clone();
+    match (method, path) {
+        (Method::GET, "/bff/login") => login::start(auth, req).await,
+        (Method::GET, "/bff/callback") => login::callback(auth, req).await,
+        (Method::GET, "/bff/user") => user(auth, req).await,
+        (Method::GET, "/bff/logout") => logout_get(auth, req).await,
+        (Method::POST, "/bff/logout") => logout_post(auth, req).await,
+        (Method::GET, "/bff/sessions") => sessions(auth, req).await,
+        (Method::DELETE, p) if p.starts_with("/bff/sessions/") => {
+            delete_session(auth, req, &p["/bff/sessions/".len()..]).await
+        }
+        (Method::POST, "/bff/logout-all") => logout_all(auth, req).await,
+        (Method::POST, "/bff/backchannel-logout") => backchannel_logout(auth, req).await,
+        (_, "/bff/login" | "/bff/callback" | "/bff/user" | "/bff/sessions") => {
+            Err(Error::MethodNotAllowed {
+                allow: "GET".into(),
+            })
+        }
+        (_, "/bff/logout") => Err(Error::MethodNotAllowed {
+            allow: "GET, POST".into(),
+        }),
+        (_, "/bff/logout-all" | "/bff/backchannel-logout") => Err(Error::MethodNotAllowed {
+            allow: "POST".into(),
+        }),
+        _ => Err(Error::NotFound),
+    }
+}
+
+/// JSON endpoints need the CSRF header and a same-site origin.
+fn csrf(auth: &Auth, req: &Request<Incoming>) -> Result<(), Error> {
+    auth.csrf()
+        .check(req.headers(), req.method(), CsrfMode::All, false)
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+fn logout_url(s: &Session) -> String {
+    format!("/bff/logout?sid={}", s.handle)
+}
+
+async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    csrf(auth, &req)?;
+    let s = auth.require_session(&req).await?;
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "sub": s.data.sub,
+            "claims": s.data.claims,
+            "session": {
+                "id": s.handle,
+                "created_at": rfc3339(s.created_at),
+                "expires_at": rfc3339(s.absolute_expires_at),
+                "idle_expires_at": rfc3339(s.idle_expires_at(auth.sessions.idle)),
+            },
+            "logout_url": logout_url(&s),
+        }),
+    ))
+}
+
+/// Ends a session: store and cache, then (best effort, bounded) the refresh token at the provider.
+/// Returns where the browser should go next.
+async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
+    auth.sessions.delete(&s.handle).await?;
+    if let Some(rt) = &s.data.refresh_token {
+        match tokio::time::timeout(REVOKE_TIMEOUT, auth.provider.revoke(rt)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(session = %s.handle, error = %e, "refresh token revocation failed; the session is ended locally")
+            }
+            Err(_) => {
+                tracing::warn!(session = %s.handle, "refresh token revocation timed out; the session is ended locally")
+            }
+        }
+    }
+    tracing::info!(session = %s.handle, "logged out");
+    Ok(auth
+        .provider
+        .end_session_url(&s.data.id_token, &secret::random_token(16))
+        .unwrap_or_else(|| auth.provider.cfg.post_logout_redirect.clone()))
+}
+
+async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let sid = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "sid")
+        .map(|(_, v)| v.into_owned());
+    let session = match auth.sessions.lookup(req.headers()).await? {
+        Lookup::Live(s) => s,
+        // Nothing to end: go where a logout would have gone.
+        _ => {
+            return Ok(body::redirect(
+                StatusCode::FOUND,
+                &auth.provider.cfg.post_logout_redirect,
+            ));
+        }
+    };
+    // A cross-site <img src=/bff/logout> cannot know the session's id: it ends nothing.
+    if !sid.is_some_and(|sid| secret::constant_time_eq(sid.as_bytes(), session.handle.as_bytes())) {
+        return Err(Error::BadRequest(
+            "sid does not name the current session".into(),
+        ));
+    }
+    let next = end_session(auth, &session).await?;
+    let mut res = body::redirect(StatusCode::FOUND, &next);
+    res.headers_mut()
+        .append(header::SET_COOKIE, auth.clear_session_cookie());
+    Ok(res)
+}
+
+async fn logout_post(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    csrf(auth, &req)?;
+    let next = match auth.sessions.lookup(req.headers()).await? {
+        Lookup::Live(s) => end_session(auth, &s).await?,
+        _ => auth.provider.cfg.post_logout_redirect.clone(),
+    };
+    let mut res = body::json(StatusCode::OK, &json!({"logout_url": next}));
+    res.headers_mut()
+        .append(header::SET_COOKIE, auth.clear_session_cookie());
+    Ok(res)
+}
+
+async fn sessions(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    csrf(auth, &req)?;
+    let s = auth.require_session(&req).await?;
+    let mut list: Vec<Value> = auth
+        .sessions
+        .list(&s.subject)
+        .await?
+        .into_iter()
+        .map(|r| {
+            json!({
+                "id": r.handle,
+                "created_at": rfc3339(r.created_at),
+                "last_seen": rfc3339(r.last_seen),
+                "expires_at": rfc3339(r.expires_at()),
+                "user_agent": r.user_agent,
+                "current": r.handle == s.handle,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
+    Ok(body::json(StatusCode::OK, &json!({"sessions": list})))
+}
+
+async fn delete_session(
+    auth: &Auth,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, Error> {
+    csrf(auth, &req)?;
+    let s = auth.require_session(&req).await?;
+    // Only the user's own sessions can be named; anything else is indistinguishable from absent.
+    if !auth
+        .sessions
+        .list(&s.subject)
+        .await?
+        .iter()
+        .any(|r| r.handle == id)
+    {
+        return Err(Error::NotFound);
+    }
+    auth.sessions.delete(id).await?;
+    let mut res = body::json(StatusCode::OK, &json!({"revoked": id}));
+    if id == s.handle {
+        res.headers_mut()
+            .append(header::SET_COOKIE, auth.clear_session_cookie());
+    }
+    Ok(res)
+}
+
+async fn logout_all(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    csrf(auth, &req)?;
+    let s = auth.require_session(&req).await?;
+    let next = end_session(auth, &s).await?;
+    let revoked = auth.sessions.delete_subject(&s.subject).await? + 1;
+    let mut res = body::json(
+        StatusCode::OK,
+        &json!({"revoked": revoked, "logout_url": next}),
+    );
+    res.headers_mut()
+        .append(header::SET_COOKIE, auth.clear_session_cookie());
+    Ok(res)
+}
+
+/// OpenID Connect Back-Channel Logout 1.0 §2.5–2.8: the provider posts `logout_token`.
+async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let body = Limited::new(req.into_body(), MAX_LOGOUT_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            Error::BadRequest("the logout request body is unreadable or too large".into())
+        })?
+        .to_bytes();
+    let token = url::form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| Secret::new(v.into_owned()))
+        .ok_or_else(|| Error::BadRequest("logout_token is missing".into()))?;
+    let claims = match id_token::validate_logout_token(&auth.provider, token.expose()).await {
+        Ok(c) => c,
+        Err(Ok(e)) => return Err(Error::BadRequest(e.to_string())),
+        Err(Err(e)) => return Err(e),
+    };
+    let jti = claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if auth.login.seen_logout_token(&jti) {
+        return Err(Error::BadRequest(
+            "this logout token was already used".into(),
+        ));
+    }
+    let iss = claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let ended = match (
+        claims.get("sub").and_then(Value::as_str),
+        claims.get("sid").and_then(Value::as_str),
+    ) {
+        (Some(sub), None) => auth.sessions.delete_subject(&subject_key(iss, sub)).await?,
+        (Some(sub), Some(sid)) => {
+            let sid_key = subject_key("sid", sid);
+            let mut n = 0;
+            for r in auth.sessions.list(&subject_key(iss, sub)).await? {
+                if r.idp_sid.as_deref() == Some(sid_key.as_str()) {
+                    auth.sessions.delete(&r.handle).await?;
+                    n += 1;
+                }
+            }
+            n
+        }
+        _ => {
+            return Err(Error::BadRequest(
+                "logout tokens naming only a sid need a sub here".into(),
+            ));
+        }
+    };
+    tracing::info!(sessions = ended, at = session::now(), "back-channel logout");
+    Ok(body::json(StatusCode::OK, &json!({"ended": ended})))
+}

@@ -1,0 +1,95 @@
+//! Per-route authorization and the 401-or-redirect decision.
+
+use http::{HeaderMap, HeaderName, header};
+use serde_json::{Map, Value};
+
+use crate::config::Route;
+use crate::error::Error;
+
+static SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
+
+/// Checks the route's `roles` against the `roles` claim (an array of strings, or one string).
+/// No roles configured: any session passes. Otherwise one match is needed, else 403.
+pub fn check_roles(route: &Route, claims: &Map<String, Value>) -> Result<(), Error> {
+    if route.roles.is_empty() {
+        return Ok(());
+    }
+    let has = |r: &str| match claims.get("roles") {
+        Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(r)),
+        Some(Value::String(s)) => s.split_whitespace().any(|s| s == r),
+        _ => false,
+    };
+    if route.roles.iter().any(|r| has(r)) {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "this route needs one of the roles: {}",
+            route.roles.join(", ")
+        )))
+    }
+}
+
+/// Whether the request is a browser's top-level navigation (DESIGN §3): `Sec-Fetch-Mode: navigate`,
+/// or, from browsers that do not send Fetch Metadata, `Accept: text/html`.
+pub fn is_navigation(headers: &HeaderMap) -> bool {
+    match headers.get(&SEC_FETCH_MODE) {
+        Some(mode) => mode.as_bytes() == b"navigate",
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn route(roles: &[&str]) -> Route {
+        let c = crate::config::Config::from_toml(
+            &format!(
+                "[server]\nlisten=\"127.0.0.1:0\"\npublic_origin=\"https://a.test\"\n[server.tls]\ncert=\"Cargo.toml\"\nkey=\"Cargo.toml\"\n[oidc]\nissuer=\"http://127.0.0.1:1\"\nclient_id=\"c\"\nclient_secret=\"s\"\n[session]\nkeys=[\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\nstore.kind=\"memory\"\n[[route]]\npath=\"/\"\nupstream=\"http://127.0.0.1:1\"\nroles={roles:?}\n"
+            ),
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        c.routes[0].clone()
+    }
+
+    #[test]
+    fn roles_need_one_match_and_a_missing_claim_is_forbidden() {
+        let claims: Map<String, Value> =
+            serde_json::from_str(r#"{"roles":["user","admin"]}"#).unwrap();
+        assert!(check_roles(&route(&["admin"]), &claims).is_ok());
+        assert!(check_roles(&route(&[]), &Map::new()).is_ok());
+        assert_eq!(
+            check_roles(&route(&["auditor"]), &claims)
+                .unwrap_err()
+                .status(),
+            403
+        );
+        assert_eq!(
+            check_roles(&route(&["admin"]), &Map::new())
+                .unwrap_err()
+                .status(),
+            403
+        );
+    }
+
+    #[test]
+    fn navigations_are_recognised_by_fetch_metadata_or_accept() {
+        let mut h = HeaderMap::new();
+        h.insert("sec-fetch-mode", HeaderValue::from_static("navigate"));
+        assert!(is_navigation(&h));
+        h.insert("sec-fetch-mode", HeaderValue::from_static("cors"));
+        h.insert("accept", HeaderValue::from_static("text/html"));
+        assert!(!is_navigation(&h), "fetch metadata wins over Accept");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "accept",
+            HeaderValue::from_static("text/html,application/xhtml+xml"),
+        );
+        assert!(is_navigation(&h));
+    }
+}

@@ -1,0 +1,282 @@
+//! OIDC login, sessions, bearer injection, CSRF and logout against the real identity provider.
+
+#[path = "support/bff.rs"]
+mod bff;
+mod support;
+
+use bff::{Browser, Env, EnvOptions, ORIGIN};
+use reqwest::Method;
+use serde_json::Value;
+
+async fn json(r: reqwest::Response) -> Value {
+    r.json().await.unwrap()
+}
+
+async fn logged_in(env: &Env, user: &str) -> Browser {
+    let mut b = env.browser();
+    let pw = format!("{user}-pw");
+    let r = b.login(user, &pw).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    b
+}
+
+#[tokio::test]
+async fn login_sets_a_strict_http_only_ticket_and_bounces_to_the_return_url() {
+    let env = Env::start(EnvOptions::default()).await;
+    let mut b = env.browser();
+    let r = b.login("alice", "alice-pw").await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert_eq!(h["cache-control"], "no-store");
+    let cookies: Vec<&str> = h
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-coatcheck="))
+        .expect("session cookie");
+    assert!(
+        session.ends_with("; Path=/; Secure; HttpOnly; SameSite=Strict"),
+        "{session}"
+    );
+    assert!(!session.contains("Domain"), "{session}");
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("__Host-coatcheck-login-") && c.contains("Max-Age=0")),
+        "login cookie cleared: {cookies:?}"
+    );
+    let page = r.text().await.unwrap();
+    assert!(page.contains("url=/app/home"), "{page}");
+    // The page the browser sees carries no token.
+    assert!(!page.contains("eyJ"), "{page}");
+}
+
+#[tokio::test]
+async fn api_requests_leave_with_the_bearer_and_without_coatcheck_cookies() {
+    let env = Env::start(EnvOptions::default()).await;
+    let mut b = logged_in(&env, "alice").await;
+    b.cookies.insert("theme".into(), "dark".into());
+    let r = b
+        .api(Method::GET, "/api/items")
+        .header("authorization", "Bearer forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = env.api.last().unwrap();
+    let auth = seen.header("authorization").unwrap();
+    assert!(
+        auth.starts_with("Bearer ey") && auth != "Bearer forged",
+        "{auth}"
+    );
+    assert_eq!(auth.matches('.').count(), 2, "a JWT access token");
+    assert_eq!(seen.header("cookie"), Some("theme=dark"));
+}
+
+#[tokio::test]
+async fn requests_without_a_session_get_401_json_with_a_login_url() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = env.browser();
+    let r = b.api(Method::GET, "/api/items").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v = json(r).await;
+    assert_eq!(v["error"], "unauthenticated");
+    assert!(v["login_url"].as_str().unwrap().starts_with("/bff/login"));
+    assert!(env.api.seen().is_empty(), "the upstream was not contacted");
+}
+
+#[tokio::test]
+async fn a_navigation_to_a_login_redirect_route_is_sent_to_login_but_fetch_is_not() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = env.browser();
+    let r = b
+        .request(Method::GET, "/app/page?x=1")
+        .header("sec-fetch-mode", "navigate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        "/bff/login?returnUrl=%2Fapp%2Fpage%3Fx%3D1"
+    );
+    let r = b
+        .request(Method::GET, "/app/page")
+        .header("sec-fetch-mode", "cors")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn csrf_refusals_never_reach_the_upstream() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    let no_header = b.request(Method::POST, "/api/items").send().await.unwrap();
+    assert_eq!(no_header.status(), 403);
+    assert_eq!(json(no_header).await["error"], "csrf");
+    let foreign = b
+        .api(Method::POST, "/api/items")
+        .header("origin", "https://evil.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    let cross = b
+        .api(Method::GET, "/api/items")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert!(env.api.seen().is_empty(), "{:?}", env.api.seen());
+}
+
+#[tokio::test]
+async fn bff_user_shows_claims_and_never_a_token() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    let r = b.api(Method::GET, "/bff/user").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("eyJ"), "no JWT in /bff/user: {text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["sub"], "alice");
+    assert_eq!(v["claims"]["roles"], serde_json::json!(["user"]));
+    let id = v["session"]["id"].as_str().unwrap();
+    assert_eq!(v["logout_url"], format!("/bff/logout?sid={id}"));
+    assert!(
+        !b.session_cookie().unwrap().contains(id),
+        "the public id is not the cookie"
+    );
+    for k in ["created_at", "expires_at", "idle_expires_at"] {
+        assert!(
+            humantime::parse_rfc3339(v["session"][k].as_str().unwrap()).is_ok(),
+            "{k}"
+        );
+    }
+    let anon = env
+        .browser()
+        .api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 401);
+}
+
+#[tokio::test]
+async fn roles_decide_between_403_and_the_upstream() {
+    let env = Env::start(EnvOptions::default()).await;
+    let alice = logged_in(&env, "alice").await;
+    let r = alice.api(Method::GET, "/admin/x").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(json(r).await["error"], "forbidden");
+    let admin = logged_in(&env, "admin").await;
+    assert_eq!(
+        admin
+            .api(Method::GET, "/admin/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn logout_by_get_needs_the_session_id_then_ends_everything() {
+    let env = Env::start(EnvOptions::default()).await;
+    let mut b = logged_in(&env, "alice").await;
+    let user = json(b.api(Method::GET, "/bff/user").send().await.unwrap()).await;
+    // A cross-site <img src=/bff/logout> does not know the id: nothing happens.
+    let r = b.request(Method::GET, "/bff/logout").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+        200,
+        "still logged in"
+    );
+    env.idp().reset_stats().await;
+    let r = b
+        .request(Method::GET, user["logout_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.contains("/session/end")
+            || location.contains("end_session")
+            || location.contains("logout"),
+        "{location}"
+    );
+    assert!(
+        location.contains("id_token_hint=") && location.contains("post_logout_redirect_uri="),
+        "{location}"
+    );
+    let cleared = r.headers().get_all("set-cookie").iter().any(|c| {
+        c.to_str().unwrap().starts_with("__Host-coatcheck=;")
+            && c.to_str().unwrap().contains("Max-Age=0")
+    });
+    assert!(cleared);
+    let old = b.cookies.clone();
+    b.absorb(r.headers());
+    assert_eq!(
+        env.idp().stats().await["revocations"],
+        1,
+        "the refresh token was revoked"
+    );
+    // The old ticket is dead even if the browser kept it.
+    b.cookies = old;
+    let r = b.api(Method::GET, "/api/x").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(json(r).await["error"], "session_expired");
+}
+
+#[tokio::test]
+async fn logout_by_post_answers_json_with_the_end_session_url() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "bob").await;
+    assert_eq!(
+        b.request(Method::POST, "/bff/logout")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "CSRF header required"
+    );
+    let r = b.api(Method::POST, "/bff/logout").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json(r).await;
+    assert!(
+        v["logout_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("http://127.0.0.1:{}", env.idp_port)),
+        "{v}"
+    );
+    assert_eq!(
+        b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn the_origin_header_of_the_public_origin_is_accepted() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    let r = b
+        .api(Method::POST, "/api/x")
+        .header("origin", ORIGIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
