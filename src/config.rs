@@ -358,7 +358,7 @@ fn parse(text: &str) -> Result<file::ConfigFile, Problem> {
         let key = if key == "." {
             "(top level)".to_owned()
         } else {
-            key.replace("route[", "route[")
+            key
         };
         Problem {
             key,
@@ -472,7 +472,7 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
         l.max_header_bytes,
         DEFAULT_MAX_HEADER_BYTES as u64,
     );
-    if max_header_bytes < 1024 || max_header_bytes > 1024 * 1024 {
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
         p.push(
             "server.limits.max_header_bytes",
             format!("{max_header_bytes} must be between 1024 and 1048576"),

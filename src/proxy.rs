@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{Body, UpstreamBody};
-use crate::config::Route;
+use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::Upstream;
 
@@ -117,8 +117,11 @@ pub fn rewrite(
     if let Some(base) = fwd.own_cookie {
         headers::remove_cookies(h, |name| headers::is_own_cookie(base, name));
     }
-    // The browser never chooses the upstream credential of a session route: whatever it sent goes.
-    h.remove(header::AUTHORIZATION);
+    // On a session route the browser never chooses the upstream credential: whatever it sent is
+    // replaced (or removed). Public routes pass the client's own header like any proxy.
+    if matches!(route.auth, AuthMode::Required | AuthMode::Optional) {
+        h.remove(header::AUTHORIZATION);
+    }
     if let Some(auth) = &fwd.authorization {
         h.insert(header::AUTHORIZATION, auth.clone());
     }

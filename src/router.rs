@@ -52,7 +52,7 @@ impl Router {
                 config: r.clone(),
             });
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Router {
             routes,
             max_header_bytes: config.server.limits.max_header_bytes,

@@ -280,3 +280,137 @@ async fn the_origin_header_of_the_public_origin_is_accepted() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn optional_routes_forward_with_a_token_only_when_there_is_a_session() {
+    let env = Env::start(EnvOptions::default()).await;
+    let anon = env.browser();
+    assert_eq!(
+        anon.api(Method::GET, "/maybe/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(env.api.last().unwrap().header("authorization"), None);
+    let b = logged_in(&env, "alice").await;
+    assert_eq!(
+        b.api(Method::GET, "/maybe/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        env.api
+            .last()
+            .unwrap()
+            .header("authorization")
+            .unwrap()
+            .starts_with("Bearer ey")
+    );
+}
+
+#[tokio::test]
+async fn public_routes_never_see_a_token_or_the_ticket() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    assert_eq!(
+        b.request(Method::GET, "/public")
+            .header("authorization", "Bearer mine")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let seen = env.api.last().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer mine"),
+        "auth = none passes the client's own header untouched"
+    );
+    assert!(
+        !seen
+            .header("cookie")
+            .unwrap_or("")
+            .contains("__Host-coatcheck"),
+        "the ticket never leaves"
+    );
+}
+
+#[tokio::test]
+async fn upstream_redirects_are_passed_back_not_followed() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    let r = b.api(Method::GET, "/api/redirect").send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "/elsewhere");
+    assert_eq!(env.api.seen().len(), 1, "coatcheck did not follow it");
+}
+
+#[tokio::test]
+async fn bearer_routes_accept_the_providers_tokens_and_nothing_else() {
+    // A second coatcheck in front of the same API with an extra `bearer` route.
+    let env = Env::start(EnvOptions::default()).await;
+    let extra = format!(
+        "{}\n[[route]]\npath = \"/m2m/\"\nupstream = \"{}\"\nauth = \"bearer\"\n",
+        env.config,
+        env.api.url()
+    );
+    let proxy = support::start_proxy(&extra).await;
+    let b = logged_in(&env, "alice").await;
+    b.api(Method::GET, "/api/token").send().await.unwrap();
+    let token = env
+        .api
+        .last()
+        .unwrap()
+        .header("authorization")
+        .unwrap()
+        .to_owned();
+    let client = support::http1_client(proxy.addr);
+    let url = format!("https://localhost:{}/m2m/x", proxy.addr.port());
+    assert_eq!(
+        client
+            .get(&url)
+            .header("authorization", &token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        env.api.last().unwrap().header("authorization"),
+        Some(token.as_str())
+    );
+    let mut tampered = token.clone();
+    tampered.pop();
+    tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(
+        client
+            .get(&url)
+            .header("authorization", tampered)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .get(&url)
+            .header(
+                "authorization",
+                "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."
+            )
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}

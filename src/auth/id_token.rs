@@ -93,10 +93,10 @@ pub async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) 
         &["exp", "iat", "iss", "aud", "sub"],
     )
     .await?;
-    if !claims
+    if claims
         .get("sub")
         .and_then(Value::as_str)
-        .is_some_and(|s| !s.is_empty())
+        .is_none_or(str::is_empty)
     {
         return refuse("sub is missing or empty");
     }
