@@ -161,8 +161,7 @@ impl Sessions {
         let Some(ticket) = Ticket::verify(value, &self.keys) else {
             return Ok(Lookup::None);
         };
-        let handle = ticket.handle();
-        let key = handle_bytes(&handle).expect("handles are 32 hex digits");
+        let key = ticket.handle_bytes();
         let now = now();
         if let Some(s) = self.cache.get(&key).await {
             if now >= s.idle_expires_at(self.idle) {
@@ -172,6 +171,7 @@ impl Sessions {
             s.last_seen.fetch_max(now, Ordering::Relaxed);
             return Ok(Lookup::Live(s));
         }
+        let handle = secret::hex(&key);
         let Some(record) = self.store.load(&handle, now).await? else {
             return Ok(Lookup::Ended);
         };

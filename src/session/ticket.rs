@@ -26,8 +26,16 @@ pub struct Keys {
 }
 
 struct DerivedKeys {
-    ticket_mac: [u8; 32],
+    /// Prepared once: a per-request HMAC then costs no key schedule.
+    ticket_mac: aws_lc_rs::hmac::Key,
     login_aead: [u8; 32],
+}
+
+fn mac(key: &aws_lc_rs::hmac::Key, body: &[u8]) -> aws_lc_rs::hmac::Tag {
+    let mut ctx = aws_lc_rs::hmac::Context::with_key(key);
+    ctx.update(b"v1");
+    ctx.update(body);
+    ctx.sign()
 }
 
 impl Keys {
@@ -36,7 +44,10 @@ impl Keys {
         let keys = configured
             .iter()
             .map(|k| DerivedKeys {
-                ticket_mac: secret::derive_key(k.expose(), b"coatcheck", b"session ticket mac v1"),
+                ticket_mac: aws_lc_rs::hmac::Key::new(
+                    aws_lc_rs::hmac::HMAC_SHA256,
+                    &secret::derive_key(k.expose(), b"coatcheck", b"session ticket mac v1"),
+                ),
                 login_aead: secret::derive_key(k.expose(), b"coatcheck", b"login cookie aead v1"),
             })
             .collect();
@@ -86,7 +97,7 @@ impl Ticket {
         let ok = keys
             .keys
             .iter()
-            .any(|k| secret::constant_time_eq(&secret::hmac(&k.ticket_mac, &[b"v1", body]), mac));
+            .any(|k| secret::constant_time_eq(self::mac(&k.ticket_mac, body).as_ref(), mac));
         if !ok {
             return None;
         }
@@ -105,19 +116,24 @@ impl Ticket {
         let mut raw = [0u8; TICKET_LEN];
         raw[..ID_LEN].copy_from_slice(&self.id);
         raw[ID_LEN..ID_LEN + SECRET_LEN].copy_from_slice(self.secret.expose());
-        let mac = secret::hmac(
-            &keys.keys[0].ticket_mac,
-            &[b"v1", &raw[..ID_LEN + SECRET_LEN]],
-        );
-        raw[ID_LEN + SECRET_LEN..].copy_from_slice(&mac[..MAC_LEN]);
+        let tag = mac(&keys.keys[0].ticket_mac, &raw[..ID_LEN + SECRET_LEN]);
+        raw[ID_LEN + SECRET_LEN..].copy_from_slice(&tag.as_ref()[..MAC_LEN]);
         Secret::new(URL_SAFE_NO_PAD.encode(raw))
     }
 
     /// The session's public handle and store key: a hash of the id (never the id itself).
     pub fn handle(&self) -> String {
-        secret::hex(
-            &secret::sha256(&[b"coatcheck session handle v1".as_slice(), &self.id].concat())[..16],
-        )
+        secret::hex(&self.handle_bytes())
+    }
+
+    /// [`Ticket::handle`] as bytes: the cache key, computed without allocating.
+    pub fn handle_bytes(&self) -> [u8; 16] {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(b"coatcheck session handle v1");
+        ctx.update(&self.id);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        out
     }
 
     /// The key that encrypts this session's store record; only the cookie holder can derive it.
