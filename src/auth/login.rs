@@ -61,9 +61,12 @@ impl Login {
 
     /// Records a back-channel logout token id; `true` if it was seen before (a replay).
     pub fn seen_logout_token(&self, jti: &str) -> bool {
-        let seen = self.logout_jtis.contains_key(jti);
-        self.logout_jtis.insert(jti.to_owned(), ());
-        seen
+        // Check and record in one atomic step, so two racing deliveries cannot both be first.
+        !self
+            .logout_jtis
+            .entry(jti.to_owned())
+            .or_insert_with(|| ())
+            .is_fresh()
     }
 }
 
@@ -201,10 +204,17 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     if !secret::constant_time_eq(tx.state.expose().as_bytes(), state.as_bytes()) {
         return bad("The sign-in answer does not match this browser's sign-in.");
     }
-    if auth.login.consumed.contains_key(&state) {
+    // One atomic step (moka runs one initializer per key and the racers read its result), so of
+    // several deliveries of the same answer racing each other only one reaches the token endpoint.
+    if !auth
+        .login
+        .consumed
+        .entry(state.clone())
+        .or_insert_with(|| ())
+        .is_fresh()
+    {
         return bad("This sign-in answer was already used.");
     }
-    auth.login.consumed.insert(state.clone(), ());
     let meta = auth.provider.metadata()?;
     // RFC 9207: when the provider names itself in the answer, it must be the one we asked.
     if let Some(iss) = query_param(&req, "iss")
