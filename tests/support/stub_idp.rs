@@ -11,7 +11,7 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -209,6 +209,8 @@ pub struct Script {
     pub jwks_fetches: AtomicUsize,
     /// Requests to `/attacker/*` (must stay 0).
     pub attacker_fetches: AtomicUsize,
+    /// `expires_in` of the token responses (0: 60 s).
+    pub expires_in: AtomicU64,
 }
 
 /// The running stub.
@@ -346,11 +348,17 @@ async fn handle(req: Request<Incoming>, s: &Shared) -> Response<Full<Bytes>> {
                 authorization,
                 form,
             });
+            // Every answer carries new tokens, like a provider with refresh-token rotation.
+            let n = s.script.token_requests.lock().unwrap().len() - 1;
+            let expires_in = match s.script.expires_in.load(Ordering::SeqCst) {
+                0 => 60,
+                e => e,
+            };
             let mut answer = json!({
-                "access_token": "at",
+                "access_token": format!("at-{n}"),
                 "token_type": "Bearer",
-                "expires_in": 60,
-                "refresh_token": "rt",
+                "expires_in": expires_in,
+                "refresh_token": format!("rt-{n}"),
             });
             if let Some(t) = s.script.id_token.lock().unwrap().clone() {
                 answer["id_token"] = json!(t);
