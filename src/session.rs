@@ -96,6 +96,12 @@ pub struct Sessions {
     touch_interval: Duration,
 }
 
+/// Decrypts a record's sealed data with the session's record key (`None`: altered or wrong key).
+fn open_record(key: &[u8; 32], record: &Record) -> Option<SessionData> {
+    let plain = secret::open(key, record.handle.as_bytes(), &record.sealed)?;
+    serde_json::from_slice(&plain).ok()
+}
+
 /// Hash identifying a user across their sessions (issuer + subject).
 pub fn subject_key(iss: &str, sub: &str) -> String {
     secret::hex(&secret::sha256(format!("coatcheck subject v1\0{iss}\0{sub}").as_bytes())[..16])
@@ -175,25 +181,28 @@ impl Sessions {
         let Some(record) = self.store.load(&handle, now).await? else {
             return Ok(Lookup::Ended);
         };
-        let Some(session) = self.open(&ticket, record.clone()) else {
+        let record_key = ticket.record_key();
+        let Some(data) = open_record(&record_key, &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket; treating it as ended");
             return Ok(Lookup::Ended);
         };
-        if now.saturating_sub(record.last_seen) >= self.touch_interval.as_secs() {
-            let idle_expires_at = (now + self.idle.as_secs()).min(record.absolute_expires_at);
+        let last_seen = record.last_seen;
+        let absolute_expires_at = record.absolute_expires_at;
+        let session = Session::from_parts(record, data, Secret::new(record_key));
+        if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
+            let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
             self.store.touch(&handle, now, idle_expires_at).await?;
             session.last_seen.store(now, Ordering::Relaxed);
         }
-        let session = Arc::new(session);
-        self.cache.insert(key, session.clone()).await;
-        Ok(Lookup::Live(session))
+        Ok(Lookup::Live(self.remember(session).await))
     }
 
-    fn open(&self, ticket: &Ticket, record: Record) -> Option<Session> {
-        let key = ticket.record_key();
-        let plain = secret::open(&key, record.handle.as_bytes(), &record.sealed)?;
-        let data: SessionData = serde_json::from_slice(&plain).ok()?;
-        Some(Session::from_parts(record, data, Secret::new(key)))
+    /// Puts a session in the cache (the one place that does).
+    async fn remember(&self, session: Session) -> Arc<Session> {
+        let session = Arc::new(session);
+        let key = handle_bytes(&session.handle).expect("handles are 32 hex digits");
+        self.cache.insert(key, session.clone()).await;
+        session
     }
 
     /// Creates a new session (always a new ticket: no fixation). Returns the cookie value.
@@ -226,12 +235,8 @@ impl Sessions {
             sealed,
         };
         self.store.create(record.clone()).await?;
-        let session = Arc::new(Session::from_parts(record, data, Secret::new(key)));
-        self.cache
-            .insert(
-                handle_bytes(&handle).expect("32 hex digits"),
-                session.clone(),
-            )
+        let session = self
+            .remember(Session::from_parts(record, data, Secret::new(key)))
             .await;
         Ok((ticket.encode(&self.keys), session))
     }
@@ -264,18 +269,14 @@ impl Sessions {
         if !self.store.save(record.clone(), current.version).await? {
             return Ok(None);
         }
-        let session = Arc::new(Session::from_parts(
-            record,
-            data,
-            current.record_key.clone(),
-        ));
-        self.cache
-            .insert(
-                handle_bytes(&session.handle).expect("32 hex digits"),
-                session.clone(),
-            )
-            .await;
-        Ok(Some(session))
+        Ok(Some(
+            self.remember(Session::from_parts(
+                record,
+                data,
+                current.record_key.clone(),
+            ))
+            .await,
+        ))
     }
 
     /// Reloads a session from the store (after a lost compare-and-set), bypassing the cache.
@@ -284,25 +285,16 @@ impl Sessions {
             self.evict(&current.handle).await;
             return Ok(None);
         };
-        let plain = secret::open(
-            current.record_key.expose(),
-            record.handle.as_bytes(),
-            &record.sealed,
-        )
-        .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
-        let data: SessionData = serde_json::from_slice(&plain).map_err(Error::internal)?;
-        let session = Arc::new(Session::from_parts(
-            record,
-            data,
-            current.record_key.clone(),
-        ));
-        self.cache
-            .insert(
-                handle_bytes(&session.handle).expect("32 hex digits"),
-                session.clone(),
-            )
-            .await;
-        Ok(Some(session))
+        let data = open_record(current.record_key.expose(), &record)
+            .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
+        Ok(Some(
+            self.remember(Session::from_parts(
+                record,
+                data,
+                current.record_key.clone(),
+            ))
+            .await,
+        ))
     }
 
     /// Deletes one session from the store and the cache.
