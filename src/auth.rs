@@ -103,20 +103,38 @@ impl Auth {
             return self.forward_bearer(upstream, route, req, fwd).await;
         }
         let upgrade = headers::is_upgrade_request(req.headers());
-        self.csrf()
-            .check(req.headers(), req.method(), route.csrf, upgrade)?;
-        let session = match self.sessions.lookup(req.headers()).await? {
-            Lookup::Live(s) => Some(s),
+        let lookup = match self
+            .csrf()
+            .check(req.headers(), req.method(), route.csrf, upgrade)
+        {
+            Ok(()) => self.sessions.lookup(req.headers()).await?,
+            // A navigation cannot carry the CSRF header. Without a session it is sent to log in
+            // all the same: nothing is forwarded, so there is nothing to forge.
+            Err(e) if route.login_redirect && policy::is_navigation(req.headers()) => {
+                match self.sessions.lookup(req.headers()).await? {
+                    Lookup::Live(_) => return Err(e),
+                    other => other,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let session = match lookup {
+            Lookup::Live(s) => s,
             Lookup::Ended if route.auth == AuthMode::Required => {
                 return self.not_logged_in(route, &req, true);
             }
-            Lookup::Ended | Lookup::None => None,
-        };
-        let Some(session) = session else {
-            if route.auth == AuthMode::Required {
+            Lookup::None if route.auth == AuthMode::Required => {
                 return self.not_logged_in(route, &req, false);
             }
-            return proxy::forward(upstream, route, req, fwd).await;
+            // `optional`: forwarded without a token; an ended session's cookie is cleared.
+            other => {
+                let mut res = proxy::forward(upstream, route, req, fwd).await?;
+                if matches!(other, Lookup::Ended) {
+                    res.headers_mut()
+                        .append(header::SET_COOKIE, self.clear_session_cookie());
+                }
+                return Ok(res);
+            }
         };
         policy::check_roles(route, &session.data.claims)?;
         let session = self.refresher.fresh(session).await?;
@@ -179,14 +197,17 @@ impl Auth {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .ok_or_else(unauth)?;
-        let claims = match id_token::validate_access_token(&self.provider, token).await {
-            Ok(c) => c,
-            Err(Ok(e)) => {
-                tracing::debug!(error = %e, "bearer token refused");
-                return Err(unauth());
-            }
-            Err(Err(e)) => return Err(e),
-        };
+        let claims =
+            match id_token::validate_access_token(&self.provider, token, route.audience.as_deref())
+                .await
+            {
+                Ok(c) => c,
+                Err(Ok(e)) => {
+                    tracing::debug!(error = %e, "bearer token refused");
+                    return Err(unauth());
+                }
+                Err(Err(e)) => return Err(e),
+            };
         policy::check_roles(route, &claims)?;
         fwd.authorization = Some(value);
         proxy::forward(upstream, route, req, fwd).await

@@ -27,7 +27,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default `server.limits.shutdown_grace`: time in-flight requests get after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default `route.timeout`: time the upstream gets to send its response headers.
+/// Default `route.timeout`: time the upstream gets to send its response headers. The clock restarts
+/// whenever the request body moves, so a long upload is not a slow upstream; a stalled one times out.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `route.max_body_bytes`: request body limit, 10 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
@@ -205,6 +206,8 @@ pub struct Route {
     pub ca: Option<PathBuf>,
     pub login_redirect: bool,
     pub csrf: CsrfMode,
+    /// `auth = "bearer"`: the `aud` the client's token must carry, if set.
+    pub audience: Option<String>,
 }
 
 /// One configuration problem: which key, what is wrong.
@@ -344,7 +347,7 @@ impl Config {
 fn parse(text: &str) -> Result<file::ConfigFile, Problem> {
     let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
         key: "(syntax)".into(),
-        reason: one_line(&e),
+        reason: one_line(text, &e),
     })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -367,10 +370,10 @@ fn parse(text: &str) -> Result<file::ConfigFile, Problem> {
     })
 }
 
-fn one_line(e: &toml::de::Error) -> String {
+fn one_line(text: &str, e: &toml::de::Error) -> String {
     let at = e
         .span()
-        .map(|s| format!(" at byte {}", s.start))
+        .map(|s| format!(" (line {})", line_of(text, s.start)))
         .unwrap_or_default();
     format!("{}{at}", e.message())
 }
@@ -651,17 +654,25 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             DEFAULT_CACHE_CAPACITY
         }
     };
+    let touch_interval = p.duration(
+        "session.touch_interval",
+        s.touch_interval.as_deref(),
+        DEFAULT_TOUCH_INTERVAL,
+    );
+    if touch_interval >= idle_timeout {
+        // The store's idle clock would fall behind the sliding window and end active sessions.
+        p.push(
+            "session.touch_interval",
+            "must be shorter than session.idle_timeout",
+        );
+    }
     Session {
         cookie_name,
         same_site,
         idle_timeout,
         absolute_timeout,
         persistent: s.persistent.unwrap_or(false),
-        touch_interval: p.duration(
-            "session.touch_interval",
-            s.touch_interval.as_deref(),
-            DEFAULT_TOUCH_INTERVAL,
-        ),
+        touch_interval,
         keys,
         store,
         cache_capacity,
@@ -764,9 +775,14 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
         client_secret,
         scopes,
         allowed_algs,
-        clock_skew: match o.clock_skew.as_deref() {
-            Some("0s") => Duration::ZERO,
-            raw => p.duration("oidc.clock_skew", raw, DEFAULT_CLOCK_SKEW),
+        clock_skew: match o.clock_skew.as_deref().map(humantime::parse_duration) {
+            // Zero skew is a legitimate (strict) choice, unlike a zero timeout.
+            Some(Ok(d)) if d.is_zero() => Duration::ZERO,
+            _ => p.duration(
+                "oidc.clock_skew",
+                o.clock_skew.as_deref(),
+                DEFAULT_CLOCK_SKEW,
+            ),
         },
         refresh_before_expiry: p.duration(
             "oidc.refresh_before_expiry",
@@ -923,6 +939,7 @@ fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) 
             ca,
             login_redirect,
             csrf,
+            audience: r.audience,
         });
     }
     if out.is_empty() {

@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -84,12 +84,20 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            let in_flight = Arc::new(AtomicUsize::new(0));
-            let io = TokioIo::new(IdleIo::new(tls, idle_timeout, in_flight.clone()));
+            // HTTP/2 carries PING frames (ours, and clients' own) that would keep an idle connection
+            // open forever if bytes counted as activity: there, only requests do.
+            let count_bytes = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+            let activity = Arc::new(Activity::new());
+            let io = TokioIo::new(IdleIo::new(
+                tls,
+                idle_timeout,
+                activity.clone(),
+                count_bytes,
+            ));
             let client = remote.ip();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let router = router.clone();
-                let guard = InFlight::new(in_flight.clone());
+                let guard = InFlight::new(activity.clone());
                 async move {
                     Ok::<_, Infallible>(router.handle(req, client).await.map(|b| Tracked {
                         inner: b,
@@ -196,20 +204,53 @@ fn redirect_to_https(
     res
 }
 
+/// The requests in flight on one connection, and when a request last started or ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` of the last start or end of a request.
+    last_change_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_change_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_change_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_change(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_change_ms.load(Ordering::Relaxed))
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// Counts a request as in flight until its response body is dropped (streams included), so idle
 /// detection never cuts a quiet long-poll or server-sent-event stream.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn new(count: Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.touch();
+        InFlight(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -239,27 +280,40 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Tracked<B> {
     }
 }
 
-/// Connection I/O that reports end-of-file once the connection has seen no bytes either way for
-/// `timeout` while no request is in flight: hyper then closes it like a client hang-up.
+/// Connection I/O that reports end-of-file once no request has been in flight for `timeout` (and,
+/// with `count_bytes`, no bytes went either way for as long): hyper then closes it like a client
+/// hang-up. HTTP/1.1 counts bytes so that an upgraded connection (WebSocket) stays open while it
+/// carries traffic; HTTP/2 does not, or keep-alive PINGs would hold an idle connection forever.
 ///
 /// The deadline is checked lazily: activity only stores an `Instant`; the timer is re-armed at most
 /// once per `timeout`.
 struct IdleIo<T> {
     inner: T,
     timeout: Duration,
-    last_activity: Instant,
+    count_bytes: bool,
+    last_io: Instant,
     sleep: Pin<Box<Sleep>>,
-    in_flight: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
 }
 
 impl<T> IdleIo<T> {
-    fn new(inner: T, timeout: Duration, in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(inner: T, timeout: Duration, activity: Arc<Activity>, count_bytes: bool) -> Self {
         IdleIo {
             inner,
             timeout,
-            last_activity: Instant::now(),
+            count_bytes,
+            last_io: Instant::now(),
             sleep: Box::pin(tokio::time::sleep(timeout)),
-            in_flight,
+            activity,
+        }
+    }
+
+    fn last_activity(&self) -> Instant {
+        let requests = self.activity.last_change();
+        if self.count_bytes {
+            requests.max(self.last_io)
+        } else {
+            requests
         }
     }
 
@@ -269,8 +323,8 @@ impl<T> IdleIo<T> {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let deadline = self.last_activity + self.timeout;
-            if self.in_flight.load(Ordering::Relaxed) == 0 && Instant::now() >= deadline {
+            let deadline = self.last_activity() + self.timeout;
+            if !self.activity.busy() && Instant::now() >= deadline {
                 return true;
             }
             let next = if Instant::now() >= deadline {
@@ -293,7 +347,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    self.last_activity = Instant::now();
+                    self.last_io = Instant::now();
                 }
                 Poll::Ready(r)
             }
@@ -316,7 +370,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last_activity = Instant::now();
+            self.last_io = Instant::now();
         }
         r
     }
@@ -328,7 +382,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last_activity = Instant::now();
+            self.last_io = Instant::now();
         }
         r
     }

@@ -7,6 +7,7 @@
 pub mod headers;
 
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -17,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{Body, UpstreamBody};
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
-use crate::upstream::Upstream;
+use crate::upstream::{Progress, Upstream};
 
 /// What the caller decided about the request before it leaves.
 pub struct Forward<'a> {
@@ -94,15 +95,17 @@ pub fn rewrite(
     fwd: &Forward<'_>,
     upgrade: bool,
 ) -> Result<(), Error> {
-    parts.uri = upstream
-        .uri(fwd.path, parts.uri.query())
-        .map_err(|e| Error::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+    // The client's host: `Host` (HTTP/1.1) or the `:authority` of the request URI (HTTP/2), taken
+    // before the URI is rewritten to the upstream's.
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
+    parts.uri = upstream
+        .uri(fwd.path, parts.uri.query())
+        .map_err(|e| Error::BadRequest(format!("cannot build the upstream URI: {e}")))?;
     // The pooled client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 request version would be
     // refused on an HTTP/1.1 connection (see ../shared/CRATES.md).
     parts.version = Version::HTTP_11;
@@ -136,14 +139,11 @@ pub async fn send(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, Error> {
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
-    let mut res =
-        match tokio::time::timeout(route.timeout, upstream.send(req, client_upgrade.is_some()))
-            .await
-        {
-            Err(_) => return Err(Error::GatewayTimeout(route.timeout)),
-            Ok(Err(e)) => return Err(classify(e, route)),
-            Ok(Ok(res)) => res,
-        };
+    let (response, progress) = upstream.send(req, client_upgrade.is_some());
+    let mut res = tokio::select! {
+        r = response => r.map_err(|e| classify(e, route))?,
+        () = deadline(&progress, route.timeout) => return Err(Error::GatewayTimeout(route.timeout)),
+    };
     let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         let Some(client_upgrade) = client_upgrade else {
@@ -171,6 +171,19 @@ pub async fn send(
         res.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
     }
     Ok(res.map(Either::Left))
+}
+
+/// Resolves once the upstream has had `timeout` since the request body last moved (since the
+/// request was sent, for a request without a body): an upload is not counted against the
+/// upstream, but neither may it stall for longer than `timeout`.
+async fn deadline(progress: &Progress, timeout: Duration) {
+    loop {
+        let due = progress.last() + timeout;
+        if Instant::now() >= due {
+            return;
+        }
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 /// A client error is ours to report precisely: the body limit shows up as a body error.

@@ -124,10 +124,14 @@ impl Router {
             "/readyz" => {
                 return Ok(match self.ready().await {
                     Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
-                    Err(why) => body::json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({"status": "not_ready", "message": why}),
-                    ),
+                    Err(why) => {
+                        // The reason (which may name internal URLs) goes to the log, not the client.
+                        tracing::warn!(reason = %why, "not ready");
+                        body::json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
+                        )
+                    }
                 });
             }
             _ => {}

@@ -124,6 +124,12 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// Validity of the development CA, in days (ten years).
+pub const DEV_CA_DAYS: i64 = 3650;
+/// Validity of a development server certificate, in days: 397 is under every browser's limit
+/// (Apple platforms refuse more than 825 days even for private CAs; public CAs are held to 398).
+pub const DEV_CERT_DAYS: i64 = 397;
+
 /// Files written by [`generate_dev_certs`].
 #[derive(Debug)]
 pub struct DevCerts {
@@ -157,9 +163,10 @@ pub fn generate_dev_certs(out: &Path, hosts: &[String]) -> Result<DevCerts, TlsE
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let now = rcgen::date_time_ymd(2025, 1, 1);
+    // Start a day back so clock skew between machines does not make a fresh certificate invalid.
+    let now = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     ca_params.not_before = now;
-    ca_params.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    ca_params.not_after = now + time::Duration::days(DEV_CA_DAYS);
     let ca_key = KeyPair::generate()?;
     let ca_key_pem = ca_key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
@@ -176,8 +183,7 @@ pub fn generate_dev_certs(out: &Path, hosts: &[String]) -> Result<DevCerts, TlsE
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = now;
-    // Browsers cap leaf validity; 800 days stays under every current limit for private CAs.
-    params.not_after = rcgen::date_time_ymd(2027, 12, 31);
+    params.not_after = now + time::Duration::days(DEV_CERT_DAYS);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
 

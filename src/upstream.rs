@@ -4,15 +4,20 @@
 //! a separate HTTP/1.1-only client for upgrades (WebSocket cannot ride HTTP/2 here).
 
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
+use http::{HeaderValue, Request, Uri};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
@@ -24,7 +29,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connecting (TCP) to an upstream may take at most this long; the route timeout bounds the rest.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Sending<UpstreamBody>>;
 
 /// One configured upstream.
 pub struct Upstream {
@@ -88,17 +93,79 @@ impl Upstream {
             .build()
     }
 
-    /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1).
-    pub async fn send(
-        &self,
-        req: Request<UpstreamBody>,
-        upgrade: bool,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        if upgrade {
-            self.upgrade_client.request(req).await
+    /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1). The
+    /// [`Progress`] tells when its body last moved towards the upstream.
+    pub fn send(&self, req: Request<UpstreamBody>, upgrade: bool) -> (ResponseFuture, Progress) {
+        let progress = Progress::new();
+        let req = req.map(|inner| Sending {
+            inner,
+            progress: progress.clone(),
+        });
+        let response = if upgrade {
+            self.upgrade_client.request(req)
         } else {
-            self.client.request(req).await
+            self.client.request(req)
+        };
+        (response, progress)
+    }
+}
+
+/// When a request body last made progress towards the upstream (a chunk sent, or its end); the
+/// time the request was handed over until then. Lets a response deadline start once the upload is
+/// done instead of counting a long upload against the upstream.
+#[derive(Clone)]
+pub struct Progress {
+    epoch: Instant,
+    /// Milliseconds after `epoch`.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            epoch: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The last time the request body moved.
+    pub fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A request body on its way upstream, noting its [`Progress`] as the client pulls it.
+pub struct Sending<B> {
+    inner: B,
+    progress: Progress,
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Sending<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

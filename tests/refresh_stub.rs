@@ -85,7 +85,8 @@ impl Rejecting {
 
 struct Rp {
     stub: StubIdp,
-    proxy: support::TestProxy,
+    /// Kept alive for the test's duration (dropping it stops coatcheck).
+    _proxy: support::TestProxy,
     browser: Browser,
 }
 
@@ -124,7 +125,7 @@ impl Rp {
         };
         let rp = Rp {
             stub,
-            proxy,
+            _proxy: proxy,
             browser,
         };
         rp.stub

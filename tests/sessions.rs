@@ -1,9 +1,9 @@
 //! Session lifecycle: persistence across restarts, the device list, back-channel logout, and a
 //! provider that is down when coatcheck starts.
 
-mod support;
 #[path = "support/bff.rs"]
 mod bff;
+mod support;
 
 use std::time::Duration;
 
@@ -21,11 +21,31 @@ async fn logged_in(env: &Env, user: &str) -> Browser {
 #[tokio::test]
 async fn sessions_in_the_embedded_store_survive_a_restart() {
     let dir = support::TempDir::new("sessions-restart");
-    let store = format!("kind = \"embedded\"\npath = {:?}", dir.join("sessions.db").display().to_string());
-    let env = Env::start(EnvOptions { store: store.clone(), ..Default::default() }).await;
+    let store = format!(
+        "kind = \"embedded\"\npath = {:?}",
+        dir.join("sessions.db").display().to_string()
+    );
+    let env = Env::start(EnvOptions {
+        store: store.clone(),
+        ..Default::default()
+    })
+    .await;
     let mut b = logged_in(&env, "alice").await;
-    assert_eq!(b.api(Method::GET, "/api/before").send().await.unwrap().status(), 200);
-    let Env { idp, api, proxy, config, .. } = env;
+    assert_eq!(
+        b.api(Method::GET, "/api/before")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let Env {
+        idp,
+        api,
+        proxy,
+        config,
+        ..
+    } = env;
     proxy.stop().await;
     // A new process would start from the same file: so does this new instance.
     let proxy = support::start_proxy(&config).await;
@@ -33,7 +53,13 @@ async fn sessions_in_the_embedded_store_survive_a_restart() {
     b.client = support::http1_client(proxy.addr);
     let r = b.api(Method::GET, "/api/after").send().await.unwrap();
     assert_eq!(r.status(), 200, "the session survived the restart");
-    assert!(api.last().unwrap().header("authorization").unwrap().starts_with("Bearer ey"));
+    assert!(
+        api.last()
+            .unwrap()
+            .header("authorization")
+            .unwrap()
+            .starts_with("Bearer ey")
+    );
     drop(idp);
 }
 
@@ -43,47 +69,173 @@ async fn users_list_and_revoke_their_own_sessions() {
     let laptop = logged_in(&env, "alice").await;
     let phone = logged_in(&env, "alice").await;
     let other = logged_in(&env, "bob").await;
-    let r = laptop.api(Method::GET, "/bff/sessions").send().await.unwrap();
+    let r = laptop
+        .api(Method::GET, "/bff/sessions")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let list: Value = r.json().await.unwrap();
     let sessions = list["sessions"].as_array().unwrap();
     assert_eq!(sessions.len(), 2, "{list}");
-    assert_eq!(sessions.iter().filter(|s| s["current"] == json!(true)).count(), 1);
-    let phone_id = phone.api(Method::GET, "/bff/user").send().await.unwrap().json::<Value>().await.unwrap()["session"]["id"].as_str().unwrap().to_owned();
-    let bob_id = other.api(Method::GET, "/bff/user").send().await.unwrap().json::<Value>().await.unwrap()["session"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        sessions
+            .iter()
+            .filter(|s| s["current"] == json!(true))
+            .count(),
+        1
+    );
+    let phone_id = phone
+        .api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["session"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bob_id = other
+        .api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["session"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // Someone else's session cannot be named.
-    let r = laptop.api(Method::DELETE, &format!("/bff/sessions/{bob_id}")).send().await.unwrap();
+    let r = laptop
+        .api(Method::DELETE, &format!("/bff/sessions/{bob_id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(other.api(Method::GET, "/api/x").send().await.unwrap().status(), 200);
+    assert_eq!(
+        other
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // Revoke the phone from the laptop.
-    assert_eq!(laptop.request(Method::DELETE, &format!("/bff/sessions/{phone_id}")).send().await.unwrap().status(), 403, "CSRF header required");
-    let r = laptop.api(Method::DELETE, &format!("/bff/sessions/{phone_id}")).send().await.unwrap();
+    assert_eq!(
+        laptop
+            .request(Method::DELETE, &format!("/bff/sessions/{phone_id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "CSRF header required"
+    );
+    let r = laptop
+        .api(Method::DELETE, &format!("/bff/sessions/{phone_id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(phone.api(Method::GET, "/api/x").send().await.unwrap().status(), 401);
-    assert_eq!(laptop.api(Method::GET, "/api/x").send().await.unwrap().status(), 200);
+    assert_eq!(
+        phone
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        laptop
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // Log out everywhere.
     let phone2 = logged_in(&env, "alice").await;
-    let r = laptop.api(Method::POST, "/bff/logout-all").send().await.unwrap();
+    let r = laptop
+        .api(Method::POST, "/bff/logout-all")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(phone2.api(Method::GET, "/api/x").send().await.unwrap().status(), 401);
-    assert_eq!(laptop.api(Method::GET, "/api/x").send().await.unwrap().status(), 401);
-    assert_eq!(other.api(Method::GET, "/api/x").send().await.unwrap().status(), 200, "bob is untouched");
+    assert_eq!(
+        phone2
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        laptop
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        other
+            .api(Method::GET, "/api/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "bob is untouched"
+    );
 }
 
 #[tokio::test]
 async fn a_provider_down_at_start_up_delays_logins_not_the_proxy() {
-    let env = Env::start(EnvOptions { start_idp: false, ..Default::default() }).await;
+    let env = Env::start(EnvOptions {
+        start_idp: false,
+        ..Default::default()
+    })
+    .await;
     let b = env.browser();
     let ready = b.request(Method::GET, "/readyz").send().await.unwrap();
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.json::<Value>().await.unwrap()["status"], "not_ready");
-    assert_eq!(b.request(Method::GET, "/healthz").send().await.unwrap().status(), 200);
-    assert_eq!(b.request(Method::GET, "/public/page").send().await.unwrap().status(), 200, "auth = none routes are served");
+    assert_eq!(
+        b.request(Method::GET, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        b.request(Method::GET, "/public/page")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "auth = none routes are served"
+    );
     let login = b.request(Method::GET, "/bff/login").send().await.unwrap();
     assert_eq!(login.status(), 503);
-    assert_eq!(login.json::<Value>().await.unwrap()["error"], "idp_unavailable");
+    assert_eq!(
+        login.json::<Value>().await.unwrap()["error"],
+        "idp_unavailable"
+    );
     // The provider comes up: coatcheck notices by itself, no restart.
-    let idp = Idp::start(IdpOptions { port: env.idp_port, ..Default::default() }).await;
+    let idp = Idp::start(IdpOptions {
+        port: env.idp_port,
+        ..Default::default()
+    })
+    .await;
     env.wait_ready().await;
     let mut b = env.browser();
     assert_eq!(b.login("alice", "alice-pw").await.status(), 200);
@@ -92,35 +244,70 @@ async fn a_provider_down_at_start_up_delays_logins_not_the_proxy() {
 
 #[tokio::test]
 async fn a_back_channel_logout_from_the_provider_ends_the_session_at_once() {
-    let env = Env::start(EnvOptions { start_idp: false, ..Default::default() }).await;
+    let env = Env::start(EnvOptions {
+        start_idp: false,
+        ..Default::default()
+    })
+    .await;
     let client = IdpClient {
-        backchannel_logout_uri: Some(format!("https://localhost:{}/bff/backchannel-logout", env.proxy.addr.port())),
+        backchannel_logout_uri: Some(format!(
+            "https://localhost:{}/bff/backchannel-logout",
+            env.proxy.addr.port()
+        )),
         ..IdpClient::default()
     };
-    let mut opts = IdpOptions { port: env.idp_port, clients: vec![client], ..Default::default() };
+    let mut opts = IdpOptions {
+        port: env.idp_port,
+        clients: vec![client],
+        ..Default::default()
+    };
     opts.extra_config.insert("tls_insecure".into(), json!(true));
     let idp = Idp::start(opts).await;
     env.wait_ready().await;
     let mut b = env.browser();
     assert_eq!(b.login("alice", "alice-pw").await.status(), 200);
-    assert_eq!(b.api(Method::GET, "/api/x").send().await.unwrap().status(), 200);
+    assert_eq!(
+        b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+        200
+    );
     // RP-initiated logout at the provider (as another RP, or the user at the provider, would do):
     // the provider posts a logout token to every RP of that session.
-    let user: Value = b.api(Method::GET, "/bff/user").send().await.unwrap().json().await.unwrap();
+    let user: Value = b
+        .api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let _ = user;
-    let sessions_before = idp.stats().await["backchannel_logouts_sent"].as_u64().unwrap_or(0);
+    let sessions_before = idp.stats().await["backchannel_logouts_sent"]
+        .as_u64()
+        .unwrap_or(0);
     let end = format!("{}/session/end", idp.issuer);
     let _ = support::idp::logout_via_forms(&b.idp_client, &end).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if idp.stats().await["backchannel_logouts_sent"].as_u64().unwrap_or(0) > sessions_before {
+        if idp.stats().await["backchannel_logouts_sent"]
+            .as_u64()
+            .unwrap_or(0)
+            > sessions_before
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the provider sent no back-channel logout: {}", idp.stats().await);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the provider sent no back-channel logout: {}",
+            idp.stats().await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = b.api(Method::GET, "/api/x").send().await.unwrap();
-    assert_eq!(r.status(), 401, "the session ended without the browser doing anything");
+    assert_eq!(
+        r.status(),
+        401,
+        "the session ended without the browser doing anything"
+    );
 }
 
 #[tokio::test]
@@ -136,5 +323,8 @@ async fn a_forged_logout_token_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(b.api(Method::GET, "/api/x").send().await.unwrap().status(), 200);
+    assert_eq!(
+        b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+        200
+    );
 }

@@ -115,8 +115,15 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
         .map(|(_, v)| v.into_owned());
     let session = match auth.sessions.lookup(req.headers()).await? {
         Lookup::Live(s) => s,
-        // Nothing to end: go where a logout would have gone.
-        _ => {
+        // Nothing to end: go where a logout would have gone (forgetting a dead ticket).
+        Lookup::Ended => {
+            let mut res =
+                body::redirect(StatusCode::FOUND, &auth.provider.cfg.post_logout_redirect);
+            res.headers_mut()
+                .append(header::SET_COOKIE, auth.clear_session_cookie());
+            return Ok(res);
+        }
+        Lookup::None => {
             return Ok(body::redirect(
                 StatusCode::FOUND,
                 &auth.provider.cfg.post_logout_redirect,
@@ -161,7 +168,8 @@ async fn sessions(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>,
                 "id": r.handle,
                 "created_at": rfc3339(r.created_at),
                 "last_seen": rfc3339(r.last_seen),
-                "expires_at": rfc3339(r.expires_at()),
+                "expires_at": rfc3339(r.absolute_expires_at),
+                "idle_expires_at": rfc3339(r.expires_at()),
                 "user_agent": r.user_agent,
                 "current": r.handle == s.handle,
             })
@@ -188,7 +196,13 @@ async fn delete_session(
     {
         return Err(Error::NotFound);
     }
-    auth.sessions.delete(id).await?;
+    // Revoking the current session is a logout: its refresh token is revoked at the provider too.
+    // (Other sessions' tokens are sealed under keys only their own cookies hold.)
+    if id == s.handle {
+        end_session(auth, &s).await?;
+    } else {
+        auth.sessions.delete(id).await?;
+    }
     let mut res = body::json(StatusCode::OK, &json!({"revoked": id}));
     if id == s.handle {
         res.headers_mut()

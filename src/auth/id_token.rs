@@ -20,6 +20,9 @@ use crate::secret;
 #[error("invalid token: {0}")]
 pub struct TokenError(pub String);
 
+/// A back-channel logout token older than this (by `iat`, seconds) is refused.
+pub const LOGOUT_TOKEN_MAX_AGE: u64 = 300;
+
 /// What the caller expects of an ID token.
 pub struct Expected<'a> {
     /// The nonce of the login (required at login; `None` for ID tokens from a refresh).
@@ -148,7 +151,22 @@ pub async fn validate_logout_token(provider: &Provider, token: &str) -> Outcome 
 }
 
 /// Validates an access token presented by a non-browser client on an `auth = "bearer"` route:
-/// the provider's signature, issuer, expiry.
-pub async fn validate_access_token(provider: &Provider, token: &str) -> Outcome {
-    verify(provider, token, None, &["exp", "iss", "sub"]).await
+/// the provider's signature, issuer and expiry, `typ: at+jwt` (RFC 9068 §4, so an ID token cannot
+/// pass for an access token), and the route's `audience` when one is configured.
+pub async fn validate_access_token(
+    provider: &Provider,
+    token: &str,
+    audience: Option<&str>,
+) -> Outcome {
+    let typ = decode_header(token)
+        .ok()
+        .and_then(|h| h.typ)
+        .unwrap_or_default();
+    if !matches!(
+        typ.to_ascii_lowercase().as_str(),
+        "at+jwt" | "application/at+jwt"
+    ) {
+        return refuse("not a JWT access token (typ must be at+jwt, RFC 9068)");
+    }
+    verify(provider, token, audience, &["exp", "iss", "sub"]).await
 }

@@ -43,7 +43,7 @@ pub enum OidcError {
 impl OidcError {
     /// Whether the answer means the grant is gone for good (the session must end).
     pub fn ends_session(&self) -> bool {
-        matches!(self, OidcError::Rejected { error, .. } if matches!(error.as_str(), "invalid_grant" | "invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope"))
+        matches!(self, OidcError::Rejected { error, .. } if matches!(error.as_str(), "invalid_grant" | "invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope" | "invalid_request"))
     }
 
     /// As a request error: the provider is unavailable.

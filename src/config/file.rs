@@ -126,4 +126,5 @@ pub struct RouteFile {
     pub ca: Option<String>,
     pub login_redirect: Option<bool>,
     pub csrf: Option<String>,
+    pub audience: Option<String>,
 }

@@ -305,7 +305,10 @@ mod tests {
     fn only_coatchecks_own_cookies_are_removed() {
         let own = |n: &str| is_own_cookie("__Host-coatcheck", n);
         let mut h = map(&[
-            ("cookie", "a=1; __Host-coatcheck=secret; b=2; __Host-coatcheckx=keep"),
+            (
+                "cookie",
+                "a=1; __Host-coatcheck=secret; b=2; __Host-coatcheckx=keep",
+            ),
             ("cookie", "__Host-coatcheck-login-abc=x"),
         ]);
         remove_cookies(&mut h, own);
