@@ -414,3 +414,51 @@ async fn bearer_routes_accept_the_providers_tokens_and_nothing_else() {
         401
     );
 }
+
+/// Opens a WebSocket upgrade to `/api/ws` with the given extra header lines; returns the status.
+async fn websocket_upgrade(b: &Browser, extra: &str) -> (u16, support::RawConn) {
+    let mut conn = support::RawConn::connect(b.addr).await;
+    let cookie = b
+        .cookie_header()
+        .map(|c| format!("Cookie: {}\r\n", c.to_str().unwrap()))
+        .unwrap_or_default();
+    conn.send(
+        format!(
+            "GET /api/ws HTTP/1.1\r\nHost: localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{cookie}{extra}\r\n",
+            b.addr.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, _) = conn.read_head().await;
+    (status, conn)
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_checked_by_origin_and_carry_the_bearer() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    let (status, _) = websocket_upgrade(&b, "Origin: https://evil.test\r\n").await;
+    assert_eq!(status, 403, "a foreign origin is refused");
+    let (status, _) = websocket_upgrade(&b, "").await;
+    assert_eq!(status, 403, "no origin, no upgrade");
+    assert!(env.api.seen().is_empty());
+    let (status, mut conn) = websocket_upgrade(&b, &format!("Origin: {ORIGIN}\r\n")).await;
+    assert_eq!(status, 101);
+    let seen = env.api.last().unwrap();
+    assert!(
+        seen.header("authorization")
+            .unwrap()
+            .starts_with("Bearer ey"),
+        "the upgrade request carries the bearer"
+    );
+    assert!(
+        !seen
+            .header("cookie")
+            .unwrap_or("")
+            .contains("__Host-coatcheck")
+    );
+    conn.send(b"ping").await;
+    assert_eq!(conn.read_exact(4).await, b"ping");
+}
