@@ -328,3 +328,61 @@ async fn a_forged_logout_token_is_refused() {
         200
     );
 }
+
+#[tokio::test]
+async fn an_acknowledged_session_survives_kill_9_and_a_restart() {
+    let env = Env::start(EnvOptions::default()).await;
+    let dir = support::TempDir::new("sessions-kill9");
+    let store = format!(
+        "kind = \"embedded\"\npath = {:?}",
+        dir.join("sessions.db").display().to_string()
+    );
+    let text = support::proxy_config("", &env.config.replace("kind = \"memory\"", &store));
+    let first = support::ProxyProcess::start(&text).await;
+    let mut b = Browser::new(first.addr);
+    wait_ready(&b).await;
+    assert_eq!(b.login("alice", "alice-pw").await.status(), 200);
+    assert_eq!(
+        b.api(Method::GET, "/api/before")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // No shutdown, no flush: the process is killed outright.
+    first.signal("KILL");
+    let mut first = first;
+    assert!(first.wait_exit(Duration::from_secs(10)).await.is_some());
+    let second = support::ProxyProcess::start(&text).await;
+    b.addr = second.addr;
+    b.client = support::http1_client(second.addr);
+    wait_ready(&b).await;
+    let r = b.api(Method::GET, "/api/after").send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the session written before the crash is still there"
+    );
+    assert!(
+        env.api
+            .last()
+            .unwrap()
+            .header("authorization")
+            .unwrap()
+            .starts_with("Bearer ey")
+    );
+}
+
+async fn wait_ready(b: &Browser) {
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        if let Ok(r) = b.request(Method::GET, "/readyz").send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
