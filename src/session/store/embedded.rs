@@ -44,6 +44,19 @@ impl EmbeddedStore {
                 StoreError::Unavailable(format!("creating {}: {e}", dir.display()).into())
             })?;
         }
+        // The records are sealed, but their metadata is nobody else's business: owner-only file.
+        #[cfg(unix)]
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("creating {}: {e}", path.display()).into())
+                })?;
+        }
         let db = Database::create(path).map_err(|e| {
             StoreError::Unavailable(format!("opening {}: {e}", path.display()).into())
         })?;

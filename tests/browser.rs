@@ -1,0 +1,366 @@
+//! The product in a real browser: headless Chromium (Debian's `/usr/bin/chromium`, driven by
+//! `playwright-core` from `tests/e2e/`) logs in through the real identity provider's HTML forms,
+//! over HTTPS, to the demo app of `examples/sample_api.rs` behind coatcheck, calls the API with
+//! `fetch` and logs out. `tests/e2e/login.mjs` does the clicking and reports what it saw as one
+//! JSON line; this test starts every server and checks that report against what the upstream
+//! and the provider recorded.
+//!
+//! Chromium must be installed (`apt-get install -y chromium`; `.ci/run` does): without it this
+//! test fails, it never passes silently.
+
+#[path = "support/bff.rs"]
+mod bff;
+mod support;
+// The demo's single-page app, served as-is: the browser clicks the same "Log in", "Call
+// /api/whoami" and "Log out" a user of `scripts/demo` does. (`main` is unused here.)
+#[allow(dead_code)]
+#[path = "../examples/sample_api.rs"]
+mod sample_api;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use coatcheck::config::Config;
+use serde_json::Value;
+use support::idp::{Idp, IdpClient, IdpOptions};
+use support::upstream::Upstream;
+use support::{TestProxy, WAIT};
+
+/// `package.json`, `package-lock.json` and `login.mjs`.
+const E2E_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e");
+/// The browser `login.mjs` drives unless `E2E_CHROMIUM` says otherwise.
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// Upper bound for the whole browser session (launch, login, API calls, logout).
+const BROWSER_DEADLINE: Duration = Duration::from_secs(180);
+/// A lock directory older than this belongs to an `npm ci` that died.
+const NPM_CI_LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
+
+/// Identity provider, API upstream, app upstream and coatcheck, all on loopback.
+struct BrowserEnv {
+    /// `https://localhost:PORT`: coatcheck's `public_origin`, and the URL the browser opens.
+    origin: String,
+    api: Upstream,
+    idp: Idp,
+    app: tokio::task::JoinHandle<std::io::Result<()>>,
+    _proxy: TestProxy,
+}
+
+impl Drop for BrowserEnv {
+    fn drop(&mut self) {
+        self.app.abort();
+    }
+}
+
+impl BrowserEnv {
+    /// A browser only sends its `SameSite=Strict` cookie, and only gets past coatcheck's Origin
+    /// check, when `public_origin` is the origin it really uses; so coatcheck listens on a port
+    /// known in advance (not port 0) and the provider registers that origin's callback.
+    async fn start() -> BrowserEnv {
+        let api = Upstream::start().await;
+        let app_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_url = format!("http://{}", app_listener.local_addr().unwrap());
+        let app = tokio::spawn(sample_api::serve(app_listener));
+        let idp_port = bff::free_port();
+
+        // The port is free when picked but could be taken before coatcheck binds it: try again.
+        let mut attempt = 0;
+        let (origin, proxy) = loop {
+            attempt += 1;
+            let port = bff::free_port();
+            let config = config(port, idp_port, &api.url(), &app_url);
+            match tokio::time::timeout(WAIT, coatcheck::app::start(config)).await {
+                Ok(Ok(running)) => {
+                    let proxy = TestProxy {
+                        addr: running.addr,
+                        redirect_addr: running.redirect_addr,
+                        running: Some(running),
+                    };
+                    break (format!("https://localhost:{port}"), proxy);
+                }
+                Ok(Err(e)) if attempt < 5 => eprintln!("coatcheck on port {port}: {e}; retrying"),
+                Ok(Err(e)) => panic!("coatcheck did not start: {e}"),
+                Err(_) => panic!("coatcheck did not start within {WAIT:?}"),
+            }
+        };
+
+        // coatcheck retries discovery (with backoff) until the provider is up.
+        let idp = Idp::start(IdpOptions {
+            clients: vec![IdpClient::new(
+                "coatcheck",
+                "coatcheck-secret",
+                format!("{origin}/bff/callback"),
+                format!("{origin}/"),
+            )],
+            port: idp_port,
+            ..IdpOptions::default()
+        })
+        .await;
+        let env = BrowserEnv {
+            origin,
+            api,
+            idp,
+            app,
+            _proxy: proxy,
+        };
+        env.wait_ready().await;
+        env
+    }
+
+    async fn wait_ready(&self) {
+        let client = self._proxy.http1();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", self.origin)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "coatcheck never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The configuration a deployment would have: `/api/` needs a session, the app is public.
+fn config(port: u16, idp_port: u16, api: &str, app: &str) -> Config {
+    let certs = support::certs();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_origin = \"https://localhost:{port}\"\n\n\
+         [server.tls]\ncert = {cert:?}\nkey = {key:?}\n\n\
+         [session]\nkeys = [\"{key_b64}\"]\n\n[session.store]\nkind = \"memory\"\n\n\
+         [oidc]\nissuer = \"http://127.0.0.1:{idp_port}\"\nclient_id = \"coatcheck\"\n\
+         client_secret = \"coatcheck-secret\"\nrefresh_before_expiry = \"5s\"\n\n\
+         [[route]]\npath = \"/api/\"\nupstream = \"{api}\"\nauth = \"required\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"{app}\"\nauth = \"none\"\n",
+        cert = certs.cert.display().to_string(),
+        key = certs.key.display().to_string(),
+        key_b64 = bff::SESSION_KEY,
+    );
+    Config::from_toml(&text, Path::new("browser.toml"))
+        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"))
+}
+
+fn chromium() -> String {
+    std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned())
+}
+
+/// Runs `login.mjs` against the app and returns its JSON report (panics with its output if it
+/// failed).
+async fn browser_login(env: &BrowserEnv, user: &str, password: &str) -> Value {
+    let node = std::env::var("IDP_NODE").unwrap_or_else(|_| "node".into());
+    let run = tokio::process::Command::new(node)
+        .arg("login.mjs")
+        .current_dir(E2E_DIR)
+        .env("E2E_APP_URL", format!("{}/", env.origin))
+        .env("E2E_USER", user)
+        .env("E2E_PASSWORD", password)
+        .env("E2E_CHROMIUM", chromium())
+        .env("E2E_TIMEOUT_MS", "30000")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(BROWSER_DEADLINE, run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser session took longer than {BROWSER_DEADLINE:?}"))
+        .expect("run node tests/e2e/login.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok());
+    match report {
+        Some(r) if out.status.success() && r["ok"] == true => {
+            // Shown with --nocapture (and E2E_DEBUG=1 for the page's requests).
+            eprint!("{stderr}");
+            r
+        }
+        _ => panic!(
+            "the browser login failed ({}):\nstdout: {stdout}\nstderr: {stderr}\nprovider log:\n{}",
+            out.status,
+            env.idp.log_tail().join("\n")
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
+    let chromium = chromium();
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} not found: this test needs headless Chromium. Install it with \
+         `apt-get install -y chromium` (Debian; .ci/run does) or point E2E_CHROMIUM at one."
+    );
+    ensure_node_modules().await;
+    let env = BrowserEnv::start().await;
+
+    let report = browser_login(&env, "alice", "alice-pw").await;
+    eprintln!("browser report: {report}");
+
+    // Back on the app, logged in as alice.
+    assert!(
+        report["landed_on"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&format!("{}/", env.origin))),
+        "{report}"
+    );
+    assert!(
+        report["shown_user"]
+            .as_str()
+            .is_some_and(|u| u.contains("(alice)")),
+        "{report}"
+    );
+
+    // The ticket, as the browser stored it: HttpOnly, Secure, SameSite=Strict, Path=/, no
+    // Domain, gone from script's view.
+    let cookie = &report["cookie"];
+    assert_eq!(cookie["name"], "__Host-coatcheck", "{report}");
+    assert_eq!(cookie["httpOnly"], true, "{report}");
+    assert_eq!(cookie["secure"], true, "{report}");
+    assert_eq!(cookie["sameSite"], "Strict", "{report}");
+    assert_eq!(cookie["path"], "/", "{report}");
+    assert_eq!(cookie["domain"], "localhost", "host-only: {report}");
+    assert_eq!(report["document_cookie_has_session"], false, "{report}");
+
+    // The page's fetch reached the upstream, which saw a bearer JWT and no coatcheck cookie.
+    assert_eq!(report["whoami"]["status"], 200, "{report}");
+    assert_eq!(report["whoami"]["body"]["uri"], "/api/whoami", "{report}");
+    assert!(
+        report["whoami"]["authorization"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("Bearer ey")),
+        "{report}"
+    );
+    assert_eq!(report["api_button"], "HTTP 200", "{report}");
+    let api_calls: Vec<_> = env
+        .api
+        .seen()
+        .into_iter()
+        .filter(|s| s.path() == "/api/whoami")
+        .collect();
+    assert_eq!(
+        api_calls.len(),
+        2,
+        "the page's fetch and the app's button; nothing after logout"
+    );
+    for seen in &api_calls {
+        let auth = seen.header("authorization").unwrap_or_default();
+        assert!(auth.starts_with("Bearer ey"), "upstream saw {auth:?}");
+        assert_eq!(auth.matches('.').count(), 2, "a JWT access token");
+        assert!(
+            !seen
+                .header("cookie")
+                .unwrap_or_default()
+                .contains("coatcheck"),
+            "coatcheck's cookies never reach the upstream: {:?}",
+            seen.header("cookie")
+        );
+    }
+
+    // Logged out: the API refuses the browser, the cookie is gone, the provider's session ended
+    // and the refresh token was revoked.
+    assert_eq!(report["after_logout"]["status"], 401, "{report}");
+    assert_eq!(
+        report["after_logout"]["body"]["error"], "unauthenticated",
+        "{report}"
+    );
+    assert_eq!(report["cookie_after_logout"], false, "{report}");
+    assert!(
+        report["after_logout_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&format!("{}/", env.origin))),
+        "{report}"
+    );
+    let stats = env.idp.stats().await;
+    assert_eq!(stats["logins"], 1, "{stats}");
+    assert_eq!(stats["token_requests"]["authorization_code"], 1, "{stats}");
+    assert_eq!(stats["revocations"], 1, "refresh token revoked: {stats}");
+    assert_eq!(stats["end_sessions"], 1, "provider session ended: {stats}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// tests/e2e/node_modules (playwright-core), installed once across concurrent test processes
+// ---------------------------------------------------------------------------------------------
+
+async fn ensure_node_modules() {
+    tokio::task::spawn_blocking(install_blocking)
+        .await
+        .expect("npm ci task")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `npm ci` in `tests/e2e` unless `node_modules` already matches `package-lock.json`, guarded
+/// by a `mkdir` lock directory as `tests/support/idp.rs` does for the provider.
+fn install_blocking() -> Result<(), String> {
+    let dir = Path::new(E2E_DIR);
+    let lock_file = dir.join("package-lock.json");
+    let marker = dir.join("node_modules").join(".coatcheck-installed");
+    let lock_dir = dir.join(".npm-ci.lock");
+    let wanted =
+        std::fs::read(&lock_file).map_err(|e| format!("reading {}: {e}", lock_file.display()))?;
+    let installed = || std::fs::read(&marker).is_ok_and(|m| m == wanted);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if installed() {
+            return Ok(());
+        }
+        match std::fs::create_dir(&lock_dir) {
+            Ok(()) => {
+                let r = if installed() {
+                    Ok(())
+                } else {
+                    npm_ci(dir).and_then(|()| {
+                        std::fs::write(&marker, &wanted)
+                            .map_err(|e| format!("writing {}: {e}", marker.display()))
+                    })
+                };
+                let _ = std::fs::remove_dir(&lock_dir);
+                return r;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let stale = std::fs::metadata(&lock_dir)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > NPM_CI_LOCK_STALE_AFTER);
+                if stale {
+                    let _ = std::fs::remove_dir(&lock_dir);
+                    continue;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "timed out waiting for another process's `npm ci` ({} exists)",
+                        lock_dir.display()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(format!("creating {}: {e}", lock_dir.display())),
+        }
+    }
+}
+
+fn npm_ci(dir: &Path) -> Result<(), String> {
+    let npm = std::env::var("IDP_NPM").unwrap_or_else(|_| "npm".into());
+    let out = std::process::Command::new(npm)
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running `npm ci` in {}: {e}", dir.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`npm ci` in {} failed ({}):\n{}\n{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
