@@ -152,11 +152,24 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     {
         return v.clone();
     }
-    let mut raw = [0u8; 16];
-    crate::secret::random_bytes(&mut raw);
+    // A random per-process prefix and a counter: unique without a CSPRNG call per request
+    // (request ids identify, they do not authorize).
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        crate::secret::random_bytes(&mut b);
+        u64::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut hex = [0u8; 32];
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in raw.iter().enumerate() {
+    for (i, b) in prefix
+        .to_be_bytes()
+        .iter()
+        .chain(n.to_be_bytes().iter())
+        .enumerate()
+    {
         hex[2 * i] = DIGITS[(b >> 4) as usize];
         hex[2 * i + 1] = DIGITS[(b & 15) as usize];
     }
