@@ -9,7 +9,7 @@ pub mod ticket;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, header};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,9 @@ pub struct Session {
     pub data: SessionData,
     /// `Bearer <access token>`, ready to inject (marked sensitive).
     pub bearer: HeaderValue,
+    /// When the access token expires, on the monotonic clock: set when the tokens arrive (or the
+    /// session is loaded), from their remaining lifetime.
+    pub access_deadline: Instant,
     /// Last request seen (Unix seconds), kept in memory; written to the store at most once per
     /// `session.touch_interval`.
     last_seen: AtomicU64,
@@ -70,6 +73,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// Whether the access token is still valid (monotonic clock).
+    pub fn token_valid(&self) -> bool {
+        Instant::now() < self.access_deadline
+    }
+
     /// When the session ends if idle from now on.
     pub fn idle_expires_at(&self, idle: Duration) -> u64 {
         (self.last_seen.load(Ordering::Relaxed) + idle.as_secs()).min(self.absolute_expires_at)
@@ -360,6 +368,8 @@ impl Session {
         bearer.set_sensitive(true);
         // In memory the access token lives once, in `bearer` (a cached session is mostly tokens).
         data.access_token = Secret::default();
+        let access_deadline =
+            Instant::now() + Duration::from_secs(data.access_expires_at.saturating_sub(now()));
         Session {
             handle: record.handle,
             subject: record.subject,
@@ -370,6 +380,7 @@ impl Session {
             idp_sid: record.idp_sid,
             data,
             bearer,
+            access_deadline,
             last_seen: AtomicU64::new(record.last_seen),
             record_key,
         }

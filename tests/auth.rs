@@ -462,3 +462,30 @@ async fn websocket_upgrades_are_checked_by_origin_and_carry_the_bearer() {
     conn.send(b"ping").await;
     assert_eq!(conn.read_exact(4).await, b"ping");
 }
+
+#[tokio::test]
+async fn a_provider_that_is_down_during_logout_does_not_keep_the_session_alive() {
+    let env = Env::start(EnvOptions::default()).await;
+    let b = logged_in(&env, "alice").await;
+    env.idp().set_outage("down").await;
+    let r = b.api(Method::POST, "/bff/logout").send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "logout answers even though revocation failed"
+    );
+    let cleared = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .any(|c| c.to_str().unwrap().contains("Max-Age=0"));
+    assert!(cleared);
+    env.idp().set_outage("off").await;
+    let r = b.api(Method::GET, "/api/x").send().await.unwrap();
+    assert_eq!(r.status(), 401, "the session is gone locally");
+    assert_eq!(
+        env.idp().stats().await["revocations"],
+        0,
+        "the provider never got the revocation"
+    );
+}

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -68,19 +68,21 @@ impl Refresher {
         }
     }
 
-    fn due(&self, s: &Session, now: u64) -> bool {
+    /// Whether the access token should be refreshed now: judged on the monotonic clock
+    /// ([`Session::access_deadline`]), so a wall-clock jump neither forces nor skips a refresh.
+    fn due(&self, s: &Session) -> bool {
         let lifetime = s
             .data
             .access_expires_at
             .saturating_sub(s.data.access_issued_at);
-        let margin = self.refresh_before.as_secs().min(lifetime / 2);
-        now + margin >= s.data.access_expires_at
+        let margin = self.refresh_before.min(Duration::from_secs(lifetime / 2));
+        Instant::now() + margin >= s.access_deadline
     }
 
     /// The session with an access token fit to forward (refreshing first if it is due).
     /// The hot path is one comparison.
     pub async fn fresh(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
-        if !self.due(&s, session::now()) {
+        if !self.due(&s) {
             return Ok(s);
         }
         self.refresh(s, false).await
@@ -124,14 +126,14 @@ impl Refresher {
             });
         };
         let now = session::now();
-        if current.version != seen.version && (rejected || !self.due(&current, now)) {
+        if current.version != seen.version && (rejected || !self.due(&current)) {
             return Ok(current);
         }
-        if !rejected && !self.due(&current, now) {
+        if !rejected && !self.due(&current) {
             return Ok(current);
         }
         let Some(refresh_token) = current.data.refresh_token.clone() else {
-            return if now < current.data.access_expires_at && !rejected {
+            return if current.token_valid() && !rejected {
                 Ok(current)
             } else {
                 self.end(&current, "no refresh token").await
@@ -232,7 +234,7 @@ impl Refresher {
             .provider_failures
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target: "coatcheck::refresh", session = %current.handle, error = %e, failures = self.metrics.provider_failures.load(Ordering::Relaxed), "refresh failed; identity provider unavailable");
-        if !rejected && session::now() < current.data.access_expires_at {
+        if !rejected && current.token_valid() {
             return Ok(current);
         }
         Err(Error::IdpUnavailable {
