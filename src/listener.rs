@@ -99,9 +99,12 @@ pub async fn serve_tls(
                 let router = router.clone();
                 let guard = InFlight::new(activity.clone());
                 async move {
-                    Ok::<_, Infallible>(router.handle(req, client).await.map(|b| Tracked {
-                        inner: b,
-                        _guard: guard,
+                    // Boxed: the request future is large, and hyper would otherwise move it by value.
+                    Ok::<_, Infallible>(Box::pin(router.handle(req, client)).await.map(|b| {
+                        Tracked {
+                            inner: b,
+                            _guard: guard,
+                        }
                     }))
                 }
             });

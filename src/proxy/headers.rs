@@ -104,11 +104,19 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, host: Option<&Hea
         }
     }
     // RFC 7239 §6: IPv6 addresses are quoted and bracketed.
-    let node = match client {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    };
-    let mut fwd = format!("for={node};proto=https");
+    let mut fwd = String::with_capacity(48 + host_str.map_or(0, str::len));
+    match client {
+        IpAddr::V4(_) => {
+            fwd.push_str("for=");
+            fwd.push_str(&ip);
+        }
+        IpAddr::V6(_) => {
+            fwd.push_str("for=\"[");
+            fwd.push_str(&ip);
+            fwd.push_str("]\"");
+        }
+    }
+    fwd.push_str(";proto=https");
     if let Some(h) = host_str {
         fwd.push_str(";host=\"");
         fwd.push_str(h);
@@ -126,19 +134,24 @@ fn is_token_like(h: &str) -> bool {
 }
 
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
-    let joined = {
-        let existing: Vec<&str> = headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if existing.is_empty() {
-            item.to_owned()
-        } else {
-            format!("{}, {item}", existing.join(", "))
+    let mut existing = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    // The common case (nothing to append to) builds the value straight from `item`.
+    let value = if existing.peek().is_none() {
+        HeaderValue::from_str(item)
+    } else {
+        let mut joined = String::with_capacity(128);
+        for e in existing {
+            joined.push_str(e);
+            joined.push_str(", ");
         }
+        joined.push_str(item);
+        HeaderValue::from_str(&joined)
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    if let Ok(v) = value {
         headers.insert(name.clone(), v);
     }
 }
