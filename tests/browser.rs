@@ -19,7 +19,7 @@ mod sample_api;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coatcheck::config::Config;
 use serde_json::Value;
@@ -33,8 +33,6 @@ const E2E_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e");
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Upper bound for the whole browser session (launch, login, API calls, logout).
 const BROWSER_DEADLINE: Duration = Duration::from_secs(180);
-/// A lock directory older than this belongs to an `npm ci` that died.
-const NPM_CI_LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
 
 /// Identity provider, API upstream, app upstream and coatcheck, all on loopback.
 struct BrowserEnv {
@@ -287,80 +285,8 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
 // ---------------------------------------------------------------------------------------------
 
 async fn ensure_node_modules() {
-    tokio::task::spawn_blocking(install_blocking)
+    tokio::task::spawn_blocking(|| support::idp::npm_ci_once(Path::new(E2E_DIR)))
         .await
         .expect("npm ci task")
         .unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// `npm ci` in `tests/e2e` unless `node_modules` already matches `package-lock.json`, guarded
-/// by a `mkdir` lock directory as `tests/support/idp.rs` does for the provider.
-fn install_blocking() -> Result<(), String> {
-    let dir = Path::new(E2E_DIR);
-    let lock_file = dir.join("package-lock.json");
-    let marker = dir.join("node_modules").join(".coatcheck-installed");
-    let lock_dir = dir.join(".npm-ci.lock");
-    let wanted =
-        std::fs::read(&lock_file).map_err(|e| format!("reading {}: {e}", lock_file.display()))?;
-    let installed = || std::fs::read(&marker).is_ok_and(|m| m == wanted);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if installed() {
-            return Ok(());
-        }
-        match std::fs::create_dir(&lock_dir) {
-            Ok(()) => {
-                let r = if installed() {
-                    Ok(())
-                } else {
-                    npm_ci(dir).and_then(|()| {
-                        std::fs::write(&marker, &wanted)
-                            .map_err(|e| format!("writing {}: {e}", marker.display()))
-                    })
-                };
-                let _ = std::fs::remove_dir(&lock_dir);
-                return r;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let stale = std::fs::metadata(&lock_dir)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > NPM_CI_LOCK_STALE_AFTER);
-                if stale {
-                    let _ = std::fs::remove_dir(&lock_dir);
-                    continue;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "timed out waiting for another process's `npm ci` ({} exists)",
-                        lock_dir.display()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            Err(e) => return Err(format!("creating {}: {e}", lock_dir.display())),
-        }
-    }
-}
-
-fn npm_ci(dir: &Path) -> Result<(), String> {
-    let npm = std::env::var("IDP_NPM").unwrap_or_else(|_| "npm".into());
-    let out = std::process::Command::new(npm)
-        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running `npm ci` in {}: {e}", dir.display()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`npm ci` in {} failed ({}):\n{}\n{}",
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }

@@ -386,16 +386,19 @@ fn npm_binary() -> String {
 /// at most once across concurrently running test processes (a `mkdir` lock directory).
 pub async fn ensure_node_modules() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = tokio::task::spawn_blocking(|| DONE.get_or_init(install_blocking).clone())
-        .await
-        .expect("npm ci task");
+    let result = tokio::task::spawn_blocking(|| {
+        DONE.get_or_init(|| npm_ci_once(Path::new(IDP_DIR))).clone()
+    })
+    .await
+    .expect("npm ci task");
     if let Err(e) = result {
         panic!("{e}");
     }
 }
 
-fn install_blocking() -> Result<(), String> {
-    let dir = Path::new(IDP_DIR);
+/// Runs `npm ci` in `dir` unless its `node_modules` already matches `package-lock.json`, at most once
+/// across concurrently running test processes (a `mkdir` lock directory). Blocking.
+pub fn npm_ci_once(dir: &Path) -> Result<(), String> {
     let lock_file = dir.join("package-lock.json");
     let marker = dir.join("node_modules").join(".coatcheck-installed");
     let lock_dir = dir.join(".npm-ci.lock");
