@@ -3,8 +3,12 @@
 //! Streaming is the rule: an upstream's body ([`Incoming`]) passes through untouched; only
 //! coatcheck's own answers are [`Full`].
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
@@ -14,6 +18,56 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 /// A request body on its way upstream: the client's stream under the route's size limit, or a
 /// buffered copy (small bodies kept for one replay after a refresh).
 pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// Something that watches a body stream by: told of every frame that is ready and of the end.
+/// Dropping the watcher is its last word (the body was dropped, finished or not).
+pub trait Watch {
+    /// A poll came back ready: `data` bytes of data (0 for trailers or an error), or the end.
+    fn ready(&mut self, data: usize, end: bool);
+}
+
+/// A body passed through unchanged while a [`Watch`] observes it (access log, in-flight guard,
+/// upload progress): one wrapper instead of one per concern.
+pub struct Watched<B, W> {
+    inner: B,
+    watch: W,
+}
+
+impl<B, W> Watched<B, W> {
+    pub fn new(inner: B, watch: W) -> Self {
+        Watched { inner, watch }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin, W: Watch + Unpin> http_body::Body for Watched<B, W> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => this
+                .watch
+                .ready(frame.data_ref().map_or(0, |d| d.len()), false),
+            Poll::Ready(Some(Err(_))) => this.watch.ready(0, false),
+            Poll::Ready(None) => this.watch.ready(0, true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A body coatcheck wrote itself.
 pub fn full(bytes: impl Into<Bytes>) -> Body {

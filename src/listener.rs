@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use crate::body::{Watch, Watched};
 use crate::config::Limits;
 use crate::router::Router;
 
@@ -100,12 +100,11 @@ pub async fn serve_tls(
                 let guard = InFlight::new(activity.clone());
                 async move {
                     // Boxed: the request future is large, and hyper would otherwise move it by value.
-                    Ok::<_, Infallible>(Box::pin(router.handle(req, client)).await.map(|b| {
-                        Tracked {
-                            inner: b,
-                            _guard: guard,
-                        }
-                    }))
+                    Ok::<_, Infallible>(
+                        Box::pin(router.handle(req, client))
+                            .await
+                            .map(|b| Watched::new(b, guard)),
+                    )
                 }
             });
             let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -257,30 +256,9 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body carrying its [`InFlight`] guard.
-struct Tracked<B> {
-    inner: B,
-    _guard: InFlight,
-}
-
-impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Tracked<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// The in-flight guard rides the response body: it needs no frame, only its drop.
+impl Watch for InFlight {
+    fn ready(&mut self, _data: usize, _end: bool) {}
 }
 
 /// Connection I/O that reports end-of-file once no request has been in flight for `timeout` (and,

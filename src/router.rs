@@ -16,7 +16,7 @@ use crate::body::{self, Body};
 use crate::config::{AuthMode, Config, Route};
 use crate::error::Error;
 use crate::proxy::{self, headers};
-use crate::telemetry::{AccessRecord, Logged};
+use crate::telemetry::{AccessLog, AccessRecord, Logged};
 use crate::tls::TlsError;
 use crate::upstream::Upstream;
 
@@ -100,7 +100,7 @@ impl Router {
         res.headers_mut()
             .insert(headers::X_REQUEST_ID.clone(), request_id);
         record.status = res.status().as_u16();
-        res.map(|b| Logged::new(b, record))
+        res.map(|b| Logged::new(b, AccessLog::new(record)))
     }
 
     async fn handle_inner(

@@ -6,15 +6,12 @@
 //! `Authorization` and query strings (which carry authorization codes) do not reach the log.
 
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderValue, Method};
-use http_body::{Frame, SizeHint};
 
+use crate::body::{Watch, Watched};
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
@@ -69,64 +66,39 @@ impl AccessRecord {
     }
 }
 
-/// A response body that counts the bytes it sends and writes the access log line when it is done
-/// (or dropped, e.g. because the client went away).
-pub struct Logged<B> {
-    inner: B,
+/// Watches a response body: counts the bytes sent and writes the access log line when the body
+/// ends or is dropped (e.g. because the client went away), so duration and bytes include streaming.
+pub struct AccessLog {
     record: Option<Box<AccessRecord>>,
     bytes: u64,
 }
 
-impl<B> Logged<B> {
-    pub fn new(inner: B, record: Box<AccessRecord>) -> Self {
-        Logged {
-            inner,
+impl AccessLog {
+    pub fn new(record: Box<AccessRecord>) -> Self {
+        AccessLog {
             record: Some(record),
             bytes: 0,
         }
     }
 }
 
-impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Logged<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(r) = this.record.take() {
-                    r.emit(this.bytes);
-                }
-            }
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for Logged<B> {
-    fn drop(&mut self) {
-        if let Some(r) = self.record.take() {
-            // Bodies hyper never polls to their end (empty ones, or a client that went away).
+impl Watch for AccessLog {
+    fn ready(&mut self, data: usize, end: bool) {
+        self.bytes += data as u64;
+        if end && let Some(r) = self.record.take() {
             r.emit(self.bytes);
         }
     }
 }
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // Bodies hyper never polls to their end (empty ones, or a client that went away).
+        if let Some(r) = self.record.take() {
+            r.emit(self.bytes);
+        }
+    }
+}
+
+/// A response body with its access log line.
+pub type Logged<B> = Watched<B, AccessLog>;

@@ -4,14 +4,9 @@
 //! a separate HTTP/1.1-only client for upgrades (WebSocket cannot ride HTTP/2 here).
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Uri};
@@ -21,7 +16,7 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
-use crate::body::UpstreamBody;
+use crate::body::{UpstreamBody, Watch, Watched};
 use crate::tls::{self, TlsError};
 
 /// Idle pooled connections to an upstream are closed after this long.
@@ -29,7 +24,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connecting (TCP) to an upstream may take at most this long; the route timeout bounds the rest.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Sending<UpstreamBody>>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Watched<UpstreamBody, Progress>>;
 
 /// One configured upstream.
 pub struct Upstream {
@@ -97,10 +92,7 @@ impl Upstream {
     /// [`Progress`] tells when its body last moved towards the upstream.
     pub fn send(&self, req: Request<UpstreamBody>, upgrade: bool) -> (ResponseFuture, Progress) {
         let progress = Progress::new();
-        let req = req.map(|inner| Sending {
-            inner,
-            progress: progress.clone(),
-        });
+        let req = req.map(|inner| Watched::new(inner, progress.clone()));
         let response = if upgrade {
             self.upgrade_client.request(req)
         } else {
@@ -139,33 +131,10 @@ impl Progress {
     }
 }
 
-/// A request body on its way upstream, noting its [`Progress`] as the client pulls it.
-pub struct Sending<B> {
-    inner: B,
-    progress: Progress,
-}
-
-impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Sending<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_ready() {
-            self.progress.touch();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// A request body on its way upstream notes its [`Progress`] whenever a chunk (or its end) moves.
+impl Watch for Progress {
+    fn ready(&mut self, _data: usize, _end: bool) {
+        self.touch();
     }
 }
 
