@@ -106,20 +106,7 @@ impl BrowserEnv {
     }
 
     async fn wait_ready(&self) {
-        let client = self._proxy.http1();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = client.get(format!("{}/readyz", self.origin)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coatcheck never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        support::wait_ready(self._proxy.addr).await;
     }
 }
 

@@ -12,14 +12,12 @@ mod bff;
 mod stub_idp;
 mod support;
 
-use std::time::Duration;
-
 use base64::Engine as _;
 use bff::{Browser, SESSION_KEY};
 use reqwest::Method;
 use serde_json::{Value, json};
 use stub_idp::{KID_ES256, KID_ES384, KID_RS256, StubIdp, b64, hs256};
-use support::{TestProxy, WAIT, start_proxy};
+use support::{TestProxy, start_proxy};
 
 const CLIENT_ID: &str = "coatcheck";
 const CLIENT_SECRET: &str = "coatcheck-secret";
@@ -69,20 +67,7 @@ impl Rp {
     }
 
     async fn wait_ready(&self) {
-        let c = self.proxy.http1();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = c.get(self.proxy.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coatcheck never became ready with the stub provider"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::wait_ready(self.proxy.addr).await;
     }
 
     /// `/bff/login`: remembers the login cookie, the state and the nonce.

@@ -104,17 +104,7 @@ impl Rp {
         );
         let proxy = support::start_proxy(&config).await;
         let mut browser = Browser::new(proxy.addr);
-        let deadline = tokio::time::Instant::now() + support::WAIT;
-        while browser
-            .request(Method::GET, "/readyz")
-            .send()
-            .await
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::wait_ready(proxy.addr).await;
         let location = browser.start_login("/").await;
         let url = url::Url::parse(&location).unwrap();
         let param = |n: &str| {

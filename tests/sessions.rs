@@ -375,14 +375,5 @@ async fn an_acknowledged_session_survives_kill_9_and_a_restart() {
 }
 
 async fn wait_ready(b: &Browser) {
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    loop {
-        if let Ok(r) = b.request(Method::GET, "/readyz").send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    support::wait_ready(b.addr).await;
 }

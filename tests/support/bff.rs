@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 
 use crate::support::idp::{Idp, IdpOptions, login_via_forms};
 use crate::support::upstream::Upstream;
-use crate::support::{TestProxy, WAIT, start_proxy};
+use crate::support::{TestProxy, start_proxy};
 
 /// A fixed test session key (base64 of 32 bytes).
 pub const SESSION_KEY: &str = "dGVzdC1zZXNzaW9uLWtleS0wMTIzNDU2Nzg5YWJjZGVm";
@@ -115,20 +114,7 @@ impl Env {
 
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self) {
-        let c = self.proxy.http1();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = c.get(self.proxy.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coatcheck never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::support::wait_ready(self.proxy.addr).await;
     }
 
     pub fn browser(&self) -> Browser {

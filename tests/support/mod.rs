@@ -231,6 +231,25 @@ pub fn http2_client(addr: SocketAddr) -> reqwest::Client {
     client_builder(addr).build().unwrap()
 }
 
+/// Polls coatcheck's `/readyz` at `addr` until it answers 200 (bounded by [`WAIT`]).
+pub async fn wait_ready(addr: SocketAddr) {
+    let client = http1_client(addr);
+    let url = format!("https://localhost:{}/readyz", addr.port());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = client.get(&url).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "coatcheck at {addr} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reads a coatcheck JSON error and checks its status and `error` code; returns the body.
 pub async fn expect_json_error(
     res: reqwest::Response,
