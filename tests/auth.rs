@@ -12,14 +12,6 @@ async fn json(r: reqwest::Response) -> Value {
     r.json().await.unwrap()
 }
 
-async fn logged_in(env: &Env, user: &str) -> Browser {
-    let mut b = env.browser();
-    let pw = format!("{user}-pw");
-    let r = b.login(user, &pw).await;
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
-    b
-}
-
 #[tokio::test]
 async fn login_sets_a_strict_http_only_ticket_and_bounces_to_the_return_url() {
     let env = Env::start(EnvOptions::default()).await;
@@ -58,7 +50,7 @@ async fn login_sets_a_strict_http_only_ticket_and_bounces_to_the_return_url() {
 #[tokio::test]
 async fn api_requests_leave_with_the_bearer_and_without_coatcheck_cookies() {
     let env = Env::start(EnvOptions::default()).await;
-    let mut b = logged_in(&env, "alice").await;
+    let mut b = env.logged_in("alice").await;
     b.cookies.insert("theme".into(), "dark".into());
     let r = b
         .api(Method::GET, "/api/items")
@@ -116,7 +108,7 @@ async fn a_navigation_to_a_login_redirect_route_is_sent_to_login_but_fetch_is_no
 #[tokio::test]
 async fn csrf_refusals_never_reach_the_upstream() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let no_header = b.request(Method::POST, "/api/items").send().await.unwrap();
     assert_eq!(no_header.status(), 403);
     assert_eq!(json(no_header).await["error"], "csrf");
@@ -140,7 +132,7 @@ async fn csrf_refusals_never_reach_the_upstream() {
 #[tokio::test]
 async fn bff_user_shows_claims_and_never_a_token() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let r = b.api(Method::GET, "/bff/user").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["cache-control"], "no-store");
@@ -173,11 +165,11 @@ async fn bff_user_shows_claims_and_never_a_token() {
 #[tokio::test]
 async fn roles_decide_between_403_and_the_upstream() {
     let env = Env::start(EnvOptions::default()).await;
-    let alice = logged_in(&env, "alice").await;
+    let alice = env.logged_in("alice").await;
     let r = alice.api(Method::GET, "/admin/x").send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(json(r).await["error"], "forbidden");
-    let admin = logged_in(&env, "admin").await;
+    let admin = env.logged_in("admin").await;
     assert_eq!(
         admin
             .api(Method::GET, "/admin/x")
@@ -192,7 +184,7 @@ async fn roles_decide_between_403_and_the_upstream() {
 #[tokio::test]
 async fn logout_by_get_needs_the_session_id_then_ends_everything() {
     let env = Env::start(EnvOptions::default()).await;
-    let mut b = logged_in(&env, "alice").await;
+    let mut b = env.logged_in("alice").await;
     let user = json(b.api(Method::GET, "/bff/user").send().await.unwrap()).await;
     // A cross-site <img src=/bff/logout> does not know the id: nothing happens.
     let r = b.request(Method::GET, "/bff/logout").send().await.unwrap();
@@ -242,7 +234,7 @@ async fn logout_by_get_needs_the_session_id_then_ends_everything() {
 #[tokio::test]
 async fn logout_by_post_answers_json_with_the_end_session_url() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "bob").await;
+    let b = env.logged_in("bob").await;
     assert_eq!(
         b.request(Method::POST, "/bff/logout")
             .send()
@@ -271,7 +263,7 @@ async fn logout_by_post_answers_json_with_the_end_session_url() {
 #[tokio::test]
 async fn the_origin_header_of_the_public_origin_is_accepted() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let r = b
         .api(Method::POST, "/api/x")
         .header("origin", ORIGIN)
@@ -294,7 +286,7 @@ async fn optional_routes_forward_with_a_token_only_when_there_is_a_session() {
         200
     );
     assert_eq!(env.api.last().unwrap().header("authorization"), None);
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     assert_eq!(
         b.api(Method::GET, "/maybe/x")
             .send()
@@ -316,7 +308,7 @@ async fn optional_routes_forward_with_a_token_only_when_there_is_a_session() {
 #[tokio::test]
 async fn public_routes_never_see_a_token_or_the_ticket() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     assert_eq!(
         b.request(Method::GET, "/public")
             .header("authorization", "Bearer mine")
@@ -344,7 +336,7 @@ async fn public_routes_never_see_a_token_or_the_ticket() {
 #[tokio::test]
 async fn upstream_redirects_are_passed_back_not_followed() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let r = b.api(Method::GET, "/api/redirect").send().await.unwrap();
     assert_eq!(r.status(), 302);
     assert_eq!(r.headers()["location"], "/elsewhere");
@@ -361,7 +353,7 @@ async fn bearer_routes_accept_the_providers_tokens_and_nothing_else() {
         env.api.url()
     );
     let proxy = support::start_proxy(&extra).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     b.api(Method::GET, "/api/token").send().await.unwrap();
     let token = env
         .api
@@ -438,7 +430,7 @@ async fn websocket_upgrade(b: &Browser, extra: &str) -> (u16, support::RawConn) 
 #[tokio::test]
 async fn websocket_upgrades_are_checked_by_origin_and_carry_the_bearer() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let (status, _) = websocket_upgrade(&b, "Origin: https://evil.test\r\n").await;
     assert_eq!(status, 403, "a foreign origin is refused");
     let (status, _) = websocket_upgrade(&b, "").await;
@@ -466,7 +458,7 @@ async fn websocket_upgrades_are_checked_by_origin_and_carry_the_bearer() {
 #[tokio::test]
 async fn a_provider_that_is_down_during_logout_does_not_keep_the_session_alive() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     env.idp().set_outage("down").await;
     let r = b.api(Method::POST, "/bff/logout").send().await.unwrap();
     assert_eq!(

@@ -22,13 +22,6 @@ async fn env() -> Env {
     .await
 }
 
-async fn logged_in(env: &Env, user: &str) -> Browser {
-    let mut b = env.browser();
-    let r = b.login(user, &format!("{user}-pw")).await;
-    assert_eq!(r.status(), 200);
-    b
-}
-
 async fn refreshes(env: &Env) -> u64 {
     env.idp().stats().await["token_requests"]["refresh_token"]
         .as_u64()
@@ -70,7 +63,7 @@ async fn burst(clients: &[reqwest::Client], b: &Browser, n: usize) -> Vec<u16> {
 #[tokio::test]
 async fn two_hundred_concurrent_requests_after_expiry_cause_exactly_one_refresh() {
     let env = env().await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     assert_eq!(
         b.api(Method::GET, "/api/first")
             .send()
@@ -119,7 +112,7 @@ async fn two_hundred_concurrent_requests_after_expiry_cause_exactly_one_refresh(
 #[tokio::test]
 async fn requests_spread_over_tabs_and_protocols_share_one_refresh() {
     let env = env().await;
-    let b = logged_in(&env, "bob").await;
+    let b = env.logged_in("bob").await;
     let clients = vec![
         support::http1_client(b.addr),
         support::http2_client(b.addr),
@@ -136,7 +129,7 @@ async fn requests_spread_over_tabs_and_protocols_share_one_refresh() {
 #[tokio::test]
 async fn a_grant_revoked_at_the_provider_ends_the_session_with_session_expired() {
     let env = env().await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     assert!(env.idp().revoke_grants("alice").await >= 1);
     until_due().await;
     let r = b.api(Method::GET, "/api/x").send().await.unwrap();
@@ -159,7 +152,7 @@ async fn a_grant_revoked_at_the_provider_ends_the_session_with_session_expired()
 #[tokio::test]
 async fn a_provider_outage_is_a_blip_not_a_logout() {
     let env = env().await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     env.idp().set_outage("down").await;
     until_due().await;
     // Due but still valid: the current token is used.
@@ -211,7 +204,7 @@ async fn the_absolute_timeout_is_never_extended_by_refreshes() {
         ..Default::default()
     })
     .await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     until_due().await;
     assert_eq!(
         b.api(Method::GET, "/api/x").send().await.unwrap().status(),

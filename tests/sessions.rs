@@ -12,12 +12,6 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use support::idp::{Idp, IdpClient, IdpOptions};
 
-async fn logged_in(env: &Env, user: &str) -> Browser {
-    let mut b = env.browser();
-    assert_eq!(b.login(user, &format!("{user}-pw")).await.status(), 200);
-    b
-}
-
 #[tokio::test]
 async fn sessions_in_the_embedded_store_survive_a_restart() {
     let dir = support::TempDir::new("sessions-restart");
@@ -30,7 +24,7 @@ async fn sessions_in_the_embedded_store_survive_a_restart() {
         ..Default::default()
     })
     .await;
-    let mut b = logged_in(&env, "alice").await;
+    let mut b = env.logged_in("alice").await;
     assert_eq!(
         b.api(Method::GET, "/api/before")
             .send()
@@ -66,9 +60,9 @@ async fn sessions_in_the_embedded_store_survive_a_restart() {
 #[tokio::test]
 async fn users_list_and_revoke_their_own_sessions() {
     let env = Env::start(EnvOptions::default()).await;
-    let laptop = logged_in(&env, "alice").await;
-    let phone = logged_in(&env, "alice").await;
-    let other = logged_in(&env, "bob").await;
+    let laptop = env.logged_in("alice").await;
+    let phone = env.logged_in("alice").await;
+    let other = env.logged_in("bob").await;
     let r = laptop
         .api(Method::GET, "/bff/sessions")
         .send()
@@ -159,7 +153,7 @@ async fn users_list_and_revoke_their_own_sessions() {
         200
     );
     // Log out everywhere.
-    let phone2 = logged_in(&env, "alice").await;
+    let phone2 = env.logged_in("alice").await;
     let r = laptop
         .api(Method::POST, "/bff/logout-all")
         .send()
@@ -313,7 +307,7 @@ async fn a_back_channel_logout_from_the_provider_ends_the_session_at_once() {
 #[tokio::test]
 async fn a_forged_logout_token_is_refused() {
     let env = Env::start(EnvOptions::default()).await;
-    let b = logged_in(&env, "alice").await;
+    let b = env.logged_in("alice").await;
     let r = b
         .client
         .post(b.url("/bff/backchannel-logout"))

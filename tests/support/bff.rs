@@ -120,6 +120,14 @@ impl Env {
     pub fn browser(&self) -> Browser {
         Browser::new(self.proxy.addr)
     }
+
+    /// A browser logged in as `user` (password `<user>-pw`) through the provider's forms.
+    pub async fn logged_in(&self, user: &str) -> Browser {
+        let mut b = self.browser();
+        let r = b.login(user, &format!("{user}-pw")).await;
+        assert_eq!(r.status(), 200, "login as {user}: {:?}", r.text().await);
+        b
+    }
 }
 
 /// A browser: a cookie jar for coatcheck's origin, a separate one for the provider.
