@@ -1,14 +1,24 @@
-//! Session stores: one small trait, three backends, one conformance suite every backend passes.
+//! Session stores: small traits, one implementation per store kind, one conformance suite per
+//! trait that every kind passes.
 //!
-//! A store holds [`Record`]s keyed by the session's public handle (a hash of the ticket id). The
-//! tokens and claims are in `sealed`, encrypted under a key only the cookie holder can derive; the
-//! rest is metadata needed to expire, list and revoke sessions without decrypting them. Expiry
-//! belongs to the store: expired records are never returned, and [`Store::sweep`] removes them.
+//! - [`Store`]: the session [`Record`]s, keyed by the session's public handle (a hash of the ticket
+//!   id), with indexes by subject and by provider session. The tokens and claims are in `sealed`,
+//!   encrypted under a key only the cookie holder can derive; the rest is metadata needed to expire,
+//!   list and revoke sessions without decrypting them. Expiry belongs to the store.
+//! - [`OnceSet`]: "first use wins" with a time to live — a callback's `state`, a logout token's
+//!   `jti`, a spent refresh token. With several instances, once across all of them.
+//! - [`Lease`]: a short exclusive lease ("I am refreshing this session"); its release is announced
+//!   as an [`Event::Released`] so waiters on every instance re-check at once.
+//! - [`Events`]: the channel that tells every instance that a session changed or ended.
+//!
+//! `memory` and `embedded` coordinate within one process ([`local`]); `redis` across processes.
 
 pub mod embedded;
+pub mod local;
 pub mod memory;
 
 use std::future::Future;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +128,11 @@ pub trait Store: Send + Sync {
         &self,
         handle: &str,
     ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+    /// Deletes every record whose `idp_sid` is `idp_sid`, returning their handles.
+    fn delete_idp_session(
+        &self,
+        idp_sid: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     /// Deletes every record of a subject, returning their handles.
     fn delete_subject(
         &self,
@@ -133,6 +148,75 @@ pub trait Store: Send + Sync {
     fn sweep(&self, now: u64) -> impl Future<Output = Result<usize, StoreError>> + Send;
     /// Checks that the backend answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// "First use wins": a set of keys that are remembered for a time to live.
+pub trait OnceSet: Send + Sync {
+    /// Records `key` for `ttl`. `Ok(true)` for the first caller (on any instance); `Ok(false)`
+    /// while the key is remembered.
+    fn first_use(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Forgets `key`, so that it may be used again (a spent mark whose use never left coatcheck).
+    fn forget(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A short exclusive lease. The holder proves itself with the token it was given; a lease whose
+/// holder died expires by itself after its time to live.
+pub trait Lease: Send + Sync {
+    /// Takes the lease `key` for `ttl` unless someone holds it: `Some(token)` on success.
+    fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    /// Releases the lease if `token` still holds it, and announces [`Event::Released`] to every
+    /// instance.
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Why a session ended (the `reason` of the session-ended event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The user logged out (this device, another device, or everywhere).
+    Logout,
+    /// The grant was refused by the provider, or an operator revoked the session.
+    Revoked,
+    /// The idle or absolute timeout passed.
+    Expired,
+    /// The provider sent a back-channel logout.
+    Backchannel,
+}
+
+/// What one instance tells every instance (itself included).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Event {
+    /// A session's record changed (refreshed tokens): cached copies are dropped and reloaded.
+    Changed { handle: String },
+    /// A session ended: cached copies are dropped and the session is refused.
+    Ended { handle: String, reason: EndReason },
+    /// A lease was released: whoever waits for it re-checks now.
+    Released { key: String },
+    /// Local only: the subscription dropped or fell behind; events may have been missed.
+    Lost,
+    /// Local only: the subscription is live again (after [`Event::Lost`]).
+    Resumed,
+}
+
+/// The invalidation channel.
+pub trait Events: Send + Sync {
+    /// Sends `event` to every instance, this one included.
+    fn publish(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Events from every instance. A receiver that lags must treat it as [`Event::Lost`].
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
 }
 
 /// The configured store (static dispatch; no boxing on the load path).
@@ -171,6 +255,9 @@ impl Store for AnyStore {
     async fn delete(&self, handle: &str) -> Result<Option<Record>, StoreError> {
         dispatch!(self, s => s.delete(handle).await)
     }
+    async fn delete_idp_session(&self, idp_sid: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.delete_idp_session(idp_sid).await)
+    }
     async fn delete_subject(&self, subject: &str) -> Result<Vec<String>, StoreError> {
         dispatch!(self, s => s.delete_subject(subject).await)
     }
@@ -185,9 +272,37 @@ impl Store for AnyStore {
     }
 }
 
-/// The conformance suite: every backend runs exactly these checks.
-#[cfg(test)]
-pub(crate) mod conformance {
+impl OnceSet for AnyStore {
+    async fn first_use(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.first_use(key, ttl).await)
+    }
+    async fn forget(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.forget(key).await)
+    }
+}
+
+impl Lease for AnyStore {
+    async fn acquire(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.acquire(key, ttl).await)
+    }
+    async fn release(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release(key, token).await)
+    }
+}
+
+impl Events for AnyStore {
+    async fn publish(&self, event: &Event) -> Result<(), StoreError> {
+        dispatch!(self, s => s.publish(event).await)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        dispatch!(self, s => s.subscribe())
+    }
+}
+
+/// The conformance suites: every store kind runs exactly these checks (`tests/` runs them against
+/// a real Redis, so the module is public but hidden).
+#[doc(hidden)]
+pub mod conformance {
     use super::*;
 
     pub fn record(handle: &str, subject: &str, now: u64) -> Record {
@@ -266,6 +381,28 @@ pub(crate) mod conformance {
         assert_eq!(s.delete("c").await.unwrap().unwrap().handle, "c");
         assert!(s.delete("c").await.unwrap().is_none());
         assert!(s.list_subject("bob", now).await.unwrap().is_empty());
+        // provider sessions
+        let mut f = record("f", "dave", now);
+        f.idp_sid = Some("sid-1".into());
+        let mut g = record("g", "dave", now);
+        g.idp_sid = Some("sid-2".into());
+        s.create(f).await.unwrap();
+        s.create(g).await.unwrap();
+        assert_eq!(s.delete_idp_session("sid-1").await.unwrap(), vec!["f"]);
+        assert!(s.delete_idp_session("sid-1").await.unwrap().is_empty());
+        let dave: Vec<_> = s
+            .list_subject("dave", now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.handle)
+            .collect();
+        assert_eq!(dave, vec!["g"], "the subject index follows the sid delete");
+        assert_eq!(s.delete_subject("dave").await.unwrap(), vec!["g"]);
+        assert!(
+            s.delete_idp_session("sid-2").await.unwrap().is_empty(),
+            "the sid index follows the subject delete"
+        );
         // sweep
         let mut old = record("d", "carol", now);
         old.absolute_expires_at = now + 5;
@@ -274,5 +411,118 @@ pub(crate) mod conformance {
         assert_eq!(s.sweep(now + 6).await.unwrap(), 1);
         assert_eq!(s.list_subject("carol", now + 6).await.unwrap().len(), 1);
         assert!(s.delete("d").await.unwrap().is_none());
+    }
+
+    /// "First use wins", including under a race, and forgetting after the time to live.
+    pub async fn once<S: OnceSet>(s: &S) {
+        let ttl = Duration::from_millis(300);
+        assert!(s.first_use("once-a", ttl).await.unwrap());
+        assert!(
+            !s.first_use("once-a", ttl).await.unwrap(),
+            "a second use loses"
+        );
+        assert!(
+            s.first_use("once-b", ttl).await.unwrap(),
+            "keys are independent"
+        );
+        s.forget("once-b").await.unwrap();
+        assert!(
+            s.first_use("once-b", ttl).await.unwrap(),
+            "a forgotten key is new"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            s.first_use("once-a", ttl).await.unwrap(),
+            "a key is forgotten after its time to live"
+        );
+        // Sixteen racing callers: exactly one wins.
+        let wins = futures_util::future::join_all(
+            (0..16).map(|_| s.first_use("once-race", Duration::from_secs(5))),
+        )
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+        assert_eq!(wins, 1);
+    }
+
+    /// One holder at a time; only the holder releases; an abandoned lease expires; a release is
+    /// announced.
+    pub async fn lease<S: Lease + Events>(s: &S) {
+        let mut events = s.subscribe();
+        let ttl = Duration::from_millis(400);
+        let t1 = s
+            .acquire("lease-a", ttl)
+            .await
+            .unwrap()
+            .expect("free lease");
+        assert!(s.acquire("lease-a", ttl).await.unwrap().is_none(), "held");
+        s.release("lease-a", "not-the-token").await.unwrap();
+        assert!(
+            s.acquire("lease-a", ttl).await.unwrap().is_none(),
+            "a stranger's release does nothing"
+        );
+        s.release("lease-a", &t1).await.unwrap();
+        let released = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Released { key }) if key == "lease-a" => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("event channel: {e}"),
+                }
+            }
+        })
+        .await;
+        assert!(released.is_ok(), "the release is announced");
+        let t2 = s.acquire("lease-a", ttl).await.unwrap().expect("released");
+        assert_ne!(t1, t2, "every holder gets its own token");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            s.acquire("lease-a", ttl).await.unwrap().is_some(),
+            "an abandoned lease expires"
+        );
+        let wins = futures_util::future::join_all(
+            (0..16).map(|_| s.acquire("lease-race", Duration::from_secs(5))),
+        )
+        .await
+        .into_iter()
+        .filter(|r| r.as_ref().unwrap().is_some())
+        .count();
+        assert_eq!(wins, 1, "racing acquirers: exactly one wins");
+    }
+
+    /// Published events reach every subscriber, in order.
+    pub async fn events<S: Events>(s: &S) {
+        let mut a = s.subscribe();
+        let mut b = s.subscribe();
+        let sent = [
+            Event::Changed {
+                handle: "h1".into(),
+            },
+            Event::Ended {
+                handle: "h2".into(),
+                reason: EndReason::Backchannel,
+            },
+        ];
+        for e in &sent {
+            s.publish(e).await.unwrap();
+        }
+        for rx in [&mut a, &mut b] {
+            for want in &sent {
+                let got = tokio::time::timeout(Duration::from_secs(2), async {
+                    loop {
+                        match rx.recv().await {
+                            // Resumed/Lost may be interleaved by a (re)subscribing backend.
+                            Ok(Event::Resumed | Event::Lost) => continue,
+                            other => return other,
+                        }
+                    }
+                })
+                .await
+                .expect("event delivered")
+                .unwrap();
+                assert_eq!(&got, want);
+            }
+        }
     }
 }

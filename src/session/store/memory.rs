@@ -3,30 +3,49 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use super::local::{Local, delegate_local};
 use super::{Record, Store, StoreError};
 
 /// A store in a `HashMap` (one lock; it is only reached on cache misses).
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    local: Local,
 }
+
+delegate_local!(MemoryStore);
 
 #[derive(Default)]
 struct Inner {
     records: HashMap<String, Record>,
     by_subject: HashMap<String, HashSet<String>>,
+    by_idp_sid: HashMap<String, HashSet<String>>,
+}
+
+fn unindex(index: &mut HashMap<String, HashSet<String>>, key: &str, handle: &str) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(handle);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
 }
 
 impl Inner {
     fn remove(&mut self, handle: &str) -> Option<Record> {
         let r = self.records.remove(handle)?;
-        if let Some(set) = self.by_subject.get_mut(&r.subject) {
-            set.remove(handle);
-            if set.is_empty() {
-                self.by_subject.remove(&r.subject);
-            }
+        unindex(&mut self.by_subject, &r.subject, handle);
+        if let Some(sid) = &r.idp_sid {
+            unindex(&mut self.by_idp_sid, sid, handle);
         }
         Some(r)
+    }
+
+    fn remove_all(&mut self, handles: Vec<String>) -> Vec<String> {
+        for h in &handles {
+            self.remove(h);
+        }
+        handles
     }
 }
 
@@ -48,6 +67,12 @@ impl Store for MemoryStore {
             .entry(record.subject.clone())
             .or_default()
             .insert(record.handle.clone());
+        if let Some(sid) = &record.idp_sid {
+            g.by_idp_sid
+                .entry(sid.clone())
+                .or_default()
+                .insert(record.handle.clone());
+        }
         g.records.insert(record.handle.clone(), record);
         Ok(())
     }
@@ -89,17 +114,24 @@ impl Store for MemoryStore {
         Ok(self.lock().remove(handle))
     }
 
+    async fn delete_idp_session(&self, idp_sid: &str) -> Result<Vec<String>, StoreError> {
+        let mut g = self.lock();
+        let handles = g
+            .by_idp_sid
+            .get(idp_sid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        Ok(g.remove_all(handles))
+    }
+
     async fn delete_subject(&self, subject: &str) -> Result<Vec<String>, StoreError> {
         let mut g = self.lock();
-        let handles: Vec<String> = g
+        let handles = g
             .by_subject
             .get(subject)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
-        for h in &handles {
-            g.remove(h);
-        }
-        Ok(handles)
+        Ok(g.remove_all(handles))
     }
 
     async fn list_subject(&self, subject: &str, now: u64) -> Result<Vec<Record>, StoreError> {
@@ -139,6 +171,10 @@ impl Store for MemoryStore {
 mod tests {
     #[tokio::test]
     async fn the_memory_store_passes_the_conformance_suite() {
-        super::super::conformance::run(&super::MemoryStore::default()).await;
+        let s = super::MemoryStore::default();
+        super::super::conformance::run(&s).await;
+        super::super::conformance::once(&s).await;
+        super::super::conformance::lease(&s).await;
+        super::super::conformance::events(&s).await;
     }
 }
