@@ -23,13 +23,31 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
 use crate::config::{AuthMode, Config, Route};
 use crate::error::Error;
 use crate::proxy::{self, Forward, headers};
-use crate::session::{Lookup, Session, Sessions};
+use crate::session::{Lookup, Session, Sessions, store};
 use crate::upstream::Upstream;
+
+/// Expired sessions are swept from the store this often (stores with their own expiry skip it).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn sweep_expired(sessions: Arc<Sessions>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match sessions.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, cached = sessions.cached(), "expired sessions swept"),
+                Err(e) => tracing::warn!(error = %e, "session sweep failed"),
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
 
 /// Whether `path` (normalized) is one of coatcheck's own `/bff/*` endpoints.
 pub fn is_bff_path(path: &str) -> bool {
@@ -39,14 +57,15 @@ pub fn is_bff_path(path: &str) -> bool {
 /// Login URL answered with a 401.
 pub const LOGIN_PATH: &str = "/bff/login";
 
-/// Sessions, login and per-route policy.
+/// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
+/// provider), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
+/// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
-    pub provider: Arc<oidc::Provider>,
-    pub sessions: Arc<Sessions>,
-    pub refresher: refresh::Refresher,
-    pub login: login::Login,
-    pub csrf_header: HeaderName,
-    pub public_origin: String,
+    provider: Arc<oidc::Provider>,
+    sessions: Arc<Sessions>,
+    refresher: refresh::Refresher,
+    csrf_header: HeaderName,
+    public_origin: String,
 }
 
 impl Auth {
@@ -60,12 +79,32 @@ impl Auth {
             Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
         Ok(Auth {
             refresher: refresh::Refresher::new(provider.clone(), sessions.clone(), oidc),
-            login: login::Login::new(),
             provider,
             sessions,
             csrf_header: config.csrf.header.clone(),
             public_origin: config.server.public_origin.clone(),
         })
+    }
+
+    /// Starts what runs beside the requests until `shutdown`: provider discovery (retried until
+    /// it answers: `auth = "none"` routes serve meanwhile and `/readyz` says not ready), following
+    /// the session event channel, and sweeping expired sessions.
+    pub fn spawn_background(&self, shutdown: &CancellationToken) {
+        let provider = self.provider.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = provider.discover_until_ready() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        tokio::spawn(self.sessions.clone().follow_events(shutdown.clone()));
+        tokio::spawn(sweep_expired(self.sessions.clone(), shutdown.clone()));
+    }
+
+    /// The once-set (callback states, logout token ids, spent refresh tokens).
+    fn once(&self) -> &impl store::OnceSet {
+        self.sessions.backend().as_ref()
     }
 
     /// Ready when the provider's metadata is loaded and the store answers.

@@ -245,6 +245,12 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
         Error::IdpUnavailable { retry_after, .. } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
+        Error::StoreUnavailable(_) => {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::session::STORE_RETRY_AFTER_SECS),
+            );
+        }
         Error::SessionExpired {
             clear_cookie: true, ..
         } => {
