@@ -4,6 +4,7 @@
 //!
 //! - [`oidc`]: the identity provider (discovery, JWKS, token/revocation/end-session endpoints).
 //! - [`id_token`]: ID and logout token validation.
+//! - [`issuer`]: the token issuer abstraction (how tokens are refreshed, revoked, ended).
 //! - [`login`]: `/bff/login` and `/bff/callback`, and the encrypted login cookie.
 //! - [`endpoints`]: the other `/bff/*` endpoints (user, logout, sessions, back-channel logout).
 //! - [`refresh`]: single-flight token refresh.
@@ -12,6 +13,7 @@
 pub mod csrf;
 pub mod endpoints;
 pub mod id_token;
+pub mod issuer;
 pub mod login;
 pub mod oidc;
 pub mod policy;

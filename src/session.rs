@@ -54,7 +54,12 @@ pub struct SessionData {
     pub sub: String,
     /// The ID token's claims (shown by `/bff/user`; `roles` drives route policy).
     pub claims: serde_json::Map<String, serde_json::Value>,
-    pub id_token: Secret,
+    /// Which issuer made the session (absent in records of older versions: OIDC).
+    #[serde(default)]
+    pub issuer: crate::auth::issuer::IssuerKind,
+    /// The ID token (OIDC sessions; other issuers have none).
+    #[serde(default)]
+    pub id_token: Option<Secret>,
     pub access_token: Secret,
     /// Unix seconds at which the access token expires.
     pub access_expires_at: u64,
@@ -619,7 +624,8 @@ mod tests {
             iss: "https://idp".into(),
             sub: "alice".into(),
             claims: Default::default(),
-            id_token: Secret::new("id".into()),
+            issuer: Default::default(),
+            id_token: Some(Secret::new("id".into())),
             access_token: Secret::new("at-secret".into()),
             access_expires_at: now() + 60,
             access_issued_at: now(),
@@ -770,5 +776,17 @@ mod tests {
         })
         .await;
         assert!(s.cache.get(&key).await.is_none(), "older copy: dropped");
+    }
+
+    #[test]
+    fn session_data_written_before_issuers_existed_still_opens_as_oidc() {
+        let old = r#"{"iss":"https://idp","sub":"alice","claims":{},"id_token":"id-1",
+            "access_token":"at","access_expires_at":1,"access_issued_at":0,"refresh_token":"rt"}"#;
+        let d: SessionData = serde_json::from_str(old).unwrap();
+        assert_eq!(d.issuer, crate::auth::issuer::IssuerKind::Oidc);
+        assert_eq!(d.id_token.unwrap().expose(), "id-1");
+        let none = old.replace(r#""id_token":"id-1","#, "");
+        let d: SessionData = serde_json::from_str(&none).unwrap();
+        assert!(d.id_token.is_none(), "the ID token is optional");
     }
 }

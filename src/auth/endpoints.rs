@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use super::issuer::Issuer;
 use super::{Auth, id_token, login};
 use crate::body::{self, Body};
 use crate::config::CsrfMode;
@@ -93,7 +94,8 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
 async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
     auth.sessions.delete(&s.handle, EndReason::Logout).await?;
     if let Some(rt) = &s.data.refresh_token {
-        match tokio::time::timeout(REVOKE_TIMEOUT, auth.provider.revoke(rt)).await {
+        match tokio::time::timeout(REVOKE_TIMEOUT, Issuer::revoke(auth.provider.as_ref(), rt)).await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(session = %s.handle, error = %e, "refresh token revocation failed; the session is ended locally")
@@ -104,10 +106,7 @@ async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
         }
     }
     tracing::info!(session = %s.handle, "logged out");
-    Ok(auth
-        .provider
-        .end_session_url(&s.data.id_token, &secret::random_token(16))
-        .unwrap_or_else(|| auth.provider.cfg.post_logout_redirect.clone()))
+    Ok(auth.provider.logout_url(&s.data, &secret::random_token(16)))
 }
 
 async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::Auth;
 use super::id_token::{self, Expected};
+use super::issuer::IssuerKind;
 use super::oidc::OidcError;
 use super::refresh::login_claims;
 use crate::body::{self, Body, escape_html};
@@ -237,7 +238,8 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         iss: meta.issuer.clone(),
         sub,
         claims: login_claims(claims),
-        id_token,
+        issuer: IssuerKind::Oidc,
+        id_token: Some(id_token),
         access_token: tokens.access_token,
         access_expires_at: tokens.access_expires_at,
         access_issued_at: now,

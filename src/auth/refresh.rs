@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::id_token::{self, Expected};
-use super::oidc::{OidcError, Provider};
+use super::issuer::{Issuer, IssuerError};
+use super::oidc::Provider;
 use crate::config;
 use crate::error::Error;
 use crate::secret;
 use crate::session::store::{AnyStore, EndReason, Event, Events, Lease, OnceSet, StoreError};
-use crate::session::{self, Session, SessionData, Sessions};
+use crate::session::{self, Session, Sessions};
 
 /// A waiter re-reads the store at least this often, even without hearing the lease's release.
 const WAIT_POLL: Duration = Duration::from_millis(100);
@@ -54,7 +54,8 @@ enum Step {
 
 /// The refresher.
 pub struct Refresher {
-    provider: Arc<Provider>,
+    /// The token issuer that refreshes (today the OIDC provider).
+    issuer: Arc<Provider>,
     sessions: Arc<Sessions>,
     /// The lease, the spent-token set and the release announcements.
     backend: Arc<AnyStore>,
@@ -69,7 +70,7 @@ pub struct Refresher {
 impl Refresher {
     pub fn new(provider: Arc<Provider>, sessions: Arc<Sessions>, cfg: &config::Oidc) -> Refresher {
         Refresher {
-            provider,
+            issuer: provider,
             backend: sessions.backend().clone(),
             sessions,
             refresh_before: cfg.refresh_before_expiry,
@@ -213,50 +214,19 @@ impl Refresher {
             Err(e) => return self.store_blip(current, rejected, e).map(Step::Done),
         }
         self.metrics.refreshes.fetch_add(1, Ordering::Relaxed);
-        let tokens = match self.provider.refresh(&refresh_token).await {
-            Ok(t) => t,
-            Err(e) if e.ends_session() => return self.end(&current, &e.to_string()).await,
-            Err(e) => {
-                // The provider did not take the token: it may be presented again.
+        let data = match Issuer::refresh(self.issuer.as_ref(), &current.data, &refresh_token, now)
+            .await
+        {
+            Ok(data) => data,
+            Err(IssuerError::Refused(why)) => return self.end(&current, &why).await,
+            Err(e @ IssuerError::Unavailable(_)) => {
+                // The issuer did not take the token: it may be presented again.
                 if let Err(e) = self.backend.forget(&spent).await {
                     tracing::warn!(error = %e, "could not clear a spent-token mark; it expires by itself");
                 }
                 return self.blip(current, e, rejected).map(Step::Done);
             }
         };
-        let mut data = SessionData {
-            access_token: tokens.access_token,
-            access_expires_at: tokens.access_expires_at,
-            access_issued_at: now,
-            refresh_token: tokens
-                .refresh_token
-                .or_else(|| current.data.refresh_token.clone()),
-            ..current.data.clone()
-        };
-        if let Some(id_token) = tokens.id_token {
-            match id_token::validate(&self.provider, id_token.expose(), Expected { nonce: None })
-                .await
-            {
-                Ok(claims) => {
-                    // OpenID Connect Core §12.2: same iss, sub and aud, or the session ends.
-                    let same = claims.get("sub").and_then(Value::as_str) == Some(data.sub.as_str())
-                        && claims.get("iss").and_then(Value::as_str) == Some(data.iss.as_str())
-                        && claims.get("aud") == current.data.claims.get("aud");
-                    if !same {
-                        return self
-                            .end(
-                                &current,
-                                "refreshed ID token names another subject, issuer or audience",
-                            )
-                            .await;
-                    }
-                    data.claims = login_claims(claims);
-                    data.id_token = id_token;
-                }
-                Err(Ok(e)) => return self.end(&current, &e.to_string()).await,
-                Err(Err(e)) => return Err(e),
-            }
-        }
         match self.sessions.update(&current, data).await? {
             Some(updated) => {
                 tracing::info!(
@@ -290,7 +260,7 @@ impl Refresher {
     fn blip(
         &self,
         current: Arc<Session>,
-        e: OidcError,
+        e: IssuerError,
         rejected: bool,
     ) -> Result<Arc<Session>, Error> {
         self.metrics
