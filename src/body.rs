@@ -3,8 +3,10 @@
 //! Streaming is the rule: an upstream's body ([`Incoming`]) passes through untouched; only
 //! coatcheck's own answers are [`Full`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -12,12 +14,131 @@ use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
-/// A response body: streamed from the upstream, or written by coatcheck.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// A response body: streamed from the upstream (cut when it stalls), or written by coatcheck.
+pub type Body = Either<Stalling<Incoming>, Full<Bytes>>;
 
-/// A request body on its way upstream: the client's stream under the route's size limit, or a
-/// buffered copy (small bodies kept for one replay after a refresh).
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+/// A request body on its way upstream: the client's stream (cut when it stalls) under the route's
+/// size limit, or a buffered copy (small bodies kept for one replay after a refresh).
+pub type UpstreamBody = Either<Limited<Stalling<Incoming>>, Full<Bytes>>;
+
+/// Which peer a streamed body comes from: its failures are that peer's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The browser or API client (request bodies): a failure is a 4xx.
+    Client,
+    /// The upstream (response bodies): a failure is a 502.
+    Upstream,
+}
+
+/// A streamed body failed: it stalled, or its framing broke (a malformed chunk, a cut connection).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// No byte moved for the idle limit (`server.limits.body_idle_timeout`).
+    #[error("the {side:?} body stalled for {idle:?}")]
+    Stalled { side: Side, idle: Duration },
+    /// Reading the body failed (for a client: malformed chunked framing, a cut connection).
+    #[error("reading the {side:?} body failed")]
+    Read {
+        side: Side,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl BodyError {
+    /// The peer that caused the failure.
+    pub fn side(&self) -> Side {
+        match self {
+            BodyError::Stalled { side, .. } | BodyError::Read { side, .. } => *side,
+        }
+    }
+}
+
+/// A streamed body that fails with [`BodyError::Stalled`] once no frame has arrived for `idle`
+/// while the reader waits for one, so a peer sending a byte every half-minute cannot hold a slot
+/// forever. Read errors are tagged with the [`Side`] they come from.
+///
+/// The timer is armed only when the inner body is pending and is re-armed lazily, at most once
+/// per `idle`: a fast stream costs one `Instant::now()` per frame.
+pub struct Stalling<B> {
+    inner: B,
+    side: Side,
+    idle: Duration,
+    last: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Stalling<B> {
+    pub fn new(inner: B, side: Side, idle: Duration) -> Self {
+        Stalling {
+            inner,
+            side,
+            idle,
+            last: Instant::now(),
+            timer: None,
+        }
+    }
+
+    /// Whether the body has been idle too long (polls the timer so the task is woken later).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            timer.as_mut().reset(deadline.into());
+        }
+    }
+}
+
+impl<B> http_body::Body for Stalling<B>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(source))) => Poll::Ready(Some(Err(BodyError::Read {
+                side: this.side,
+                source,
+            }))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.stalled(cx) {
+                    return Poll::Ready(Some(Err(BodyError::Stalled {
+                        side: this.side,
+                        idle: this.idle,
+                    })));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Something that watches a body stream by: told of every frame that is ready and of the end.
 /// Dropping the watcher is its last word (the body was dropped, finished or not).
