@@ -17,9 +17,10 @@ use hyper::body::Incoming;
 /// A response body: streamed from the upstream (cut when it stalls), or written by coatcheck.
 pub type Body = Either<Stalling<Incoming>, Full<Bytes>>;
 
-/// A request body on its way upstream: the client's stream (cut when it stalls) under the route's
-/// size limit, or a buffered copy (small bodies kept for one replay after a refresh).
-pub type UpstreamBody = Either<Limited<Stalling<Incoming>>, Full<Bytes>>;
+/// A request body on its way upstream: the client's stream (cut when it stalls, what had already
+/// arrived judged first) under the route's size limit, or a buffered copy (small bodies kept for
+/// one replay after a refresh).
+pub type UpstreamBody = Either<Limited<Primed<Stalling<Incoming>>>, Full<Bytes>>;
 
 /// Which peer a streamed body comes from: its failures are that peer's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +188,80 @@ impl<B: http_body::Body<Data = Bytes> + Unpin, W: Watch + Unpin> http_body::Body
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body whose first frames were read before the upstream request was opened, then replayed
+/// ahead of the rest of the stream.
+///
+/// [`Primed::prime`] reads the body until it ends, `max` bytes have come, or it pauses for `gap`:
+/// a request whose body arrives with its head (the usual case, and every smuggling payload) has
+/// its chunked framing judged in full before the upstream sees a byte, so a malformed body is a
+/// 400 from coatcheck and never a half-request upstream. A body still on its way (a slow upload,
+/// a bidirectional stream) is forwarded after at most one `gap` of delay and streams as before.
+pub struct Primed<B> {
+    ready: std::collections::VecDeque<Frame<Bytes>>,
+    inner: B,
+}
+
+impl<B> Primed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    /// Reads `inner` until it ends, holds `max` data bytes, or pauses for `gap`.
+    pub async fn prime(mut inner: B, max: usize, gap: Duration) -> Result<Primed<B>, B::Error> {
+        use http_body_util::BodyExt as _;
+        let mut ready = std::collections::VecDeque::new();
+        let mut bytes = 0;
+        while bytes < max && !inner.is_end_stream() {
+            match tokio::time::timeout(gap, inner.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    bytes += frame.data_ref().map_or(0, Bytes::len);
+                    ready.push_back(frame);
+                }
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(Primed { ready, inner })
+    }
+}
+
+impl<B> http_body::Body for Primed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.ready.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self
+            .ready
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + buffered);
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + buffered);
+        }
+        hint
     }
 }
 

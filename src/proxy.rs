@@ -17,7 +17,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{Body, BodyError, Side, Stalling, UpstreamBody};
+use crate::body::{Body, BodyError, Primed, Side, Stalling, UpstreamBody};
+
+/// Request body bytes already received that are read (and their framing judged) before the
+/// upstream request opens: see [`Primed`].
+pub const PRIME_BYTES: usize = 64 * 1024;
+/// A request body that pauses this long while being primed is forwarded with what has come.
+pub const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream};
@@ -51,7 +57,11 @@ pub async fn forward(
 ) -> Result<Response<Body>, Error> {
     let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
     rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
-    let body = Either::Left(Limited::new(body, route.max_body_bytes as usize));
+    let limit = route.max_body_bytes as usize;
+    let body = Primed::prime(body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
+        .await
+        .map_err(|e| client_body_error(&e))?;
+    let body = Either::Left(Limited::new(body, limit));
     send(
         upstream,
         route,

@@ -96,6 +96,7 @@ impl Router {
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Logged<Body>> {
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
         let request_id = headers::request_id(req.headers());
+        let http1 = req.version() <= Version::HTTP_11;
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),
             method: req.method().clone(),
@@ -123,6 +124,7 @@ impl Router {
             }
         };
         let own_answer = matches!(res.body(), http_body_util::Either::Right(_));
+        let bad_request = res.status() == StatusCode::BAD_REQUEST;
         let h = res.headers_mut();
         h.insert(headers::X_REQUEST_ID.clone(), request_id);
         // The edge owns transport security: coatcheck's HSTS replaces an upstream's.
@@ -134,6 +136,11 @@ impl Router {
                 X_CONTENT_TYPE_OPTIONS.clone(),
                 HeaderValue::from_static("nosniff"),
             );
+        }
+        // After a malformed request the HTTP/1.1 byte stream cannot be trusted to frame the next
+        // one: close it (RFC 9112 §6.3, as nginx does).
+        if http1 && bad_request {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         record.status = res.status().as_u16();
         res.map(|b| Logged::new(b, AccessLog::new(record)))
