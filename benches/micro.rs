@@ -130,7 +130,7 @@ fn micro(c: &mut Criterion) {
             |h| {
                 let host = h.get(header::HOST).cloned();
                 headers::strip_hop_by_hop(h, false);
-                headers::add_forwarding(h, client, host.as_ref());
+                headers::add_forwarding(h, client, false, host.as_ref(), None);
                 headers::remove_cookies(h, |name| headers::is_own_cookie(COOKIE, name));
             },
             BatchSize::SmallInput,

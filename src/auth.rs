@@ -184,25 +184,26 @@ impl Auth {
             return proxy::forward(upstream, route, req, fwd).await;
         }
         // Small bodies are kept so the request can be replayed once after a refresh.
-        let (mut parts, body, _) = proxy::split(route, req)?;
-        let body = match Limited::new(body, route.retry_body_bytes as usize)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let (mut parts, body, _) = proxy::split(route, req, fwd.body_idle)?;
+        // Each frame must come within the idle limit, and the whole copy within the route timeout.
+        let collect = Limited::new(body, route.retry_body_bytes as usize).collect();
+        let body = match tokio::time::timeout(route.timeout, collect).await {
+            Err(_) => return Err(Error::RequestTimeout(route.timeout)),
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(Error::PayloadTooLarge {
                     limit: route.retry_body_bytes,
                 });
             }
-            Err(e) => {
-                return Err(Error::BadRequest(format!(
-                    "reading the request body failed: {e}"
-                )));
+            Ok(Err(e)) => {
+                return Err(match e.downcast_ref::<crate::body::BodyError>() {
+                    Some(b) => proxy::client_body_error(b),
+                    None => Error::BadRequest("reading the request body failed".into()),
+                });
             }
         };
         proxy::rewrite(upstream, route, &mut parts, &fwd, false)?;
-        let res = proxy::send(upstream, route, rebuild(&parts, body.clone()), None).await?;
+        let res = proxy::send(upstream, route, rebuild(&parts, body.clone()), None, &fwd).await?;
         if !is_invalid_token(&res) {
             return Ok(res);
         }
@@ -211,7 +212,7 @@ impl Auth {
         parts
             .headers
             .insert(header::AUTHORIZATION, session.bearer.clone());
-        proxy::send(upstream, route, rebuild(&parts, body), None).await
+        proxy::send(upstream, route, rebuild(&parts, body), None, &fwd).await
     }
 
     /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
@@ -328,10 +329,7 @@ fn replayable(route: &Route, req: &Request<Incoming>) -> bool {
     }
 }
 
-fn rebuild(
-    parts: &http::request::Parts,
-    body: Bytes,
-) -> Request<Either<Limited<Incoming>, Full<Bytes>>> {
+fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<crate::body::UpstreamBody> {
     let mut req = Request::new(Either::Right(Full::new(body)));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
