@@ -21,9 +21,8 @@ pub mod refresh;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Either, Full, Limited};
+
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
@@ -169,7 +168,7 @@ impl Auth {
             }
             // `optional`: forwarded without a token; an ended session's cookie is cleared.
             other => {
-                let mut res = proxy::forward(upstream, route, req, fwd).await?;
+                let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
                 if matches!(other, Lookup::Ended) {
                     res.headers_mut()
                         .append(header::SET_COOKIE, self.clear_session_cookie());
@@ -180,39 +179,17 @@ impl Auth {
         policy::check_roles(route, &session.data.claims)?;
         let session = self.refresher.fresh(session).await?;
         fwd.authorization = Some(session.bearer.clone());
-        if upgrade || !replayable(route, &req) {
-            return proxy::forward(upstream, route, req, fwd).await;
-        }
-        // Small bodies are kept so the request can be replayed once after a refresh.
-        let (mut parts, body, _) = proxy::split(route, req, fwd.body_idle)?;
-        // Each frame must come within the idle limit, and the whole copy within the route timeout.
-        let collect = Limited::new(body, route.retry_body_bytes as usize).collect();
-        let body = match tokio::time::timeout(route.timeout, collect).await {
-            Err(_) => return Err(Error::RequestTimeout(route.timeout)),
-            Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Error::PayloadTooLarge {
-                    limit: route.retry_body_bytes,
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(match e.downcast_ref::<crate::body::BodyError>() {
-                    Some(b) => proxy::client_body_error(b),
-                    None => Error::BadRequest("reading the request body failed".into()),
-                });
-            }
-        };
-        proxy::rewrite(upstream, route, &mut parts, &fwd, false)?;
-        let res = proxy::send(upstream, route, rebuild(&parts, body.clone()), None, &fwd).await?;
-        if !is_invalid_token(&res) {
-            return Ok(res);
-        }
-        tracing::info!(session = %session.handle, "upstream rejected the access token; refreshing once and replaying");
-        let session = self.refresher.after_rejection(session).await?;
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, session.bearer.clone());
-        proxy::send(upstream, route, rebuild(&parts, body), None, &fwd).await
+        proxy::forward(
+            upstream,
+            route,
+            req,
+            fwd,
+            &SessionPhases {
+                auth: self,
+                session,
+            },
+        )
+        .await
     }
 
     /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
@@ -252,7 +229,7 @@ impl Auth {
             };
         policy::check_roles(route, &claims)?;
         fwd.authorization = Some(value);
-        proxy::forward(upstream, route, req, fwd).await
+        proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
     }
 
     /// 401 (`unauthenticated` or `session_expired`) — or, for a top-level navigation to a route
@@ -314,28 +291,31 @@ impl Auth {
     }
 }
 
-/// Whether a request may be buffered for one replay: no upgrade, and a body that is absent or
-/// declared no larger than the route's `retry_body_bytes`.
-fn replayable(route: &Route, req: &Request<Incoming>) -> bool {
-    if route.retry_body_bytes == 0 || req.headers().contains_key(header::TRANSFER_ENCODING) {
-        return false;
-    }
-    match proxy::content_length(req.headers()) {
-        Some(n) => n <= route.retry_body_bytes,
-        // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
-        None => {
-            req.version() != http::Version::HTTP_2 || http_body::Body::is_end_stream(req.body())
-        }
-    }
+/// The forwarding phases of a request that carries a session's access token: the request is kept
+/// for one replay (small bodies only) and, when the upstream rejects the token itself, the token is
+/// refreshed once and the request replayed with the new one.
+struct SessionPhases<'a> {
+    auth: &'a Auth,
+    session: Arc<Session>,
 }
 
-fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<crate::body::UpstreamBody> {
-    let mut req = Request::new(Either::Right(Full::new(body)));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
+impl proxy::Phases for SessionPhases<'_> {
+    fn keep_for_retry(&self) -> bool {
+        true
+    }
+
+    async fn retry_with(&self, res: &Response<Body>) -> Result<Option<HeaderValue>, Error> {
+        if !is_invalid_token(res) {
+            return Ok(None);
+        }
+        tracing::info!(session = %self.session.handle, "upstream rejected the access token; refreshing once and replaying");
+        let session = self
+            .auth
+            .refresher
+            .after_rejection(self.session.clone())
+            .await?;
+        Ok(Some(session.bearer.clone()))
+    }
 }
 
 /// An upstream 401 saying the token itself is bad (RFC 6750 §3.1 `invalid_token`).

@@ -70,6 +70,11 @@ pub struct Stalling<B> {
 }
 
 impl<B> Stalling<B> {
+    /// The wrapped body.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
     pub fn new(inner: B, side: Side, idle: Duration) -> Self {
         Stalling {
             inner,

@@ -3,16 +3,24 @@
 //! `proxy` receives the access token to inject as a ready `Authorization` value, never a session: it
 //! cannot reach the store. Bodies stream both ways (no buffering); upgrades (WebSocket) are spliced
 //! into a bidirectional byte tunnel once both sides said `101`.
+//!
+//! One forwarding path with named phases (after pingora's `ProxyHttp` filters): [`split`] (the
+//! request as it arrived), [`rewrite`] (the request as it leaves), [`send`] (the upstream call and
+//! the answer's own rewriting), then the caller's [`Phases`]: [`Phases::retry_with`] may send the
+//! request once more with a new credential (the body was kept when [`Phases::keep_for_retry`]
+//! said so), and [`Phases::response_filter`] has the last look at the answer.
 
 pub mod headers;
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -48,28 +56,116 @@ pub struct Forward<'a> {
     pub own_cookie: Option<&'a str>,
 }
 
+/// What a caller adds to the forwarding of one request. Every method has a default that does
+/// nothing, so a plain forward is [`Plain`].
+pub trait Phases: Send + Sync {
+    /// Whether the request body should be kept (up to the route's `retry_body_bytes`) so the
+    /// request can be sent a second time.
+    fn keep_for_retry(&self) -> bool {
+        false
+    }
+
+    /// The upstream answered a request whose body was kept: `Some(authorization)` sends it once
+    /// more with that credential, and that second answer is the one that counts.
+    fn retry_with(
+        &self,
+        _res: &Response<Body>,
+    ) -> impl Future<Output = Result<Option<HeaderValue>, Error>> + Send {
+        std::future::ready(Ok(None))
+    }
+
+    /// The last look at the answer before it goes to the client.
+    fn response_filter(
+        &self,
+        res: Response<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send {
+        std::future::ready(Ok(res))
+    }
+}
+
+/// A forward with no additions.
+pub struct Plain;
+
+impl Phases for Plain {}
+
 /// Forwards `req` to `upstream` for `route`, streaming the body under the route's size limit.
 pub async fn forward(
     upstream: &Upstream,
     route: &Route,
     req: Request<Incoming>,
     fwd: Forward<'_>,
+    phases: &impl Phases,
 ) -> Result<Response<Body>, Error> {
     let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
+    let retry = phases.keep_for_retry()
+        && client_upgrade.is_none()
+        && replayable(route, &parts, body.inner());
     rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
+    if retry {
+        let body = keep_body(route, body).await?;
+        let res = send(upstream, route, rebuild(&parts, body.clone()), None, &fwd).await?;
+        let res = match phases.retry_with(&res).await? {
+            Some(authorization) => {
+                parts.headers.insert(header::AUTHORIZATION, authorization);
+                send(upstream, route, rebuild(&parts, body), None, &fwd).await?
+            }
+            None => res,
+        };
+        return phases.response_filter(res).await;
+    }
     let limit = route.max_body_bytes as usize;
     let body = Primed::prime(body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
         .await
         .map_err(|e| client_body_error(&e))?;
     let body = Either::Left(Limited::new(body, limit));
-    send(
+    let res = send(
         upstream,
         route,
         Request::from_parts(parts, body),
         client_upgrade,
         &fwd,
     )
-    .await
+    .await?;
+    phases.response_filter(res).await
+}
+
+/// Whether a request may be buffered for one replay: a body that is absent or declared no larger
+/// than the route's `retry_body_bytes`.
+fn replayable(route: &Route, parts: &http::request::Parts, body: &Incoming) -> bool {
+    if route.retry_body_bytes == 0 || parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match content_length(&parts.headers) {
+        Some(n) => n <= route.retry_body_bytes,
+        // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
+        None => parts.version != Version::HTTP_2 || http_body::Body::is_end_stream(body),
+    }
+}
+
+/// Reads a body to keep for a replay: each frame within the idle limit, the whole within the
+/// route timeout.
+async fn keep_body(route: &Route, body: Stalling<Incoming>) -> Result<Bytes, Error> {
+    let collect = Limited::new(body, route.retry_body_bytes as usize).collect();
+    match tokio::time::timeout(route.timeout, collect).await {
+        Err(_) => Err(Error::RequestTimeout(route.timeout)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::PayloadTooLarge {
+            limit: route.retry_body_bytes,
+        }),
+        Ok(Err(e)) => Err(match e.downcast_ref::<BodyError>() {
+            Some(b) => client_body_error(b),
+            None => Error::BadRequest("reading the request body failed".into()),
+        }),
+    }
+}
+
+fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<UpstreamBody> {
+    let mut req = Request::new(Either::Right(Full::new(body)));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
 }
 
 /// The client connection a request arrived on, as the listener hands it over (a request

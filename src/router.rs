@@ -229,7 +229,9 @@ impl Router {
             own_cookie,
         };
         match (route.auth, &self.auth) {
-            (AuthMode::None, _) => proxy::forward(&entry.upstream, route, req, fwd).await,
+            (AuthMode::None, _) => {
+                proxy::forward(&entry.upstream, route, req, fwd, &proxy::Plain).await
+            }
             (_, Some(auth)) => auth.forward(&entry.upstream, route, req, fwd).await,
             // Config validation makes this unreachable; fail closed all the same.
             (_, None) => Err(Error::Internal(
