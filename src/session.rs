@@ -136,9 +136,7 @@ impl Sessions {
             StoreKind::Embedded { path } => {
                 AnyStore::Embedded(store::embedded::EmbeddedStore::open(path)?)
             }
-            StoreKind::Redis { .. } => {
-                return Err(StoreError::Unavailable("session.store.kind = \"redis\" is not available in this version; use \"embedded\"".into()));
-            }
+            StoreKind::Redis(settings) => AnyStore::Redis(store::redis::RedisStore::new(settings)?),
         };
         Ok(Sessions {
             keys: Keys::new(&cfg.keys),
