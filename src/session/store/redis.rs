@@ -266,7 +266,6 @@ fn breaks_connection(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
         || e.is_timeout()
         || e.code() == Some("READONLY")
-        || e.code() == Some("LOADING")
         || e.code() == Some("MASTERDOWN")
 }
 
