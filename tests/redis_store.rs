@@ -450,6 +450,29 @@ async fn an_outage_fails_calls_within_the_timeout_reports_lost_and_recovers_with
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_fails_calls_at_the_deadline_and_is_used_again_when_it_answers() {
+    let redis = RedisServer::start();
+    let s = store(&settings(&redis.url(), "hung:")).await;
+    let mut rx = s.subscribe();
+    let now = unix_now();
+    s.create(realistic("h", "alice", now)).await.unwrap();
+    redis.freeze(true);
+    let started = Instant::now();
+    let r = s.load("h", now).await;
+    let took = started.elapsed();
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(50) && took < TIMEOUT + Duration::from_millis(300),
+        "the deadline is {TIMEOUT:?}; took {took:?}"
+    );
+    expect_event(&mut rx, &Event::Lost, Duration::from_secs(10)).await;
+    redis.freeze(false);
+    until_up(&s).await;
+    assert!(s.load("h", now).await.unwrap().is_some());
+    expect_event(&mut rx, &Event::Resumed, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_survive_a_redis_restart_with_appendonly() {
     let mut redis = RedisServer::start();
     let s = store(&settings(&redis.url(), "aof:")).await;

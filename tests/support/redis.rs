@@ -143,6 +143,18 @@ impl RedisServer {
         }
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the process: a server that accepts nothing and
+    /// answers nothing, without closing connections.
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("running");
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} failed");
+    }
+
     /// Runs `redis-cli` against this server; its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new("/usr/bin/redis-cli");
@@ -180,6 +192,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.freeze(false);
+        }
         self.kill9();
     }
 }
