@@ -62,6 +62,12 @@ pub const DEFAULT_SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
 pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 /// Default `session.store.path` for the embedded store.
 pub const DEFAULT_STORE_PATH: &str = "data/sessions.db";
+/// Default `session.store.key_prefix`: every key (and the event channel) coatcheck writes in Redis
+/// starts with it.
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "coatcheck:";
+/// Default `session.store.timeout`: deadline of one Redis call; past it the call fails with 503
+/// `store_unavailable` (cached sessions keep working).
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default `session.cache.capacity`: decrypted sessions held in memory.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 /// Default `session.cache.ttl`: a cached session is served without the store for at most this long.
@@ -218,7 +224,26 @@ pub struct Session {
 pub enum StoreKind {
     Memory,
     Embedded { path: PathBuf },
-    Redis { url: Secret },
+    Redis(RedisSettings),
+}
+
+/// `[session.store]` with `kind = "redis"` (see docs/operations.md, "Running several instances").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS), `user:password@` (ACL) and `/N` (database) allowed; a
+    /// secret (inline, `env:NAME`, `file:PATH`). With Sentinel only its scheme, credentials and
+    /// database are used. Never logged.
+    pub url: Secret,
+    /// Prefix of every key and of the event channel; default [`DEFAULT_REDIS_KEY_PREFIX`].
+    pub key_prefix: String,
+    /// Extra trust anchor (PEM) for `rediss://`, beside the system roots.
+    pub ca: Option<PathBuf>,
+    /// Sentinel `host:port`s; empty: connect to the URL's host directly.
+    pub sentinels: Vec<String>,
+    /// The master name the Sentinels monitor; required with `sentinels`.
+    pub sentinel_master: Option<String>,
+    /// Deadline of one Redis call; default [`DEFAULT_REDIS_TIMEOUT`].
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -733,39 +758,16 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
     }
     let store = match s.store.kind.as_deref() {
         None | Some("embedded") => {
-            if s.store.url.is_some() {
-                p.push("session.store.url", "only applies to kind = \"redis\"");
-            }
+            not_for_kind(p, &s.store, "embedded");
             StoreKind::Embedded {
                 path: resolve_path(base, s.store.path.as_deref().unwrap_or(DEFAULT_STORE_PATH)),
             }
         }
-        Some("memory") => StoreKind::Memory,
-        Some("redis") => match s.store.url.as_deref() {
-            None => {
-                p.push("session.store.url", "is required for kind = \"redis\"");
-                StoreKind::Memory
-            }
-            Some(raw) => match secret::resolve(raw) {
-                Err(e) => {
-                    p.push("session.store.url", e);
-                    StoreKind::Memory
-                }
-                Ok(u) => {
-                    p.push("session.store.kind", "\"redis\" is not available in this version of coatcheck; use \"embedded\" (persistent) or \"memory\"");
-                    match Url::parse(u.expose()) {
-                        Ok(parsed)
-                            if matches!(parsed.scheme(), "redis" | "rediss")
-                                && parsed.host_str().is_some() => {}
-                        _ => p.push(
-                            "session.store.url",
-                            "is not a valid redis:// or rediss:// URL",
-                        ),
-                    }
-                    StoreKind::Redis { url: u }
-                }
-            },
-        },
+        Some("memory") => {
+            not_for_kind(p, &s.store, "memory");
+            StoreKind::Memory
+        }
+        Some("redis") => redis_settings(p, base, &s.store),
         Some(o) => {
             p.push(
                 "session.store.kind",
@@ -813,6 +815,152 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             DEFAULT_CACHE_TTL,
         ),
     }
+}
+
+/// Keys of `[session.store]` that only one kind reads: naming one for another kind is a mistake.
+fn not_for_kind(p: &mut Problems, st: &file::StoreFile, kind: &str) {
+    let redis_only = [
+        ("url", st.url.is_some()),
+        ("key_prefix", st.key_prefix.is_some()),
+        ("ca", st.ca.is_some()),
+        ("sentinels", st.sentinels.is_some()),
+        ("sentinel_master", st.sentinel_master.is_some()),
+        ("timeout", st.timeout.is_some()),
+    ];
+    for (key, set) in redis_only {
+        if set {
+            p.push(
+                format!("session.store.{key}"),
+                format!("only applies to kind = \"redis\", not {kind:?}"),
+            );
+        }
+    }
+}
+
+/// `[session.store]` with `kind = "redis"`. The URL is a secret: no message quotes it.
+fn redis_settings(p: &mut Problems, base: &Path, st: &file::StoreFile) -> StoreKind {
+    if st.path.is_some() {
+        p.push("session.store.path", "only applies to kind = \"embedded\"");
+    }
+    let url = match st.url.as_deref().map(secret::resolve) {
+        None => {
+            p.push(
+                "session.store.url",
+                "is required for kind = \"redis\" (e.g. \"env:COATCHECK_REDIS_URL\" holding redis://host:6379/0)",
+            );
+            Secret::default()
+        }
+        Some(Err(e)) => {
+            p.push("session.store.url", e);
+            Secret::default()
+        }
+        Some(Ok(u)) => {
+            if let Err(reason) = check_redis_url(u.expose()) {
+                p.push("session.store.url", reason);
+            }
+            u
+        }
+    };
+    let key_prefix = st
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
+    if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_whitespace) {
+        p.push(
+            "session.store.key_prefix",
+            format!("{key_prefix:?} must not contain braces or whitespace (braces would change the Redis Cluster hash tag)"),
+        );
+    }
+    let rediss = Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss");
+    let ca = st.ca.as_deref().map(|raw| {
+        if !rediss {
+            p.push("session.store.ca", "only applies to a rediss:// URL");
+        }
+        p.readable_file("session.store.ca", base, raw)
+    });
+    if let Some(path) = ca.as_ref().filter(|path| path.exists()) {
+        let pem = std::fs::read(path).unwrap_or_default();
+        use rustls_pki_types::pem::PemObject as _;
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_default();
+        if certs.is_empty() {
+            p.push(
+                "session.store.ca",
+                format!("{} holds no PEM certificate", path.display()),
+            );
+        }
+    }
+    let sentinels = st.sentinels.clone().unwrap_or_default();
+    for (i, addr) in sentinels.iter().enumerate() {
+        let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0)
+        });
+        if !ok {
+            p.push(
+                format!("session.store.sentinels[{i}]"),
+                format!("{addr:?} is not a host:port such as \"10.0.0.5:26379\""),
+            );
+        }
+    }
+    if st.sentinels.as_ref().is_some_and(Vec::is_empty) {
+        p.push(
+            "session.store.sentinels",
+            "is empty; list the Sentinels as [\"host:26379\", ...] or remove the key",
+        );
+    }
+    match (&st.sentinel_master, sentinels.is_empty()) {
+        (None, false) => p.push(
+            "session.store.sentinel_master",
+            "is required with session.store.sentinels (the name in \"sentinel monitor <name> ...\")",
+        ),
+        (Some(_), true) if st.sentinels.is_none() => p.push(
+            "session.store.sentinel_master",
+            "only applies together with session.store.sentinels",
+        ),
+        (Some(m), _) if m.is_empty() || m.chars().any(char::is_whitespace) => p.push(
+            "session.store.sentinel_master",
+            format!("{m:?} is not a Sentinel master name"),
+        ),
+        _ => {}
+    }
+    let timeout = p.duration(
+        "session.store.timeout",
+        st.timeout.as_deref(),
+        DEFAULT_REDIS_TIMEOUT,
+    );
+    StoreKind::Redis(RedisSettings {
+        url,
+        key_prefix,
+        ca,
+        sentinels,
+        sentinel_master: st.sentinel_master.clone(),
+        timeout,
+    })
+}
+
+/// Checks a Redis URL; the reason never quotes the URL (it may hold a password).
+fn check_redis_url(raw: &str) -> Result<(), String> {
+    let u = Url::parse(raw).map_err(|e| {
+        format!("is not a valid URL ({e}); write redis://[user:password@]host[:port][/db] or rediss://...")
+    })?;
+    if !matches!(u.scheme(), "redis" | "rediss") {
+        return Err(format!(
+            "scheme {:?} must be \"redis\" or \"rediss\" (TLS)",
+            u.scheme()
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err("has no host; write redis://host:6379/0".into());
+    }
+    let db = u.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(format!("path {db:?} must be a database number such as /0"));
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(())
 }
 
 /// Whether `url` is http on a loopback host (allowed for local development and tests).

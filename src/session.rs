@@ -165,9 +165,7 @@ impl Sessions {
             StoreKind::Embedded { path } => {
                 AnyStore::Embedded(store::embedded::EmbeddedStore::open(path)?)
             }
-            StoreKind::Redis { .. } => {
-                return Err(StoreError::Unavailable("session.store.kind = \"redis\" is not available in this version; use \"embedded\"".into()));
-            }
+            StoreKind::Redis(settings) => AnyStore::Redis(store::redis::RedisStore::new(settings)?),
         };
         // Entries stay in memory past their freshness so they can be served during a store outage.
         let keep = cfg.cache_ttl + OUTAGE_GRACE;

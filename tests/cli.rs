@@ -436,3 +436,27 @@ fn dev_cert_writes_a_ca_and_a_server_certificate() {
             .is_err()
     );
 }
+
+#[test]
+fn a_redis_store_config_passes_check_config_without_showing_its_password() {
+    let dir = workdir_with_certs();
+    let store = "[session.store]\nkind = \"redis\"\nurl = \"env:REDIS_URL\"\nkey_prefix = \"app1:\"\nca = \"certs/ca.crt\"\nsentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nsentinel_master = \"mymaster\"\ntimeout = \"250ms\"\n";
+    let ok = format!("{VALID}\n{store}");
+    std::fs::write(dir.join("ok.toml"), &ok).unwrap();
+    let env = [(
+        "REDIS_URL",
+        "rediss://coatcheck:pw-Secr3t@redis.internal:6380/2",
+    )];
+    let out = coatcheck(&["check-config", "--config", "ok.toml"], dir.path(), &env);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains("pw-Secr3t"));
+
+    // A bad URL is refused without quoting it.
+    let env = [("REDIS_URL", "redis://coatcheck:pw-Secr3t@host/notadb")];
+    let out = coatcheck(&["check-config", "--config", "ok.toml"], dir.path(), &env);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{stderr}");
+    assert!(stderr.contains("session.store.url: "), "{stderr}");
+    assert!(!stderr.contains("pw-Secr3t"), "{stderr}");
+}

@@ -96,6 +96,11 @@ pub struct StoreFile {
     pub kind: Option<String>,
     pub path: Option<String>,
     pub url: Option<String>,
+    pub key_prefix: Option<String>,
+    pub ca: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub sentinel_master: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,6 +16,7 @@
 pub mod embedded;
 pub mod local;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::time::Duration;
@@ -224,6 +225,7 @@ pub trait Events: Send + Sync {
 pub enum AnyStore {
     Memory(memory::MemoryStore),
     Embedded(embedded::EmbeddedStore),
+    Redis(redis::RedisStore),
 }
 
 macro_rules! dispatch {
@@ -231,6 +233,7 @@ macro_rules! dispatch {
         match $self {
             AnyStore::Memory($s) => $e,
             AnyStore::Embedded($s) => $e,
+            AnyStore::Redis($s) => $e,
         }
     };
 }
