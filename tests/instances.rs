@@ -327,3 +327,35 @@ async fn kill_9_of_one_instance_leaves_its_sessions_served_by_the_others() {
     assert_eq!(status(&n.on(0, &a), "/api/after").await, 200);
     assert_eq!(status(&n.on(1, &a), "/api/after").await, 200);
 }
+
+#[tokio::test]
+async fn an_instance_started_without_redis_reports_not_ready_and_connects_when_it_appears() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let api = Upstream::start().await;
+    let idp = Idp::start(IdpOptions::default()).await;
+    let opts = EnvOptions {
+        store: format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
+        start_idp: false,
+        ..Default::default()
+    };
+    let text = support::proxy_config("", &bff::config_text(&opts, idp.port, &api.url()));
+    let node = ProxyProcess::start(&text).await;
+    let readyz = || async {
+        support::http1_client(node.addr)
+            .get(format!("https://localhost:{}/readyz", node.addr.port()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(readyz().await, 503, "not ready without Redis");
+    let mut b = Browser::new(node.addr);
+    assert_eq!(b.login("alice", "alice-pw").await.status(), 503);
+    redis.start_again();
+    support::wait_ready(node.addr).await;
+    let mut b = Browser::new(node.addr);
+    assert_eq!(b.login("alice", "alice-pw").await.status(), 200);
+    assert_eq!(status(&b, "/api/x").await, 200);
+}
