@@ -91,13 +91,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server_tls = tls::server_config(&config.server.tls.cert, &config.server.tls.key)?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let auth = match &config.oidc {
-        Some(_) => {
-            let auth = Arc::new(Auth::new(&config).map_err(StartError::Setup)?);
-            auth.spawn_background(&shutdown);
-            Some(auth)
-        }
-        None => None,
+    let auth = if config.oidc.is_some() || config.capture.is_some() {
+        let auth = Arc::new(Auth::new(&config).map_err(StartError::Setup)?);
+        auth.spawn_background(&shutdown);
+        Some(auth)
+    } else {
+        None
     };
     let router = Arc::new(Router::new(&config, auth)?);
 

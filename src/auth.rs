@@ -2,6 +2,7 @@
 //! and token refresh. It decides what `Authorization` a request leaves with, then hands it to
 //! `proxy`, which never sees a session.
 //!
+//! - [`capture`]: sessions from an existing API's own JSON login (`[capture]`).
 //! - [`oidc`]: the identity provider (discovery, JWKS, token/revocation/end-session endpoints).
 //! - [`id_token`]: ID and logout token validation.
 //! - [`issuer`]: the token issuer abstraction (how tokens are refreshed, revoked, ended).
@@ -10,6 +11,7 @@
 //! - [`refresh`]: single-flight token refresh.
 //! - [`csrf`], [`policy`]: request checks.
 
+pub mod capture;
 pub mod csrf;
 pub mod endpoints;
 pub mod id_token;
@@ -27,7 +29,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
-use crate::config::{AuthMode, Config, Route};
+use crate::config::{AuthMode, Config, CsrfMode, Route};
 use crate::error::Error;
 use crate::proxy::{self, Forward, headers};
 use crate::session::{Lookup, Session, Sessions, store};
@@ -62,7 +64,7 @@ pub const LOGIN_PATH: &str = "/bff/login";
 /// provider), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
 /// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
-    provider: Arc<oidc::Provider>,
+    issuers: Arc<issuer::Issuers>,
     sessions: Arc<Sessions>,
     refresher: refresh::Refresher,
     csrf_header: HeaderName,
@@ -72,15 +74,32 @@ pub struct Auth {
 impl Auth {
     /// Builds the provider client, opens the session store. No network yet.
     pub fn new(config: &Config) -> Result<Auth, String> {
-        let oidc = config.oidc.as_ref().ok_or("no [oidc] section")?;
-        let provider = Arc::new(
-            oidc::Provider::new(oidc, &config.server.public_origin).map_err(|e| e.to_string())?,
-        );
+        let oidc = match &config.oidc {
+            Some(o) => Some(Arc::new(
+                oidc::Provider::new(o, &config.server.public_origin).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let capture = match &config.capture {
+            Some(c) => Some(Arc::new(
+                capture::Capture::new(c, &config.routes[c.route])
+                    .map_err(|e| format!("capture: {e}"))?,
+            )),
+            None => None,
+        };
+        if oidc.is_none() && capture.is_none() {
+            return Err("neither [oidc] nor [capture] is configured".into());
+        }
+        let issuers = Arc::new(issuer::Issuers { oidc, capture });
         let sessions =
             Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
         Ok(Auth {
-            refresher: refresh::Refresher::new(provider.clone(), sessions.clone(), oidc),
-            provider,
+            refresher: refresh::Refresher::new(
+                issuers.clone(),
+                sessions.clone(),
+                config.oidc.as_ref(),
+            ),
+            issuers,
             sessions,
             csrf_header: config.csrf.header.clone(),
             public_origin: config.server.public_origin.clone(),
@@ -91,14 +110,15 @@ impl Auth {
     /// it answers: `auth = "none"` routes serve meanwhile and `/readyz` says not ready), following
     /// the session event channel, and sweeping expired sessions.
     pub fn spawn_background(&self, shutdown: &CancellationToken) {
-        let provider = self.provider.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = provider.discover_until_ready() => {}
-                _ = stop.cancelled() => {}
-            }
-        });
+        if let Some(provider) = self.issuers.oidc.clone() {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = provider.discover_until_ready() => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         tokio::spawn(self.sessions.clone().follow_events(shutdown.clone()));
         tokio::spawn(sweep_expired(self.sessions.clone(), shutdown.clone()));
     }
@@ -108,9 +128,35 @@ impl Auth {
         self.sessions.backend().as_ref()
     }
 
-    /// Ready when the provider's metadata is loaded and the store answers.
+    /// The OIDC provider; 404 for its endpoints when only `[capture]` is configured.
+    fn oidc(&self) -> Result<&Arc<oidc::Provider>, Error> {
+        self.issuers.oidc.as_ref().ok_or(Error::NotFound)
+    }
+
+    /// The capture issuer, when `[capture]` is configured.
+    pub fn capture(&self) -> Option<&capture::Capture> {
+        self.issuers.capture.as_deref()
+    }
+
+    /// Where a browser without a session logs in: `/bff/login` with OIDC, else the capture login.
+    fn login_path(&self) -> &str {
+        match (&self.issuers.oidc, self.capture()) {
+            (None, Some(c)) => c.login_path(),
+            _ => LOGIN_PATH,
+        }
+    }
+
+    /// Where the browser goes after a logout without a provider session to end.
+    fn post_logout_redirect(&self) -> &str {
+        self.issuers
+            .oidc
+            .as_ref()
+            .map_or("/", |p| p.cfg.post_logout_redirect.as_str())
+    }
+
+    /// Ready when the issuers are (the provider's metadata is loaded) and the store answers.
     pub async fn ready(&self) -> Result<(), String> {
-        self.provider.ready()?;
+        self.issuers.ready()?;
         self.sessions.ping().await.map_err(|e| e.to_string())
     }
 
@@ -192,6 +238,35 @@ impl Auth {
         .await
     }
 
+    /// A POST to `capture.login_path`: checked like any state-changing request (CSRF header,
+    /// `Origin`, Fetch Metadata), forwarded through its public route, and turned into a session
+    /// when the API answers with tokens ([`capture::LoginPhases`]).
+    pub async fn capture_login(
+        &self,
+        upstream: &Upstream,
+        route: &Route,
+        mut req: Request<Incoming>,
+        fwd: Forward<'_>,
+    ) -> Result<Response<Body>, Error> {
+        let capture = self.capture().ok_or(Error::NotFound)?;
+        self.csrf()
+            .check(req.headers(), req.method(), CsrfMode::All, false)?;
+        let previous = match self.sessions.lookup(req.headers()).await {
+            Ok(Lookup::Live(s)) => Some(s),
+            _ => None,
+        };
+        // The answer is read for tokens: it must come unencoded.
+        req.headers_mut().remove(header::ACCEPT_ENCODING);
+        let phases = capture::LoginPhases {
+            auth: self,
+            capture,
+            previous,
+            user_agent: Sessions::user_agent(req.headers()).cloned(),
+            timeout: route.timeout,
+        };
+        proxy::forward(upstream, route, req, fwd, &phases).await
+    }
+
     /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
     async fn forward_bearer(
         &self,
@@ -217,7 +292,7 @@ impl Auth {
             })
             .ok_or_else(unauth)?;
         let claims =
-            match id_token::validate_access_token(&self.provider, token, route.audience.as_deref())
+            match id_token::validate_access_token(self.oidc()?, token, route.audience.as_deref())
                 .await
             {
                 Ok(c) => c,
@@ -241,10 +316,13 @@ impl Auth {
         ended: bool,
     ) -> Result<Response<Body>, Error> {
         let return_url = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let login_url = format!(
-            "{LOGIN_PATH}?returnUrl={}",
-            url::form_urlencoded::byte_serialize(return_url.as_bytes()).collect::<String>()
-        );
+        let login_url = match self.issuers.oidc {
+            Some(_) => format!(
+                "{LOGIN_PATH}?returnUrl={}",
+                url::form_urlencoded::byte_serialize(return_url.as_bytes()).collect::<String>()
+            ),
+            None => self.login_path().to_owned(),
+        };
         if route.login_redirect && policy::is_navigation(req.headers()) {
             let mut res = crate::body::redirect(StatusCode::FOUND, &login_url);
             if ended {
@@ -281,11 +359,11 @@ impl Auth {
         match self.sessions.lookup(req.headers()).await? {
             Lookup::Live(s) => Ok(s),
             Lookup::Ended => Err(Error::SessionExpired {
-                login_url: LOGIN_PATH.into(),
+                login_url: self.login_path().into(),
                 clear_cookie: true,
             }),
             Lookup::None => Err(Error::Unauthenticated {
-                login_url: LOGIN_PATH.into(),
+                login_url: self.login_path().into(),
             }),
         }
     }

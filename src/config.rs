@@ -98,8 +98,37 @@ pub struct Config {
     pub log: Log,
     pub session: Session,
     pub oidc: Option<Oidc>,
+    pub capture: Option<Capture>,
     pub csrf: Csrf,
     pub routes: Vec<Route>,
+}
+
+/// Default `capture.access_token`: JSON Pointer (RFC 6901) to the access token in the login and
+/// refresh answers.
+pub const DEFAULT_CAPTURE_ACCESS_TOKEN: &str = "/access_token";
+/// Default `capture.refresh_token`.
+pub const DEFAULT_CAPTURE_REFRESH_TOKEN: &str = "/refresh_token";
+/// Default `capture.refresh_before_expiry` (capped at half the token's lifetime, like OIDC's).
+pub const DEFAULT_CAPTURE_REFRESH_BEFORE: Duration = Duration::from_secs(10);
+
+/// `[capture]`: sessions made from an existing API's own JSON login.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// A POST here (through its route) that answers 2xx JSON with the tokens starts a session.
+    pub login_path: String,
+    /// Upstream path (same upstream) coatcheck POSTs `{"refresh_token": …}` to.
+    pub refresh_path: String,
+    /// Upstream path coatcheck POSTs `{"refresh_token": …}` to at logout.
+    pub logout_path: Option<String>,
+    /// JSON Pointers into the login and refresh answers.
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Without it, the access token's `exp` claim.
+    pub expires_in: Option<String>,
+    pub refresh_before_expiry: Duration,
+    /// Index (in `routes`) of the route that serves `login_path`: its upstream answers
+    /// `refresh_path` and `logout_path` too.
+    pub route: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -446,6 +475,7 @@ impl Config {
             .iter()
             .any(|r| matches!(r.auth, AuthMode::Required | AuthMode::Optional))
             || self.oidc.is_some()
+            || self.capture.is_some()
     }
 }
 
@@ -506,13 +536,20 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
     };
     let oidc = raw.oidc.map(|o| validate_oidc(o, base, p));
     let routes = validate_routes(raw.routes, base, p);
-    let needs = routes.iter().any(|r| r.auth != AuthMode::None) || oidc.is_some();
+    let capture = raw.capture.map(|c| validate_capture(c, &routes, p));
+    let needs =
+        routes.iter().any(|r| r.auth != AuthMode::None) || oidc.is_some() || capture.is_some();
     let session = validate_session(raw.session, base, needs, p);
     for r in &routes {
-        if r.auth != AuthMode::None && oidc.is_none() {
+        let user_session = matches!(r.auth, AuthMode::Required | AuthMode::Optional);
+        if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some()) {
             p.push(
                 format!("route[{}].auth", r.index),
-                "needs an [oidc] section (issuer, client_id, client_secret)",
+                if user_session {
+                    "needs an [oidc] or a [capture] section"
+                } else {
+                    "needs an [oidc] section (issuer, client_id, client_secret)"
+                },
             );
         }
     }
@@ -522,8 +559,91 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         log,
         session,
         oidc,
+        capture,
         csrf,
         routes,
+    }
+}
+
+/// The route that serves `path`: the longest matching prefix on a segment boundary.
+fn route_for<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
+    routes
+        .iter()
+        .filter(|r| {
+            let prefix = r.path.trim_end_matches('/');
+            path == prefix
+                || path.starts_with(&r.path)
+                || (path.starts_with(prefix) && path[prefix.len()..].starts_with('/'))
+        })
+        .max_by_key(|r| r.path.len())
+}
+
+fn validate_capture(c: file::CaptureFile, routes: &[Route], p: &mut Problems) -> Capture {
+    let path_ok = |key: &str, v: &str, p: &mut Problems| {
+        if !v.starts_with('/') || v.contains(['?', '#']) || v.chars().any(char::is_whitespace) {
+            p.push(
+                key,
+                format!("{v:?} must be a path such as /auth/login (no query)"),
+            );
+        }
+    };
+    path_ok("capture.login_path", &c.login_path, p);
+    path_ok("capture.refresh_path", &c.refresh_path, p);
+    if let Some(l) = &c.logout_path {
+        path_ok("capture.logout_path", l, p);
+    }
+    let pointer = |key: &str, v: Option<String>, default: &str, p: &mut Problems| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if !v.starts_with('/') {
+            p.push(
+                key,
+                format!("{v:?} must be a JSON Pointer (RFC 6901) such as /access_token"),
+            );
+        }
+        v
+    };
+    let access_token = pointer(
+        "capture.access_token",
+        c.access_token,
+        DEFAULT_CAPTURE_ACCESS_TOKEN,
+        p,
+    );
+    let refresh_token = pointer(
+        "capture.refresh_token",
+        c.refresh_token,
+        DEFAULT_CAPTURE_REFRESH_TOKEN,
+        p,
+    );
+    let expires_in = c
+        .expires_in
+        .map(|e| pointer("capture.expires_in", Some(e), "", p));
+    let route = match route_for(routes, &c.login_path) {
+        Some(r) if r.auth == AuthMode::None => r.index,
+        Some(r) => {
+            p.push(
+                "capture.login_path",
+                format!("is served by route[{}] (path {:?}), whose auth must be \"none\": the login is public", r.index, r.path),
+            );
+            r.index
+        }
+        None => {
+            p.push("capture.login_path", "no [[route]] serves this path");
+            0
+        }
+    };
+    Capture {
+        refresh_before_expiry: p.duration(
+            "capture.refresh_before_expiry",
+            c.refresh_before_expiry.as_deref(),
+            DEFAULT_CAPTURE_REFRESH_BEFORE,
+        ),
+        login_path: c.login_path,
+        refresh_path: c.refresh_path,
+        logout_path: c.logout_path,
+        access_token,
+        refresh_token,
+        expires_in,
+        route,
     }
 }
 

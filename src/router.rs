@@ -228,6 +228,19 @@ impl Router {
             authorization: None,
             own_cookie,
         };
+        if let Some(auth) = &self.auth
+            && let Some(capture) = auth.capture()
+        {
+            // The API's refresh endpoint is coatcheck's alone: its answers hold tokens.
+            if capture.is_refresh_endpoint(route, forward_path) {
+                return Err(Error::Forbidden(
+                    "coatcheck refreshes this session's tokens itself".into(),
+                ));
+            }
+            if req.method() == Method::POST && path.matched.as_ref() == capture.login_path() {
+                return auth.capture_login(&entry.upstream, route, req, fwd).await;
+            }
+        }
         match (route.auth, &self.auth) {
             (AuthMode::None, _) => {
                 proxy::forward(&entry.upstream, route, req, fwd, &proxy::Plain).await

@@ -94,8 +94,8 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
 async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
     auth.sessions.delete(&s.handle, EndReason::Logout).await?;
     if let Some(rt) = &s.data.refresh_token {
-        match tokio::time::timeout(REVOKE_TIMEOUT, Issuer::revoke(auth.provider.as_ref(), rt)).await
-        {
+        let revoke = async { auth.issuers.get(s.data.issuer)?.revoke(rt).await };
+        match tokio::time::timeout(REVOKE_TIMEOUT, revoke).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(session = %s.handle, error = %e, "refresh token revocation failed; the session is ended locally")
@@ -106,7 +106,10 @@ async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
         }
     }
     tracing::info!(session = %s.handle, "logged out");
-    Ok(auth.provider.logout_url(&s.data, &secret::random_token(16)))
+    Ok(match auth.issuers.get(s.data.issuer) {
+        Ok(issuer) => issuer.logout_url(&s.data, &secret::random_token(16)),
+        Err(_) => auth.post_logout_redirect().to_owned(),
+    })
 }
 
 async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
@@ -117,8 +120,7 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
         Lookup::Live(s) => s,
         // Nothing to end: go where a logout would have gone (forgetting a dead ticket).
         Lookup::Ended => {
-            let mut res =
-                body::redirect(StatusCode::FOUND, &auth.provider.cfg.post_logout_redirect);
+            let mut res = body::redirect(StatusCode::FOUND, auth.post_logout_redirect());
             res.headers_mut()
                 .append(header::SET_COOKIE, auth.clear_session_cookie());
             return Ok(res);
@@ -126,7 +128,7 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
         Lookup::None => {
             return Ok(body::redirect(
                 StatusCode::FOUND,
-                &auth.provider.cfg.post_logout_redirect,
+                auth.post_logout_redirect(),
             ));
         }
     };
@@ -147,7 +149,7 @@ async fn logout_post(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bod
     csrf(auth, &req)?;
     let next = match auth.sessions.lookup(req.headers()).await? {
         Lookup::Live(s) => end_session(auth, &s).await?,
-        _ => auth.provider.cfg.post_logout_redirect.clone(),
+        _ => auth.post_logout_redirect().to_owned(),
     };
     let mut res = body::json(StatusCode::OK, &json!({"logout_url": next}));
     res.headers_mut()
@@ -242,7 +244,7 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
         .find(|(k, _)| k == "logout_token")
         .map(|(_, v)| Secret::new(v.into_owned()))
         .ok_or_else(|| Error::BadRequest("logout_token is missing".into()))?;
-    let claims = match id_token::validate_logout_token(&auth.provider, token.expose()).await {
+    let claims = match id_token::validate_logout_token(auth.oidc()?, token.expose()).await {
         Ok(c) => c,
         Err(Ok(e)) => return Err(Error::BadRequest(e.to_string())),
         Err(Err(e)) => return Err(e),
@@ -262,7 +264,7 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
         .unwrap_or(0)
         .saturating_sub(session::now())
         .min(id_token::LOGOUT_TOKEN_MAX_AGE)
-        + auth.provider.cfg.clock_skew.as_secs()
+        + auth.oidc()?.cfg.clock_skew.as_secs()
         + 1;
     let once_key = format!("jti:{}", subject_key(iss, jti));
     if !auth

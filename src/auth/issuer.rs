@@ -25,6 +25,81 @@ pub enum IssuerKind {
     /// OpenID Connect code + PKCE (`[oidc]`).
     #[default]
     Oidc,
+    /// An existing API's own JSON login (`[capture]`).
+    Capture,
+}
+
+/// The issuers this configuration has; a session is refreshed and ended by the one that made it.
+pub struct Issuers {
+    pub oidc: Option<std::sync::Arc<Provider>>,
+    pub capture: Option<std::sync::Arc<super::capture::Capture>>,
+}
+
+/// One of the configured issuers (static dispatch).
+pub enum AnyIssuer<'a> {
+    Oidc(&'a Provider),
+    Capture(&'a super::capture::Capture),
+}
+
+impl Issuers {
+    /// The issuer of `kind`; an error if this configuration has none (a record written under
+    /// another configuration).
+    pub fn get(&self, kind: IssuerKind) -> Result<AnyIssuer<'_>, IssuerError> {
+        match kind {
+            IssuerKind::Oidc => self.oidc.as_deref().map(AnyIssuer::Oidc),
+            IssuerKind::Capture => self.capture.as_deref().map(AnyIssuer::Capture),
+        }
+        .ok_or_else(|| IssuerError::Refused(format!("no {kind:?} issuer is configured")))
+    }
+
+    /// `refresh_before_expiry` for sessions of `kind`.
+    pub fn refresh_before(&self, kind: IssuerKind) -> std::time::Duration {
+        match kind {
+            IssuerKind::Oidc => self.oidc.as_ref().map(|p| p.cfg.refresh_before_expiry),
+            IssuerKind::Capture => self.capture.as_ref().map(|c| c.refresh_before()),
+        }
+        .unwrap_or_default()
+    }
+
+    /// Ready when every configured issuer is.
+    pub fn ready(&self) -> Result<(), String> {
+        if let Some(p) = &self.oidc {
+            Issuer::ready(p.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+impl Issuer for AnyIssuer<'_> {
+    async fn refresh(
+        &self,
+        current: &SessionData,
+        refresh_token: &Secret,
+        now: u64,
+    ) -> Result<SessionData, IssuerError> {
+        match self {
+            AnyIssuer::Oidc(p) => Issuer::refresh(*p, current, refresh_token, now).await,
+            AnyIssuer::Capture(c) => c.refresh(current, refresh_token, now).await,
+        }
+    }
+    async fn revoke(&self, refresh_token: &Secret) -> Result<(), IssuerError> {
+        match self {
+            AnyIssuer::Oidc(p) => Issuer::revoke(*p, refresh_token).await,
+            AnyIssuer::Capture(c) => c.revoke(refresh_token).await,
+        }
+    }
+    fn logout_url(&self, data: &SessionData, state: &str) -> String {
+        match self {
+            AnyIssuer::Oidc(p) => p.logout_url(data, state),
+            AnyIssuer::Capture(c) => c.logout_url(data, state),
+        }
+    }
+    fn ready(&self) -> Result<(), String> {
+        match self {
+            AnyIssuer::Oidc(p) => Issuer::ready(*p),
+            AnyIssuer::Capture(c) => c.ready(),
+        }
+    }
 }
 
 /// Why an issuer could not refresh or revoke.

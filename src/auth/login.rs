@@ -85,7 +85,7 @@ pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>
     let nonce = secret::random_token(32);
     let verifier = secret::random_token(32);
     let challenge = URL_SAFE_NO_PAD.encode(secret::sha256(verifier.as_bytes()));
-    let location = auth.provider.authorize_url(&state, &nonce, &challenge)?;
+    let location = auth.oidc()?.authorize_url(&state, &nonce, &challenge)?;
     let name = login_cookie_name(auth.cookie_name(), &state);
     let tx = Transaction {
         state: Secret::new(state),
@@ -175,7 +175,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     if !auth.once().first_use(&once_key, LOGIN_TTL).await? {
         return bad("This sign-in answer was already used.");
     }
-    let meta = auth.provider.metadata()?;
+    let meta = auth.oidc()?.metadata()?;
     // RFC 9207: when the provider names itself in the answer, it must be the one we asked.
     if let Some(iss) = query_param(&req, "iss")
         && iss.trim_end_matches('/') != meta.issuer.trim_end_matches('/')
@@ -186,7 +186,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         return bad("The sign-in answer has no code.");
     };
     let tokens = match auth
-        .provider
+        .oidc()?
         .exchange_code(&Secret::new(code), &tx.verifier)
         .await
     {
@@ -208,7 +208,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         return bad("The identity provider sent no ID token.");
     };
     let claims = match id_token::validate(
-        &auth.provider,
+        auth.oidc()?,
         id_token.expose(),
         Expected {
             nonce: Some(tx.nonce.expose()),

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::issuer::{Issuer, IssuerError};
-use super::oidc::Provider;
+use super::issuer::{Issuer, IssuerError, Issuers};
 use crate::config;
 use crate::error::Error;
 use crate::secret;
@@ -54,12 +53,11 @@ enum Step {
 
 /// The refresher.
 pub struct Refresher {
-    /// The token issuer that refreshes (today the OIDC provider).
-    issuer: Arc<Provider>,
+    /// The token issuers: a session is refreshed by the one that made it.
+    issuers: Arc<Issuers>,
     sessions: Arc<Sessions>,
     /// The lease, the spent-token set and the release announcements.
     backend: Arc<AnyStore>,
-    refresh_before: Duration,
     wait: Duration,
     grace: Duration,
     /// How long a refresh lease lives if its holder dies: long enough for the provider calls.
@@ -68,15 +66,19 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(provider: Arc<Provider>, sessions: Arc<Sessions>, cfg: &config::Oidc) -> Refresher {
+    pub fn new(
+        issuers: Arc<Issuers>,
+        sessions: Arc<Sessions>,
+        oidc: Option<&config::Oidc>,
+    ) -> Refresher {
+        let timeout = oidc.map_or(config::DEFAULT_IDP_TIMEOUT, |o| o.timeout);
         Refresher {
-            issuer: provider,
+            issuers,
             backend: sessions.backend().clone(),
             sessions,
-            refresh_before: cfg.refresh_before_expiry,
-            wait: cfg.refresh_wait,
-            grace: cfg.rotation_grace,
-            lease_ttl: cfg.timeout * 2 + Duration::from_secs(2),
+            wait: oidc.map_or(config::DEFAULT_REFRESH_WAIT, |o| o.refresh_wait),
+            grace: oidc.map_or(config::DEFAULT_ROTATION_GRACE, |o| o.rotation_grace),
+            lease_ttl: timeout * 2 + Duration::from_secs(2),
             metrics: Metrics::default(),
         }
     }
@@ -88,7 +90,10 @@ impl Refresher {
             .data
             .access_expires_at
             .saturating_sub(s.data.access_issued_at);
-        let margin = self.refresh_before.min(Duration::from_secs(lifetime / 2));
+        let margin = self
+            .issuers
+            .refresh_before(s.data.issuer)
+            .min(Duration::from_secs(lifetime / 2));
         Instant::now() + margin >= s.access_deadline
     }
 
@@ -214,9 +219,11 @@ impl Refresher {
             Err(e) => return self.store_blip(current, rejected, e).map(Step::Done),
         }
         self.metrics.refreshes.fetch_add(1, Ordering::Relaxed);
-        let data = match Issuer::refresh(self.issuer.as_ref(), &current.data, &refresh_token, now)
-            .await
-        {
+        let issued = match self.issuers.get(current.data.issuer) {
+            Ok(issuer) => issuer.refresh(&current.data, &refresh_token, now).await,
+            Err(e) => Err(e),
+        };
+        let data = match issued {
             Ok(data) => data,
             Err(IssuerError::Refused(why)) => return self.end(&current, &why).await,
             Err(e @ IssuerError::Unavailable(_)) => {

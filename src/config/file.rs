@@ -13,6 +13,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub session: SessionFile,
     pub oidc: Option<OidcFile>,
+    pub capture: Option<CaptureFile>,
     #[serde(default)]
     pub csrf: CsrfFile,
     #[serde(default, rename = "route")]
@@ -127,6 +128,18 @@ pub struct OidcFile {
     pub refresh_wait: Option<String>,
     pub rotation_grace: Option<String>,
     pub metadata_refresh: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureFile {
+    pub login_path: String,
+    pub refresh_path: String,
+    pub logout_path: Option<String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub expires_in: Option<String>,
+    pub refresh_before_expiry: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
