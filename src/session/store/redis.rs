@@ -25,9 +25,11 @@
 //! configured), health-checks the connection every second and reconnects with backoff, forever.
 //! Until it is connected every call fails at once with [`StoreError::Unavailable`]; every call
 //! has a deadline (`session.store.timeout`). A second task holds the event subscription and
-//! reports [`Event::Lost`] / [`Event::Resumed`] as it drops and comes back.
+//! reports [`Event::Lost`] / [`Event::Resumed`] as it drops and comes back; [`Store::ping`]
+//! (readiness) needs both.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -237,6 +239,8 @@ struct Shared {
     broken: Notify,
     events: broadcast::Sender<Event>,
     channel: String,
+    /// Whether the event subscription is live (else this instance may miss events).
+    subscribed: AtomicBool,
 }
 
 /// The `redis` store kind. Cheap to call from many tasks (one multiplexed connection).
@@ -322,6 +326,7 @@ impl RedisStore {
             broken: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             channel: format!("{}events", settings.key_prefix),
+            subscribed: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         runtime.spawn(connector(shared.clone(), stop.clone()));
@@ -612,6 +617,7 @@ async fn subscriber(shared: Arc<Shared>, stop: CancellationToken) {
         match live {
             Ok((mut sink, mut stream)) => {
                 backoff = BACKOFF_MIN;
+                shared.subscribed.store(true, Ordering::Release);
                 if lost {
                     let _ = shared.events.send(Event::Resumed);
                     lost = false;
@@ -637,6 +643,7 @@ async fn subscriber(shared: Arc<Shared>, stop: CancellationToken) {
                         }
                     }
                 }
+                shared.subscribed.store(false, Ordering::Release);
                 tracing::warn!("session event subscription lost; resubscribing");
             }
             Err(e) => {
@@ -797,7 +804,12 @@ impl Store for RedisStore {
         }
     }
 
+    /// Ready means both: commands are answered and the event subscription is live (an instance
+    /// that cannot hear events could serve a session another instance ended).
     async fn ping(&self) -> Result<(), StoreError> {
+        if !self.shared.subscribed.load(Ordering::Acquire) {
+            return Err(unavailable("the redis event subscription is not live"));
+        }
         self.call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
             .await
     }
