@@ -505,9 +505,14 @@ async fn records_survive_a_redis_restart_with_appendonly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sentinel_failover_the_store_works_against_the_promoted_replica() {
-    let mut setup = SentinelSetup::start(1);
+    let mut setup = SentinelSetup::start(3);
     let mut cfg = settings("redis://sentinel-managed/0", "sent:");
-    cfg.sentinels = setup.addrs();
+    // A dead Sentinel first: the next one is asked.
+    cfg.sentinels = [
+        vec![format!("127.0.0.1:{}", support::redis::free_port())],
+        setup.addrs(),
+    ]
+    .concat();
     cfg.sentinel_master = Some(MASTER_NAME.into());
     let s = store(&cfg).await;
     let mut rx = s.subscribe();
