@@ -381,7 +381,6 @@ impl RedisStore {
         script: &Script,
         record: &Record,
         extra: &[String],
-        first_field: usize,
     ) -> Result<bool, StoreError> {
         let expires_at = record.expires_at();
         let ttl_ms = expires_at.saturating_sub(record.last_seen).max(1) * 1000;
@@ -393,10 +392,10 @@ impl RedisStore {
             inv.key(self.key("sid", sid));
         }
         inv.arg(ttl_ms).arg(expires_at).arg(&record.handle);
+        // The script's own arguments; the hash fields follow (its `write(4 + extra.len())`).
         for a in extra {
             inv.arg(a);
         }
-        debug_assert_eq!(4 + extra.len(), first_field);
         inv.arg("v")
             .arg(record.version)
             .arg("ls")
@@ -436,7 +435,12 @@ fn trust_anchors(path: &std::path::Path) -> Result<redis::TlsCertificates, Store
     let mut pem = std::fs::read(path)
         .map_err(|e| unavailable(format!("session.store.ca: {}: {e}", path.display())))?;
     pem.push(b'\n');
+    // redis-rs refuses the whole bundle if one anchor does not parse: keep only those that do.
+    let mut check = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
+        if check.add(cert.clone()).is_err() {
+            continue;
+        }
         let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
         pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
         for line in b64.as_bytes().chunks(64) {
@@ -540,11 +544,8 @@ impl Shared {
 
     fn describe(&self) -> String {
         match &self.target {
-            Target::Direct(c) => {
-                let addr = c.get_connection_info().addr().to_string();
-                // ConnectionAddr's Display is host:port; it holds no credentials.
-                addr
-            }
+            // ConnectionAddr's Display is host:port; it holds no credentials.
+            Target::Direct(c) => c.get_connection_info().addr().to_string(),
             Target::Sentinel { master, url, .. } => {
                 format!("sentinel master {master:?} ({})", url.scheme())
             }
@@ -717,7 +718,7 @@ fn decode(handle: &str, h: &HashMap<String, Vec<u8>>) -> Result<Option<Record>, 
 
 impl Store for RedisStore {
     async fn create(&self, record: Record) -> Result<(), StoreError> {
-        if self.write(&self.scripts.create, &record, &[], 4).await? {
+        if self.write(&self.scripts.create, &record, &[]).await? {
             Ok(())
         } else {
             Err(StoreError::Exists)
@@ -734,7 +735,7 @@ impl Store for RedisStore {
 
     async fn save(&self, record: Record, expected_version: u64) -> Result<bool, StoreError> {
         let extra = [expected_version.to_string(), self.prefix.clone()];
-        self.write(&self.scripts.save, &record, &extra, 6).await
+        self.write(&self.scripts.save, &record, &extra).await
     }
 
     async fn touch(
