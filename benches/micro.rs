@@ -49,7 +49,8 @@ fn session_data() -> SessionData {
         iss: "http://127.0.0.1:9090".into(),
         sub: "alice".into(),
         claims,
-        id_token: token(900),
+        issuer: Default::default(),
+        id_token: Some(token(900)),
         access_token: token(800),
         access_expires_at: now() + 3600,
         access_issued_at: now(),
@@ -129,7 +130,7 @@ fn micro(c: &mut Criterion) {
             |h| {
                 let host = h.get(header::HOST).cloned();
                 headers::strip_hop_by_hop(h, false);
-                headers::add_forwarding(h, client, host.as_ref());
+                headers::add_forwarding(h, client, false, host.as_ref(), None);
                 headers::remove_cookies(h, |name| headers::is_own_cookie(COOKIE, name));
             },
             BatchSize::SmallInput,

@@ -12,25 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Auth;
 use crate::config::{Config, Problem};
 use crate::router::Router;
-use crate::session::Sessions;
 use crate::{listener, tls};
-
-/// Expired sessions are swept from the store this often.
-pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
-
-async fn sweep_expired(sessions: Arc<Sessions>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => match sessions.sweep().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, cached = sessions.cached(), "expired sessions swept"),
-                Err(e) => tracing::warn!(error = %e, "session sweep failed"),
-            },
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
 
 /// Why coatcheck could not start.
 #[derive(Debug, thiserror::Error)]
@@ -112,17 +94,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let auth = match &config.oidc {
         Some(_) => {
             let auth = Arc::new(Auth::new(&config).map_err(StartError::Setup)?);
-            // Discovery retries in the background: coatcheck serves `auth = "none"` routes and
-            // reports not-ready until the provider answers.
-            let provider = auth.provider.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = provider.discover_until_ready() => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-            tokio::spawn(sweep_expired(auth.sessions.clone(), shutdown.clone()));
+            auth.spawn_background(&shutdown);
             Some(auth)
         }
         None => None,

@@ -4,6 +4,7 @@
 //!
 //! - [`oidc`]: the identity provider (discovery, JWKS, token/revocation/end-session endpoints).
 //! - [`id_token`]: ID and logout token validation.
+//! - [`issuer`]: the token issuer abstraction (how tokens are refreshed, revoked, ended).
 //! - [`login`]: `/bff/login` and `/bff/callback`, and the encrypted login cookie.
 //! - [`endpoints`]: the other `/bff/*` endpoints (user, logout, sessions, back-channel logout).
 //! - [`refresh`]: single-flight token refresh.
@@ -12,6 +13,7 @@
 pub mod csrf;
 pub mod endpoints;
 pub mod id_token;
+pub mod issuer;
 pub mod login;
 pub mod oidc;
 pub mod policy;
@@ -19,17 +21,34 @@ pub mod refresh;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Either, Full, Limited};
+
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
 use crate::config::{AuthMode, Config, Route};
 use crate::error::Error;
 use crate::proxy::{self, Forward, headers};
-use crate::session::{Lookup, Session, Sessions};
+use crate::session::{Lookup, Session, Sessions, store};
 use crate::upstream::Upstream;
+
+/// Expired sessions are swept from the store this often (stores with their own expiry skip it).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn sweep_expired(sessions: Arc<Sessions>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match sessions.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, cached = sessions.cached(), "expired sessions swept"),
+                Err(e) => tracing::warn!(error = %e, "session sweep failed"),
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
 
 /// Whether `path` (normalized) is one of coatcheck's own `/bff/*` endpoints.
 pub fn is_bff_path(path: &str) -> bool {
@@ -39,14 +58,15 @@ pub fn is_bff_path(path: &str) -> bool {
 /// Login URL answered with a 401.
 pub const LOGIN_PATH: &str = "/bff/login";
 
-/// Sessions, login and per-route policy.
+/// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
+/// provider), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
+/// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
-    pub provider: Arc<oidc::Provider>,
-    pub sessions: Arc<Sessions>,
-    pub refresher: refresh::Refresher,
-    pub login: login::Login,
-    pub csrf_header: HeaderName,
-    pub public_origin: String,
+    provider: Arc<oidc::Provider>,
+    sessions: Arc<Sessions>,
+    refresher: refresh::Refresher,
+    csrf_header: HeaderName,
+    public_origin: String,
 }
 
 impl Auth {
@@ -60,12 +80,32 @@ impl Auth {
             Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
         Ok(Auth {
             refresher: refresh::Refresher::new(provider.clone(), sessions.clone(), oidc),
-            login: login::Login::new(),
             provider,
             sessions,
             csrf_header: config.csrf.header.clone(),
             public_origin: config.server.public_origin.clone(),
         })
+    }
+
+    /// Starts what runs beside the requests until `shutdown`: provider discovery (retried until
+    /// it answers: `auth = "none"` routes serve meanwhile and `/readyz` says not ready), following
+    /// the session event channel, and sweeping expired sessions.
+    pub fn spawn_background(&self, shutdown: &CancellationToken) {
+        let provider = self.provider.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = provider.discover_until_ready() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        tokio::spawn(self.sessions.clone().follow_events(shutdown.clone()));
+        tokio::spawn(sweep_expired(self.sessions.clone(), shutdown.clone()));
+    }
+
+    /// The once-set (callback states, logout token ids, spent refresh tokens).
+    fn once(&self) -> &impl store::OnceSet {
+        self.sessions.backend().as_ref()
     }
 
     /// Ready when the provider's metadata is loaded and the store answers.
@@ -128,7 +168,7 @@ impl Auth {
             }
             // `optional`: forwarded without a token; an ended session's cookie is cleared.
             other => {
-                let mut res = proxy::forward(upstream, route, req, fwd).await?;
+                let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
                 if matches!(other, Lookup::Ended) {
                     res.headers_mut()
                         .append(header::SET_COOKIE, self.clear_session_cookie());
@@ -139,38 +179,17 @@ impl Auth {
         policy::check_roles(route, &session.data.claims)?;
         let session = self.refresher.fresh(session).await?;
         fwd.authorization = Some(session.bearer.clone());
-        if upgrade || !replayable(route, &req) {
-            return proxy::forward(upstream, route, req, fwd).await;
-        }
-        // Small bodies are kept so the request can be replayed once after a refresh.
-        let (mut parts, body, _) = proxy::split(route, req)?;
-        let body = match Limited::new(body, route.retry_body_bytes as usize)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Error::PayloadTooLarge {
-                    limit: route.retry_body_bytes,
-                });
-            }
-            Err(e) => {
-                return Err(Error::BadRequest(format!(
-                    "reading the request body failed: {e}"
-                )));
-            }
-        };
-        proxy::rewrite(upstream, route, &mut parts, &fwd, false)?;
-        let res = proxy::send(upstream, route, rebuild(&parts, body.clone()), None).await?;
-        if !is_invalid_token(&res) {
-            return Ok(res);
-        }
-        tracing::info!(session = %session.handle, "upstream rejected the access token; refreshing once and replaying");
-        let session = self.refresher.after_rejection(session).await?;
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, session.bearer.clone());
-        proxy::send(upstream, route, rebuild(&parts, body), None).await
+        proxy::forward(
+            upstream,
+            route,
+            req,
+            fwd,
+            &SessionPhases {
+                auth: self,
+                session,
+            },
+        )
+        .await
     }
 
     /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
@@ -210,7 +229,7 @@ impl Auth {
             };
         policy::check_roles(route, &claims)?;
         fwd.authorization = Some(value);
-        proxy::forward(upstream, route, req, fwd).await
+        proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
     }
 
     /// 401 (`unauthenticated` or `session_expired`) — or, for a top-level navigation to a route
@@ -272,31 +291,31 @@ impl Auth {
     }
 }
 
-/// Whether a request may be buffered for one replay: no upgrade, and a body that is absent or
-/// declared no larger than the route's `retry_body_bytes`.
-fn replayable(route: &Route, req: &Request<Incoming>) -> bool {
-    if route.retry_body_bytes == 0 || req.headers().contains_key(header::TRANSFER_ENCODING) {
-        return false;
-    }
-    match proxy::content_length(req.headers()) {
-        Some(n) => n <= route.retry_body_bytes,
-        // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
-        None => {
-            req.version() != http::Version::HTTP_2 || http_body::Body::is_end_stream(req.body())
-        }
-    }
+/// The forwarding phases of a request that carries a session's access token: the request is kept
+/// for one replay (small bodies only) and, when the upstream rejects the token itself, the token is
+/// refreshed once and the request replayed with the new one.
+struct SessionPhases<'a> {
+    auth: &'a Auth,
+    session: Arc<Session>,
 }
 
-fn rebuild(
-    parts: &http::request::Parts,
-    body: Bytes,
-) -> Request<Either<Limited<Incoming>, Full<Bytes>>> {
-    let mut req = Request::new(Either::Right(Full::new(body)));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
+impl proxy::Phases for SessionPhases<'_> {
+    fn keep_for_retry(&self) -> bool {
+        true
+    }
+
+    async fn retry_with(&self, res: &Response<Body>) -> Result<Option<HeaderValue>, Error> {
+        if !is_invalid_token(res) {
+            return Ok(None);
+        }
+        tracing::info!(session = %self.session.handle, "upstream rejected the access token; refreshing once and replaying");
+        let session = self
+            .auth
+            .refresher
+            .after_rejection(self.session.clone())
+            .await?;
+        Ok(Some(session.bearer.clone()))
+    }
 }
 
 /// An upstream 401 saying the token itself is bad (RFC 6750 §3.1 `invalid_token`).

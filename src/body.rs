@@ -3,8 +3,10 @@
 //! Streaming is the rule: an upstream's body ([`Incoming`]) passes through untouched; only
 //! coatcheck's own answers are [`Full`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -12,12 +14,137 @@ use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
-/// A response body: streamed from the upstream, or written by coatcheck.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// A response body: streamed from the upstream (cut when it stalls), or written by coatcheck.
+pub type Body = Either<Stalling<Incoming>, Full<Bytes>>;
 
-/// A request body on its way upstream: the client's stream under the route's size limit, or a
-/// buffered copy (small bodies kept for one replay after a refresh).
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+/// A request body on its way upstream: the client's stream (cut when it stalls, what had already
+/// arrived judged first) under the route's size limit, or a buffered copy (small bodies kept for
+/// one replay after a refresh).
+pub type UpstreamBody = Either<Limited<Primed<Stalling<Incoming>>>, Full<Bytes>>;
+
+/// Which peer a streamed body comes from: its failures are that peer's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The browser or API client (request bodies): a failure is a 4xx.
+    Client,
+    /// The upstream (response bodies): a failure is a 502.
+    Upstream,
+}
+
+/// A streamed body failed: it stalled, or its framing broke (a malformed chunk, a cut connection).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// No byte moved for the idle limit (`server.limits.body_idle_timeout`).
+    #[error("the {side:?} body stalled for {idle:?}")]
+    Stalled { side: Side, idle: Duration },
+    /// Reading the body failed (for a client: malformed chunked framing, a cut connection).
+    #[error("reading the {side:?} body failed")]
+    Read {
+        side: Side,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl BodyError {
+    /// The peer that caused the failure.
+    pub fn side(&self) -> Side {
+        match self {
+            BodyError::Stalled { side, .. } | BodyError::Read { side, .. } => *side,
+        }
+    }
+}
+
+/// A streamed body that fails with [`BodyError::Stalled`] once no frame has arrived for `idle`
+/// while the reader waits for one, so a peer sending a byte every half-minute cannot hold a slot
+/// forever. Read errors are tagged with the [`Side`] they come from.
+///
+/// The timer is armed only when the inner body is pending and is re-armed lazily, at most once
+/// per `idle`: a fast stream costs one `Instant::now()` per frame.
+pub struct Stalling<B> {
+    inner: B,
+    side: Side,
+    idle: Duration,
+    last: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Stalling<B> {
+    /// The wrapped body.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    pub fn new(inner: B, side: Side, idle: Duration) -> Self {
+        Stalling {
+            inner,
+            side,
+            idle,
+            last: Instant::now(),
+            timer: None,
+        }
+    }
+
+    /// Whether the body has been idle too long (polls the timer so the task is woken later).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            timer.as_mut().reset(deadline.into());
+        }
+    }
+}
+
+impl<B> http_body::Body for Stalling<B>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(source))) => Poll::Ready(Some(Err(BodyError::Read {
+                side: this.side,
+                source,
+            }))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.stalled(cx) {
+                    return Poll::Ready(Some(Err(BodyError::Stalled {
+                        side: this.side,
+                        idle: this.idle,
+                    })));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Something that watches a body stream by: told of every frame that is ready and of the end.
 /// Dropping the watcher is its last word (the body was dropped, finished or not).
@@ -66,6 +193,80 @@ impl<B: http_body::Body<Data = Bytes> + Unpin, W: Watch + Unpin> http_body::Body
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body whose first frames were read before the upstream request was opened, then replayed
+/// ahead of the rest of the stream.
+///
+/// [`Primed::prime`] reads the body until it ends, `max` bytes have come, or it pauses for `gap`:
+/// a request whose body arrives with its head (the usual case, and every smuggling payload) has
+/// its chunked framing judged in full before the upstream sees a byte, so a malformed body is a
+/// 400 from coatcheck and never a half-request upstream. A body still on its way (a slow upload,
+/// a bidirectional stream) is forwarded after at most one `gap` of delay and streams as before.
+pub struct Primed<B> {
+    ready: std::collections::VecDeque<Frame<Bytes>>,
+    inner: B,
+}
+
+impl<B> Primed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    /// Reads `inner` until it ends, holds `max` data bytes, or pauses for `gap`.
+    pub async fn prime(mut inner: B, max: usize, gap: Duration) -> Result<Primed<B>, B::Error> {
+        use http_body_util::BodyExt as _;
+        let mut ready = std::collections::VecDeque::new();
+        let mut bytes = 0;
+        while bytes < max && !inner.is_end_stream() {
+            match tokio::time::timeout(gap, inner.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    bytes += frame.data_ref().map_or(0, Bytes::len);
+                    ready.push_back(frame);
+                }
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(Primed { ready, inner })
+    }
+}
+
+impl<B> http_body::Body for Primed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.ready.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self
+            .ready
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + buffered);
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + buffered);
+        }
+        hint
     }
 }
 

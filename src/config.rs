@@ -27,6 +27,22 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default `server.limits.shutdown_grace`: time in-flight requests get after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default `server.limits.body_idle_timeout`: a streamed body (upload or download) that moves no
+/// byte for this long is cut; nginx's `client_body_timeout`/`proxy_read_timeout` default.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `server.limits.max_connections_per_ip`: concurrent connections from one client address.
+/// A browser opens at most 6 HTTP/1.1 connections per origin (1 with HTTP/2), so even a large
+/// office behind one NAT address stays far below it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+/// Default `server.limits.login_requests_per_minute`: `/bff/login` plus `/bff/callback` requests
+/// per client address and minute (a token bucket refilled evenly; bursts up to a fifth of it).
+/// A login is two requests, so this admits 300 logins a minute from one address.
+pub const DEFAULT_LOGIN_REQUESTS_PER_MINUTE: u32 = 600;
+/// Default `server.hsts`: a year, subdomains included (OWASP ASVS 5.0 §3.4.1).
+pub const DEFAULT_HSTS: &str = "max-age=31536000; includeSubDomains";
+/// Default `oidc.metadata_refresh`: discovery and JWKS are re-read this often (besides an unknown
+/// `kid`), so a rotated key or moved endpoint is picked up without a restart.
+pub const DEFAULT_METADATA_REFRESH: Duration = Duration::from_secs(600);
 /// Default `route.timeout`: time the upstream gets to send its response headers. The clock restarts
 /// whenever the request body moves, so a long upload is not a slow upstream; a stalled one times out.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,6 +110,61 @@ pub struct Server {
     pub http_redirect_listen: Option<SocketAddr>,
     pub tls: Tls,
     pub limits: Limits,
+    /// Peers whose forwarding chain (`X-Forwarded-For`, `Forwarded`) is kept and appended to.
+    pub trusted_proxies: Vec<Cidr>,
+    /// What happens to request header names containing `_`.
+    pub underscore_headers: UnderscoreHeaders,
+    /// The `Strict-Transport-Security` value on every HTTPS answer; `None` when switched off.
+    pub hsts: Option<http::HeaderValue>,
+}
+
+pub use file::UnderscoreHeaders;
+
+/// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address (a /32 or /128).
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 => {
+                p.parse::<u8>().ok().filter(|&n| n <= max)?
+            }
+            Some(_) => return None,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip.to_canonical()) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +180,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// A streamed body that moves no byte for this long is cut.
+    pub body_idle_timeout: Duration,
+    pub max_connections_per_ip: usize,
+    pub login_requests_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +267,9 @@ pub struct Oidc {
     pub timeout: Duration,
     pub refresh_wait: Duration,
     pub rotation_grace: Duration,
+    /// The issuer exactly as written in the file (compared byte for byte with discovery and `iss`).
+    pub issuer_id: String,
+    pub metadata_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +311,8 @@ pub struct Route {
     pub csrf: CsrfMode,
     /// `auth = "bearer"`: the `aud` the client's token must carry, if set.
     pub audience: Option<String>,
+    /// Whether `%2F`/`%5C` (and a raw `\\`) may appear in a path routed here.
+    pub allow_encoded_slashes: bool,
 }
 
 /// One configuration problem: which key, what is wrong.
@@ -528,6 +608,54 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
             l.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         ),
+        body_idle_timeout: p.duration(
+            "server.limits.body_idle_timeout",
+            l.body_idle_timeout.as_deref(),
+            DEFAULT_BODY_IDLE_TIMEOUT,
+        ),
+        max_connections_per_ip: p.positive(
+            "server.limits.max_connections_per_ip",
+            l.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP as u64,
+        ) as usize,
+        login_requests_per_minute: p
+            .positive(
+                "server.limits.login_requests_per_minute",
+                l.login_requests_per_minute,
+                u64::from(DEFAULT_LOGIN_REQUESTS_PER_MINUTE),
+            )
+            .min(u64::from(u32::MAX)) as u32,
+    };
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in s.trusted_proxies.unwrap_or_default().iter().enumerate() {
+        match Cidr::parse(t) {
+            Some(c) => trusted_proxies.push(c),
+            None => p.push(
+                format!("server.trusted_proxies[{i}]"),
+                format!("{t:?} is not a network such as \"10.0.0.0/8\" or an address"),
+            ),
+        }
+    }
+    let hsts = match s.hsts.as_deref() {
+        Some("off") => None,
+        raw => {
+            let v = raw.unwrap_or(DEFAULT_HSTS);
+            let ok = v
+                .trim()
+                .to_ascii_lowercase()
+                .strip_prefix("max-age=")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+            match http::HeaderValue::from_str(v) {
+                Ok(h) if ok => Some(h),
+                _ => {
+                    p.push(
+                        "server.hsts",
+                        format!("{v:?} must be \"off\" or a header value starting with max-age=N"),
+                    );
+                    None
+                }
+            }
+        }
     };
     Server {
         listen,
@@ -535,6 +663,9 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
         http_redirect_listen,
         tls,
         limits,
+        trusted_proxies,
+        underscore_headers: s.underscore_headers.unwrap_or(UnderscoreHeaders::Drop),
+        hsts,
     }
 }
 
@@ -919,6 +1050,12 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
     }
     Oidc {
         issuer,
+        issuer_id: o.issuer.clone(),
+        metadata_refresh: p.duration(
+            "oidc.metadata_refresh",
+            o.metadata_refresh.as_deref(),
+            DEFAULT_METADATA_REFRESH,
+        ),
         client_id: o.client_id,
         client_secret,
         scopes,
@@ -1088,6 +1225,7 @@ fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) 
             login_redirect,
             csrf,
             audience: r.audience,
+            allow_encoded_slashes: r.allow_encoded_slashes.unwrap_or(false),
         });
     }
     if out.is_empty() {

@@ -50,6 +50,15 @@ pub enum Error {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The client stopped sending its request body for `server.limits.body_idle_timeout`.
+    #[error("the request body stalled for {0:?}")]
+    RequestTimeout(Duration),
+    /// The client sent too many requests of a rate-limited kind (`/bff/login`, `/bff/callback`).
+    #[error("too many requests; retry in {retry_after} s")]
+    TooManyRequests {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// The request line and headers exceed `server.limits.max_header_bytes`.
     #[error("request headers exceed the limit of {limit} bytes")]
     HeadersTooLarge {
@@ -92,6 +101,8 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::HeadersTooLarge { .. } => "request_header_fields_too_large",
+            Error::RequestTimeout(_) => "request_timeout",
+            Error::TooManyRequests { .. } => "too_many_requests",
             Error::BadGateway(_) => "bad_gateway",
             Error::GatewayTimeout(_) => "gateway_timeout",
             Error::IdpUnavailable { .. } => "idp_unavailable",
@@ -111,6 +122,8 @@ impl Error {
             Error::MethodNotAllowed { .. } => S::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge { .. } => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::RequestTimeout(_) => S::REQUEST_TIMEOUT,
+            Error::TooManyRequests { .. } => S::TOO_MANY_REQUESTS,
             Error::BadGateway(_) => S::BAD_GATEWAY,
             Error::GatewayTimeout(_) => S::GATEWAY_TIMEOUT,
             Error::IdpUnavailable { .. } | Error::StoreUnavailable(_) => S::SERVICE_UNAVAILABLE,
@@ -182,6 +195,16 @@ mod tests {
                 Error::HeadersTooLarge { limit: 1 },
                 431,
                 "request_header_fields_too_large",
+            ),
+            (
+                Error::RequestTimeout(Duration::from_secs(1)),
+                408,
+                "request_timeout",
+            ),
+            (
+                Error::TooManyRequests { retry_after: 1 },
+                429,
+                "too_many_requests",
             ),
             (Error::BadGateway(io()), 502, "bad_gateway"),
             (

@@ -3,13 +3,14 @@
 //!
 //! Also the optional plain-HTTP listener that only redirects to the HTTPS `public_origin`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Watch, Watched};
 use crate::config::Limits;
+use crate::proxy::ConnectionSlot;
 use crate::router::Router;
 
 /// Concurrent HTTP/2 streams per client connection.
@@ -47,6 +49,9 @@ pub async fn serve_tls(
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = Arc::new(PerIp::new(limits.max_connections_per_ip));
+    // Fires when the shutdown grace has ended: upgraded tunnels (which hyper no longer tracks) close.
+    let closing = CancellationToken::new();
     loop {
         // Take a connection slot before accepting: past the limit, new clients wait in the backlog.
         let permit = tokio::select! {
@@ -64,6 +69,10 @@ pub async fn serve_tls(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(ip_guard) = per_ip.enter(remote.ip()) else {
+            tracing::debug!(%remote, "too many connections from this address; closed");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let builder = builder.clone();
@@ -71,8 +80,12 @@ pub async fn serve_tls(
         let watcher = graceful.watcher();
         let handshake_timeout = limits.header_read_timeout;
         let idle_timeout = limits.idle_timeout;
+        let write_stall = limits.body_idle_timeout;
+        let slot = ConnectionSlot {
+            hold: Arc::new((permit, ip_guard)),
+            closing: closing.clone(),
+        };
         tokio::spawn(async move {
-            let _permit = permit;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -93,11 +106,13 @@ pub async fn serve_tls(
                 idle_timeout,
                 activity.clone(),
                 count_bytes,
+                write_stall,
             ));
             let client = remote.ip();
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let router = router.clone();
                 let guard = InFlight::new(activity.clone());
+                req.extensions_mut().insert(slot.clone());
                 async move {
                     // Boxed: the request future is large, and hyper would otherwise move it by value.
                     Ok::<_, Infallible>(
@@ -114,7 +129,66 @@ pub async fn serve_tls(
         });
     }
     drop(listener);
+    let deadline = tokio::time::Instant::now() + limits.shutdown_grace;
     drain(graceful, limits.shutdown_grace).await;
+    // Upgraded tunnels hold their connection's slot: wait for them within what is left of the grace.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout_at(deadline, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period elapsed; closing upgraded connections");
+    }
+    closing.cancel();
+}
+
+/// Concurrent connections per client address (`server.limits.max_connections_per_ip`). Holds an
+/// entry only for addresses with an open connection, so memory is bounded by `max_connections`.
+struct PerIp {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    fn new(cap: usize) -> Self {
+        PerIp {
+            cap,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a new connection from `ip`, or `None` when the address is at its cap.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(IpGuard {
+            ip,
+            per_ip: self.clone(),
+        })
+    }
+}
+
+/// One open connection (or its upgraded tunnel) from an address.
+struct IpGuard {
+    ip: IpAddr,
+    per_ip: Arc<PerIp>,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        let mut open = self.per_ip.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn drain(graceful: GracefulShutdown, grace: Duration) {
@@ -268,6 +342,9 @@ impl Watch for InFlight {
 ///
 /// The deadline is checked lazily: activity only stores an `Instant`; the timer is re-armed at most
 /// once per `timeout`.
+///
+/// A write that stays blocked for `write_stall` (the client stopped reading its response) fails
+/// with `TimedOut`, so a peer that never reads cannot hold the connection and its upstream stream.
 struct IdleIo<T> {
     inner: T,
     timeout: Duration,
@@ -275,10 +352,19 @@ struct IdleIo<T> {
     last_io: Instant,
     sleep: Pin<Box<Sleep>>,
     activity: Arc<Activity>,
+    write_stall: Duration,
+    /// Since when writes have been blocked, with the timer that wakes us to check.
+    blocked: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
 impl<T> IdleIo<T> {
-    fn new(inner: T, timeout: Duration, activity: Arc<Activity>, count_bytes: bool) -> Self {
+    fn new(
+        inner: T,
+        timeout: Duration,
+        activity: Arc<Activity>,
+        count_bytes: bool,
+        write_stall: Duration,
+    ) -> Self {
         IdleIo {
             inner,
             timeout,
@@ -286,7 +372,33 @@ impl<T> IdleIo<T> {
             last_io: Instant::now(),
             sleep: Box::pin(tokio::time::sleep(timeout)),
             activity,
+            write_stall,
+            blocked: None,
         }
+    }
+
+    /// Notes the outcome of a write: progress clears the stall clock; a pending write starts it
+    /// and, once it has run for `write_stall`, turns into an error.
+    fn write_outcome<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.blocked = None;
+            return r;
+        }
+        let stall = self.write_stall;
+        let (since, timer) = self
+            .blocked
+            .get_or_insert_with(|| (Instant::now(), Box::pin(tokio::time::sleep(stall))));
+        if timer.as_mut().poll(cx).is_ready() && since.elapsed() >= stall {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )));
+        }
+        Poll::Pending
     }
 
     fn last_activity(&self) -> Instant {
@@ -353,7 +465,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.last_io = Instant::now();
         }
-        r
+        self.write_outcome(cx, r)
     }
 
     fn poll_write_vectored(
@@ -365,7 +477,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.last_io = Instant::now();
         }
-        r
+        self.write_outcome(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -373,7 +485,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.write_outcome(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

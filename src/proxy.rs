@@ -3,19 +3,35 @@
 //! `proxy` receives the access token to inject as a ready `Authorization` value, never a session: it
 //! cannot reach the store. Bodies stream both ways (no buffering); upgrades (WebSocket) are spliced
 //! into a bidirectional byte tunnel once both sides said `101`.
+//!
+//! One forwarding path with named phases (after pingora's `ProxyHttp` filters): [`split`] (the
+//! request as it arrived), [`rewrite`] (the request as it leaves), [`send`] (the upstream call and
+//! the answer's own rewriting), then the caller's [`Phases`]: [`Phases::retry_with`] may send the
+//! request once more with a new credential (the body was kept when [`Phases::keep_for_retry`]
+//! said so), and [`Phases::response_filter`] has the last look at the answer.
 
 pub mod headers;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 
-use crate::body::{Body, UpstreamBody};
+use crate::body::{Body, BodyError, Primed, Side, Stalling, UpstreamBody};
+
+/// Request body bytes already received that are read (and their framing judged) before the
+/// upstream request opens: see [`Primed`].
+pub const PRIME_BYTES: usize = 64 * 1024;
+/// A request body that pauses this long while being primed is forwarded with what has come.
+pub const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream};
@@ -24,8 +40,14 @@ use crate::upstream::{Progress, Upstream};
 pub struct Forward<'a> {
     /// Path to request upstream (normalized, prefix stripped if configured), without the query.
     pub path: &'a str,
-    /// The client's address, for `X-Forwarded-For`/`Forwarded`.
+    /// The peer's address, for `X-Forwarded-For`/`Forwarded`.
     pub client: IpAddr,
+    /// Whether the peer is a trusted proxy (its forwarding chain is kept and appended to).
+    pub peer_trusted: bool,
+    /// The route prefix removed by `strip_prefix`, for `X-Forwarded-Prefix`.
+    pub prefix: Option<&'a str>,
+    /// A streamed body (either way) that moves no byte for this long is cut.
+    pub body_idle: Duration,
     /// The request id, sent upstream and echoed back.
     pub request_id: &'a HeaderValue,
     /// `Authorization` value to inject (`Bearer <access token>`), marked sensitive.
@@ -34,23 +56,128 @@ pub struct Forward<'a> {
     pub own_cookie: Option<&'a str>,
 }
 
+/// What a caller adds to the forwarding of one request. Every method has a default that does
+/// nothing, so a plain forward is [`Plain`].
+pub trait Phases: Send + Sync {
+    /// Whether the request body should be kept (up to the route's `retry_body_bytes`) so the
+    /// request can be sent a second time.
+    fn keep_for_retry(&self) -> bool {
+        false
+    }
+
+    /// The upstream answered a request whose body was kept: `Some(authorization)` sends it once
+    /// more with that credential, and that second answer is the one that counts.
+    fn retry_with(
+        &self,
+        _res: &Response<Body>,
+    ) -> impl Future<Output = Result<Option<HeaderValue>, Error>> + Send {
+        std::future::ready(Ok(None))
+    }
+
+    /// The last look at the answer before it goes to the client.
+    fn response_filter(
+        &self,
+        res: Response<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send {
+        std::future::ready(Ok(res))
+    }
+}
+
+/// A forward with no additions.
+pub struct Plain;
+
+impl Phases for Plain {}
+
 /// Forwards `req` to `upstream` for `route`, streaming the body under the route's size limit.
 pub async fn forward(
     upstream: &Upstream,
     route: &Route,
     req: Request<Incoming>,
     fwd: Forward<'_>,
+    phases: &impl Phases,
 ) -> Result<Response<Body>, Error> {
-    let (mut parts, body, client_upgrade) = split(route, req)?;
+    let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
+    let retry = phases.keep_for_retry()
+        && client_upgrade.is_none()
+        && replayable(route, &parts, body.inner());
     rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
-    let body = Either::Left(Limited::new(body, route.max_body_bytes as usize));
-    send(
+    if retry {
+        let body = keep_body(route, body).await?;
+        let res = send(upstream, route, rebuild(&parts, body.clone()), None, &fwd).await?;
+        let res = match phases.retry_with(&res).await? {
+            Some(authorization) => {
+                parts.headers.insert(header::AUTHORIZATION, authorization);
+                send(upstream, route, rebuild(&parts, body), None, &fwd).await?
+            }
+            None => res,
+        };
+        return phases.response_filter(res).await;
+    }
+    let limit = route.max_body_bytes as usize;
+    let body = Primed::prime(body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
+        .await
+        .map_err(|e| client_body_error(&e))?;
+    let body = Either::Left(Limited::new(body, limit));
+    let res = send(
         upstream,
         route,
         Request::from_parts(parts, body),
         client_upgrade,
+        &fwd,
     )
-    .await
+    .await?;
+    phases.response_filter(res).await
+}
+
+/// Whether a request may be buffered for one replay: a body that is absent or declared no larger
+/// than the route's `retry_body_bytes`.
+fn replayable(route: &Route, parts: &http::request::Parts, body: &Incoming) -> bool {
+    if route.retry_body_bytes == 0 || parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match content_length(&parts.headers) {
+        Some(n) => n <= route.retry_body_bytes,
+        // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
+        None => parts.version != Version::HTTP_2 || http_body::Body::is_end_stream(body),
+    }
+}
+
+/// Reads a body to keep for a replay: each frame within the idle limit, the whole within the
+/// route timeout.
+async fn keep_body(route: &Route, body: Stalling<Incoming>) -> Result<Bytes, Error> {
+    let collect = Limited::new(body, route.retry_body_bytes as usize).collect();
+    match tokio::time::timeout(route.timeout, collect).await {
+        Err(_) => Err(Error::RequestTimeout(route.timeout)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::PayloadTooLarge {
+            limit: route.retry_body_bytes,
+        }),
+        Ok(Err(e)) => Err(match e.downcast_ref::<BodyError>() {
+            Some(b) => client_body_error(b),
+            None => Error::BadRequest("reading the request body failed".into()),
+        }),
+    }
+}
+
+fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<UpstreamBody> {
+    let mut req = Request::new(Either::Right(Full::new(body)));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// The client connection a request arrived on, as the listener hands it over (a request
+/// extension): an upgraded tunnel keeps the connection's slot (it still counts against
+/// `max_connections` and the per-address cap) and closes when `closing` fires at the end of the
+/// shutdown grace.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    /// Released when the connection and every tunnel made from it have ended.
+    pub hold: Arc<dyn std::any::Any + Send + Sync>,
+    /// Cancelled when the shutdown grace period has ended.
+    pub closing: CancellationToken,
 }
 
 /// Splits a client request, refusing a declared body over the route's limit up front and taking
@@ -58,10 +185,11 @@ pub async fn forward(
 pub fn split(
     route: &Route,
     mut req: Request<Incoming>,
+    body_idle: Duration,
 ) -> Result<
     (
         http::request::Parts,
-        Incoming,
+        Stalling<Incoming>,
         Option<hyper::upgrade::OnUpgrade>,
     ),
     Error,
@@ -76,7 +204,11 @@ pub fn split(
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    Ok((parts, body, client_upgrade))
+    Ok((
+        parts,
+        Stalling::new(body, Side::Client, body_idle),
+        client_upgrade,
+    ))
 }
 
 /// The declared `Content-Length`, if any.
@@ -111,7 +243,13 @@ pub fn rewrite(
     parts.version = Version::HTTP_11;
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, upgrade);
-    headers::add_forwarding(h, fwd.client, original_host.as_ref());
+    headers::add_forwarding(
+        h,
+        fwd.client,
+        fwd.peer_trusted,
+        original_host.as_ref(),
+        fwd.prefix,
+    );
     h.insert(headers::X_REQUEST_ID.clone(), fwd.request_id.clone());
     match original_host {
         Some(host) if route.preserve_host => h.insert(header::HOST, host),
@@ -135,10 +273,12 @@ pub fn rewrite(
 pub async fn send(
     upstream: &Upstream,
     route: &Route,
-    req: Request<UpstreamBody>,
+    mut req: Request<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    fwd: &Forward<'_>,
 ) -> Result<Response<Body>, Error> {
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let slot = req.extensions_mut().remove::<ConnectionSlot>();
     let (response, progress) = upstream.send(req, client_upgrade.is_some());
     let mut res = tokio::select! {
         r = response => r.map_err(|e| classify(e, route))?,
@@ -151,26 +291,54 @@ pub async fn send(
                 "upstream switched protocols without being asked".into(),
             ));
         };
+        // Only a checked WebSocket may become a raw tunnel.
+        if !headers::is_websocket_switch(res.headers()) {
+            return Err(Error::BadGateway(
+                "upstream switched to a protocol other than websocket".into(),
+            ));
+        }
         let upstream_upgrade = hyper::upgrade::on(&mut res);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        tracing::debug!(error = %e, "upgraded connection ended");
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
-            }
-        });
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot));
     }
     headers::strip_hop_by_hop(res.headers_mut(), upgraded);
+    if let Some(base) = fwd.own_cookie {
+        let removed = headers::strip_own_set_cookies(res.headers_mut(), base);
+        if !removed.is_empty() {
+            tracing::warn!(upstream = %upstream.name, cookies = ?removed, "dropped upstream Set-Cookie naming coatcheck's own cookies");
+        }
+    }
     if let Some(id) = request_id {
         res.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
     }
-    Ok(res.map(Either::Left))
+    Ok(res.map(|b| Either::Left(Stalling::new(b, Side::Upstream, fwd.body_idle))))
+}
+
+/// Splices an upgraded client connection and upstream connection together until either side
+/// closes or the shutdown grace ends; the client connection's slot is held meanwhile.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    slot: Option<ConnectionSlot>,
+) {
+    let closing = slot
+        .as_ref()
+        .map_or_else(CancellationToken::new, |s| s.closing.clone());
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                () = closing.cancelled() => tracing::debug!("upgraded connection closed at shutdown"),
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+    }
+    drop(slot);
 }
 
 /// Resolves once the upstream has had `timeout` since the request body last moved (since the
@@ -186,7 +354,9 @@ async fn deadline(progress: &Progress, timeout: Duration) {
     }
 }
 
-/// A client error is ours to report precisely: the body limit shows up as a body error.
+/// Which side broke the exchange. Failures of the client's own request body (the size limit, a
+/// malformed chunked framing, a stall) surface here as errors of the upstream call, but they are
+/// the client's: 413, 400 or 408, never a 502 that blames the upstream.
 fn classify(e: hyper_util::client::legacy::Error, route: &Route) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
@@ -195,7 +365,22 @@ fn classify(e: hyper_util::client::legacy::Error, route: &Route) -> Error {
                 limit: route.max_body_bytes,
             };
         }
+        if let Some(b) = s.downcast_ref::<BodyError>()
+            && b.side() == Side::Client
+        {
+            return client_body_error(b);
+        }
         source = s.source();
     }
     Error::BadGateway(BoxError::from(e))
+}
+
+/// The answer to a client body that failed while coatcheck read it.
+pub fn client_body_error(e: &BodyError) -> Error {
+    match e {
+        BodyError::Stalled { idle, .. } => Error::RequestTimeout(*idle),
+        BodyError::Read { .. } => Error::BadRequest(
+            "the request body is malformed (invalid chunked framing) or was cut off".into(),
+        ),
+    }
 }

@@ -1,19 +1,24 @@
-//! The router: one request in, one response out. It normalizes the path, answers coatcheck's own
-//! endpoints, picks the route (longest prefix), applies the route's policy through `auth`, hands the
-//! request to `proxy`, and is the one place that turns an [`Error`] into a response.
+//! The router: one request in, one response out. It screens the request (Host, method, header
+//! names, forwarding headers), normalizes the path, answers coatcheck's own endpoints, picks the
+//! route (longest prefix), applies the route's policy through `auth`, hands the request to
+//! `proxy`, and is the one place that turns an [`Error`] into a response.
+//!
+//! - [`ratelimit`]: per-client-address token buckets for `/bff/login` and `/bff/callback`.
+
+pub mod ratelimit;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::auth::{self, Auth};
 use crate::body::{self, Body};
-use crate::config::{AuthMode, Config, Route};
+use crate::config::{AuthMode, Cidr, Config, Route, UnderscoreHeaders};
 use crate::error::Error;
 use crate::proxy::{self, headers};
 use crate::telemetry::{AccessLog, AccessRecord, Logged};
@@ -36,7 +41,19 @@ pub struct Router {
     routes: Vec<RouteEntry>,
     max_header_bytes: usize,
     auth: Option<Arc<Auth>>,
+    trusted_proxies: Vec<Cidr>,
+    underscore_headers: UnderscoreHeaders,
+    hsts: Option<HeaderValue>,
+    body_idle: Duration,
+    login_limit: ratelimit::RateLimiter,
 }
+
+/// Methods refused on every route (405): `TRACE`/`TRACK` echo the request (cookies included) back
+/// to a script, and `CONNECT` would open a tunnel to anywhere.
+const REFUSED_METHODS: [&str; 3] = ["TRACE", "TRACK", "CONNECT"];
+/// `Allow` for a refused method on a route without a `methods` allowlist.
+const DEFAULT_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 
 impl Router {
     /// Builds the route table (longest prefix first) and the upstream clients.
@@ -57,6 +74,13 @@ impl Router {
             routes,
             max_header_bytes: config.server.limits.max_header_bytes,
             auth,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            underscore_headers: config.server.underscore_headers,
+            hsts: config.server.hsts.clone(),
+            body_idle: config.server.limits.body_idle_timeout,
+            login_limit: ratelimit::RateLimiter::per_minute(
+                config.server.limits.login_requests_per_minute,
+            ),
         })
     }
 
@@ -68,9 +92,11 @@ impl Router {
         }
     }
 
-    /// Handles one request. Never fails: errors become JSON answers (DESIGN §5).
-    pub async fn handle(&self, req: Request<Incoming>, client: IpAddr) -> Response<Logged<Body>> {
+    /// Handles one request from `peer`. Never fails: errors become JSON answers (DESIGN §5).
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Logged<Body>> {
+        let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
         let request_id = headers::request_id(req.headers());
+        let http1 = req.version() <= Version::HTTP_11;
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),
             method: req.method().clone(),
@@ -83,7 +109,7 @@ impl Router {
             error: None,
         });
         let mut res = match self
-            .handle_inner(req, client, &request_id, &mut record)
+            .handle_inner(req, peer, client, &request_id, &mut record)
             .await
         {
             Ok(res) => res,
@@ -97,15 +123,33 @@ impl Router {
                 error_response(&e, self.auth.as_deref())
             }
         };
-        res.headers_mut()
-            .insert(headers::X_REQUEST_ID.clone(), request_id);
+        let own_answer = matches!(res.body(), http_body_util::Either::Right(_));
+        let bad_request = res.status() == StatusCode::BAD_REQUEST;
+        let h = res.headers_mut();
+        h.insert(headers::X_REQUEST_ID.clone(), request_id);
+        // The edge owns transport security: coatcheck's HSTS replaces an upstream's.
+        if let Some(hsts) = &self.hsts {
+            h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        if own_answer {
+            h.insert(
+                X_CONTENT_TYPE_OPTIONS.clone(),
+                HeaderValue::from_static("nosniff"),
+            );
+        }
+        // After a malformed request the HTTP/1.1 byte stream cannot be trusted to frame the next
+        // one: close it (RFC 9112 §6.3, as nginx does).
+        if http1 && bad_request {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         record.status = res.status().as_u16();
         res.map(|b| Logged::new(b, AccessLog::new(record)))
     }
 
     async fn handle_inner(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
+        peer: IpAddr,
         client: IpAddr,
         request_id: &HeaderValue,
         record: &mut AccessRecord,
@@ -116,9 +160,15 @@ impl Router {
                 limit: self.max_header_bytes,
             });
         }
+        self.screen(&mut req)?;
         // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
         let uri = req.uri().clone();
         let path = NormalizedPath::parse(uri.path())?;
+        let own = matches!(path.matched.as_ref(), "/healthz" | "/readyz")
+            || (self.auth.is_some() && auth::is_bff_path(&path.matched));
+        if path.separator && own {
+            return Err(encoded_separator());
+        }
         match path.matched.as_ref() {
             "/healthz" => return Ok(body::json(StatusCode::OK, &json!({"status": "ok"}))),
             "/readyz" => {
@@ -140,12 +190,18 @@ impl Router {
             && auth::is_bff_path(&path.matched)
         {
             record.route = Some(Arc::from("/bff/"));
+            if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
+                self.login_limit.check(client)?;
+            }
             return auth.handle_bff(req, &path.matched).await;
         }
         let entry = self.route_for(&path.matched).ok_or(Error::NotFound)?;
         record.route = Some(entry.name.clone());
         record.upstream = Some(entry.upstream.name.clone());
         let route = &entry.config;
+        if path.separator && !route.allow_encoded_slashes {
+            return Err(encoded_separator());
+        }
         if let Some(methods) = &route.methods
             && !methods.contains(req.method())
         {
@@ -164,13 +220,18 @@ impl Router {
         let own_cookie = self.auth.as_ref().map(|a| a.cookie_name());
         let fwd = proxy::Forward {
             path: forward_path,
-            client,
+            client: peer,
+            peer_trusted: self.trusted_proxies.iter().any(|c| c.contains(peer)),
+            prefix: route.strip_prefix.then_some(entry.prefix.as_str()),
+            body_idle: self.body_idle,
             request_id,
             authorization: None,
             own_cookie,
         };
         match (route.auth, &self.auth) {
-            (AuthMode::None, _) => proxy::forward(&entry.upstream, route, req, fwd).await,
+            (AuthMode::None, _) => {
+                proxy::forward(&entry.upstream, route, req, fwd, &proxy::Plain).await
+            }
             (_, Some(auth)) => auth.forward(&entry.upstream, route, req, fwd).await,
             // Config validation makes this unreachable; fail closed all the same.
             (_, None) => Err(Error::Internal(
@@ -179,10 +240,80 @@ impl Router {
         }
     }
 
+    /// The request filter every request passes before routing (RFC 9110/9112/9113 field rules):
+    /// one valid `Host` without userinfo, no `TRACE`/`TRACK`/`CONNECT`, no method-override
+    /// headers, no header names with `_` (dropped, or refused with `underscore_headers = "refuse"`).
+    fn screen(&self, req: &mut Request<Incoming>) -> Result<(), Error> {
+        check_host(req)?;
+        if REFUSED_METHODS.contains(&req.method().as_str()) {
+            return Err(Error::MethodNotAllowed {
+                allow: DEFAULT_ALLOW.into(),
+            });
+        }
+        let h = req.headers_mut();
+        headers::strip_method_overrides(h);
+        if headers::has_underscore_names(h) {
+            match self.underscore_headers {
+                UnderscoreHeaders::Drop => headers::strip_underscore_names(h),
+                UnderscoreHeaders::Refuse => {
+                    return Err(Error::BadRequest(
+                        "header names must not contain underscores".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The route whose prefix is the longest one matching `path` on a segment boundary.
     fn route_for(&self, path: &str) -> Option<&RouteEntry> {
         self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
     }
+}
+
+fn encoded_separator() -> Error {
+    Error::BadRequest("the path contains an encoded slash or backslash".into())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; RFC 9110 §4.2.4: no userinfo in
+/// an authority; RFC 9113 §8.3.1: an HTTP/2 `Host` must name the same authority as `:authority`.
+fn check_host<B>(req: &Request<B>) -> Result<(), Error> {
+    let bad = |why: &str| Err(Error::BadRequest(why.into()));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return bad("the request has more than one Host header");
+    }
+    if host.is_none() && req.version() == Version::HTTP_11 {
+        return bad("an HTTP/1.1 request needs a Host header");
+    }
+    if let Some(h) = host {
+        let ok = h.is_empty() || is_host_without_userinfo(h.as_bytes());
+        if !ok {
+            return bad("the Host header is not a valid host[:port]");
+        }
+    }
+    if let Some(a) = req.uri().authority() {
+        if a.as_str().contains('@') {
+            return bad("the request target must not carry userinfo");
+        }
+        if req.version() == Version::HTTP_2
+            && let Some(h) = host
+            && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+        {
+            return bad("Host and :authority name different hosts");
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host, and no userinfo.
+fn is_host_without_userinfo(h: &[u8]) -> bool {
+    !h.contains(&b'@')
+        && h.len() <= 255
+        && http::uri::Authority::try_from(h).is_ok()
+        && h.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~:[]!$&'()*+,;=%".contains(&b))
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -245,6 +376,12 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
         Error::IdpUnavailable { retry_after, .. } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
+        Error::StoreUnavailable(_) => {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::session::STORE_RETRY_AFTER_SECS),
+            );
+        }
         Error::SessionExpired {
             clear_cookie: true, ..
         } => {
@@ -267,10 +404,16 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
 /// encoded. `raw` is what goes upstream: the client's own encoding, minus resolved dot segments.
 /// Decoded `.`/`..` segments (`%2e%2e`) count as dot segments, so `/api/%2e%2e/admin` is `/admin`
 /// everywhere; a segment hiding one behind an encoded slash (`..%2f`) is refused.
+///
+/// Repeated slashes are merged (`//api//x` is `/api/x`, as nginx's `merge_slashes` does) in both,
+/// so no upstream can read a path as belonging to another route than coatcheck did. `separator`
+/// records an encoded `/` or `\` (or a raw `\`): the router refuses those unless the route sets
+/// `allow_encoded_slashes`, because upstreams disagree on whether `%2F` separates segments.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NormalizedPath<'a> {
     pub matched: Cow<'a, str>,
     pub raw: Cow<'a, str>,
+    pub separator: bool,
 }
 
 impl<'a> NormalizedPath<'a> {
@@ -281,21 +424,39 @@ impl<'a> NormalizedPath<'a> {
                 "the request target must be an absolute path".into(),
             ));
         }
-        // Fast path: nothing encoded, no dot segments, no backslash: already normal.
-        if !path.contains(['%', '\\']) && !path.split('/').any(|s| s == "." || s == "..") {
+        // Fast path: nothing encoded, no dot segments, no backslash, no `//`: already normal.
+        if !path.contains(['%', '\\', ';'])
+            && !path.contains("//")
+            && !path.split('/').any(|s| s == "." || s == "..")
+        {
             return Ok(NormalizedPath {
                 matched: Cow::Borrowed(path),
                 raw: Cow::Borrowed(path),
+                separator: false,
             });
         }
         let mut out: Vec<(&str, String)> = Vec::new();
         let segments: Vec<&str> = path[1..].split('/').collect();
         let last = segments.len() - 1;
         let mut trailing_slash = false;
+        let mut separator = false;
         for (i, seg) in segments.iter().enumerate() {
+            if seg.is_empty() {
+                // `//` is one slash; a final empty segment is the trailing slash.
+                if i == last {
+                    trailing_slash = true;
+                }
+                continue;
+            }
             let decoded = percent_decode(seg)?;
             if decoded.contains(&0) {
                 return Err(Error::BadRequest("the path contains a NUL byte".into()));
+            }
+            // Some servlet containers read `..;x` as `..` (path parameters).
+            if decoded.starts_with(b"..;") || decoded.starts_with(b".;") {
+                return Err(Error::BadRequest(
+                    "the path hides a dot segment behind a path parameter".into(),
+                ));
             }
             let dot = match decoded.as_slice() {
                 b"." => Some(false),
@@ -312,7 +473,9 @@ impl<'a> NormalizedPath<'a> {
                     }
                 }
                 None => {
-                    if decoded.iter().any(|&b| b == b'/' || b == b'\\')
+                    let has_separator = decoded.iter().any(|&b| b == b'/' || b == b'\\');
+                    separator |= has_separator;
+                    if has_separator
                         && decoded
                             .split(|&b| b == b'/' || b == b'\\')
                             .any(|p| p == b"." || p == b"..")
@@ -340,6 +503,7 @@ impl<'a> NormalizedPath<'a> {
         Ok(NormalizedPath {
             matched: Cow::Owned(matched),
             raw: Cow::Owned(raw),
+            separator,
         })
     }
 }

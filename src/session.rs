@@ -3,12 +3,18 @@
 //! A request's cookie is verified ([`ticket`]) before anything else; then the decrypted session is
 //! looked up in the moka cache (a hit touches no store and takes no global lock), and only on a miss
 //! is the record loaded from the [`store`] and opened with the key derived from the ticket's secret.
+//!
+//! Caches are told, not left to expire: every change is published on the store's event channel
+//! ([`store::Events`]) and every instance drops its copy. An instance whose subscription dropped
+//! checks each cached session against the store until it has resubscribed (and then flushes). While
+//! the store is unreachable, cached sessions keep being served for [`OUTAGE_GRACE`] and nobody is
+//! logged out: a failed write is retried, never turned into a logout.
 
 pub mod store;
 pub mod ticket;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, header};
@@ -18,11 +24,20 @@ use crate::config::{self, StoreKind};
 use crate::error::Error;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
-use store::{AnyStore, Record, Store, StoreError};
+use store::{AnyStore, EndReason, Event, Events, Record, Store, StoreError};
 use ticket::{CookieSpec, Keys, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
 const MAX_USER_AGENT: usize = 256;
+/// While the store is unreachable, a session cached by this instance keeps being served for this
+/// long after it was last read from the store (beyond `session.cache.ttl`); then 503.
+pub const OUTAGE_GRACE: Duration = Duration::from_secs(300);
+/// `Retry-After` seconds on a 503 `store_unavailable`.
+pub const STORE_RETRY_AFTER_SECS: u64 = 2;
+/// A write that failed because the store was unreachable (refreshed tokens) is retried this often…
+const RETRY_SAVE_EVERY: Duration = Duration::from_secs(1);
+/// …for at most this long.
+const RETRY_SAVE_FOR: Duration = Duration::from_secs(600);
 
 /// Unix seconds now.
 pub fn now() -> u64 {
@@ -39,7 +54,12 @@ pub struct SessionData {
     pub sub: String,
     /// The ID token's claims (shown by `/bff/user`; `roles` drives route policy).
     pub claims: serde_json::Map<String, serde_json::Value>,
-    pub id_token: Secret,
+    /// Which issuer made the session (absent in records of older versions: OIDC).
+    #[serde(default)]
+    pub issuer: crate::auth::issuer::IssuerKind,
+    /// The ID token (OIDC sessions; other issuers have none).
+    #[serde(default)]
+    pub id_token: Option<Secret>,
     pub access_token: Secret,
     /// Unix seconds at which the access token expires.
     pub access_expires_at: u64,
@@ -69,6 +89,9 @@ pub struct Session {
     /// Last request seen (Unix seconds), kept in memory; written to the store at most once per
     /// `session.touch_interval`.
     last_seen: AtomicU64,
+    /// When this copy was read from (or written to) the store: a cached copy is served without
+    /// asking the store for `session.cache.ttl` after it.
+    read_at: Instant,
     record_key: Secret<[u8; 32]>,
 }
 
@@ -98,8 +121,14 @@ pub enum Lookup {
 pub struct Sessions {
     keys: Keys,
     pub cookie: CookieSpec,
-    store: AnyStore,
+    store: Arc<AnyStore>,
     cache: moka::future::Cache<[u8; 16], Arc<Session>>,
+    /// Sessions ended recently (here or on another instance): a load that raced the end must not
+    /// put them back in the cache.
+    ended: moka::sync::Cache<[u8; 16], ()>,
+    /// Whether this instance hears every event (false while the subscription is down).
+    told: AtomicBool,
+    cache_ttl: Duration,
     pub idle: Duration,
     pub absolute: Duration,
     touch_interval: Duration,
@@ -138,6 +167,8 @@ impl Sessions {
             }
             StoreKind::Redis(settings) => AnyStore::Redis(store::redis::RedisStore::new(settings)?),
         };
+        // Entries stay in memory past their freshness so they can be served during a store outage.
+        let keep = cfg.cache_ttl + OUTAGE_GRACE;
         Ok(Sessions {
             keys: Keys::new(&cfg.keys),
             cookie: CookieSpec {
@@ -145,11 +176,17 @@ impl Sessions {
                 same_site: cfg.same_site,
                 max_age: cfg.persistent.then_some(cfg.absolute_timeout.as_secs()),
             },
-            store,
+            store: Arc::new(store),
             cache: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
-                .time_to_live(cfg.cache_ttl)
+                .time_to_live(keep)
                 .build(),
+            ended: moka::sync::Cache::builder()
+                .max_capacity(cfg.cache_capacity.max(1000))
+                .time_to_live(keep)
+                .build(),
+            told: AtomicBool::new(true),
+            cache_ttl: cfg.cache_ttl,
             idle: cfg.idle_timeout,
             absolute: cfg.absolute_timeout,
             touch_interval: cfg.touch_interval,
@@ -166,6 +203,11 @@ impl Sessions {
         self.store.ping().await
     }
 
+    /// The store's once-set, lease and event channel (for `auth`).
+    pub fn backend(&self) -> &Arc<AnyStore> {
+        &self.store
+    }
+
     /// Looks up the session named by the request's cookie.
     pub async fn lookup(&self, headers: &HeaderMap) -> Result<Lookup, Error> {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
@@ -176,16 +218,39 @@ impl Sessions {
         };
         let key = ticket.handle_bytes();
         let now = now();
-        if let Some(s) = self.cache.get(&key).await {
-            if now >= s.idle_expires_at(self.idle) {
+        let cached = match self.cache.get(&key).await {
+            Some(s) if now >= s.idle_expires_at(self.idle) => {
                 self.cache.invalidate(&key).await;
                 return Ok(Lookup::Ended);
             }
-            s.last_seen.fetch_max(now, Ordering::Relaxed);
-            return Ok(Lookup::Live(s));
+            // The hot path: a fresh copy on an instance that hears every event.
+            Some(s)
+                if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < self.cache_ttl =>
+            {
+                s.last_seen.fetch_max(now, Ordering::Relaxed);
+                return Ok(Lookup::Live(s));
+            }
+            other => other,
+        };
+        match self.load(&ticket, key, now).await {
+            Ok(found) => Ok(found),
+            // Nobody is logged out because the store is down: a copy read recently enough serves.
+            Err(e) => match cached {
+                Some(s) if s.read_at.elapsed() < self.cache_ttl + OUTAGE_GRACE => {
+                    tracing::warn!(session = %s.handle, error = %e, "session store unavailable; serving the cached session");
+                    s.last_seen.fetch_max(now, Ordering::Relaxed);
+                    Ok(Lookup::Live(s))
+                }
+                _ => Err(e.into()),
+            },
         }
+    }
+
+    /// A cache miss: the record from the store, opened with the ticket's key.
+    async fn load(&self, ticket: &Ticket, key: [u8; 16], now: u64) -> Result<Lookup, StoreError> {
         let handle = secret::hex(&key);
         let Some(record) = self.store.load(&handle, now).await? else {
+            self.cache.invalidate(&key).await;
             return Ok(Lookup::Ended);
         };
         let record_key = ticket.record_key();
@@ -198,21 +263,104 @@ impl Sessions {
         let session = Session::from_parts(record, data, Secret::new(record_key));
         if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
             let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
-            self.store.touch(&handle, now, idle_expires_at).await?;
-            session.last_seen.store(now, Ordering::Relaxed);
+            // A failed idle-clock write never fails a read: the next miss tries again.
+            match self.store.touch(&handle, now, idle_expires_at).await {
+                Ok(()) => session.last_seen.store(now, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(session = %handle, error = %e, "could not record session activity; will retry")
+                }
+            }
         }
-        Ok(Lookup::Live(self.remember(session).await))
+        Ok(match self.remember(session).await {
+            Some(s) => Lookup::Live(s),
+            None => Lookup::Ended,
+        })
     }
 
-    /// Puts a session in the cache (the one place that does).
-    async fn remember(&self, session: Session) -> Arc<Session> {
+    /// Puts a session in the cache (the one place that does). `None` if the session ended while
+    /// it was being read: then it is not cached.
+    async fn remember(&self, session: Session) -> Option<Arc<Session>> {
         let session = Arc::new(session);
-        if self.cache.policy().max_capacity() == Some(0) {
-            return session;
+        let key = handle_bytes(&session.handle)?;
+        if self.cache.policy().max_capacity() != Some(0) {
+            self.cache.insert(key, session.clone()).await;
         }
-        let key = handle_bytes(&session.handle).expect("handles are 32 hex digits");
-        self.cache.insert(key, session.clone()).await;
-        session
+        // Checked after the insert: an end announced in between is seen here, and one announced
+        // later evicts the entry we just inserted.
+        if self.ended.contains_key(&key) {
+            self.cache.invalidate(&key).await;
+            return None;
+        }
+        Some(session)
+    }
+
+    /// Drops a session from this instance's cache and remembers that it ended.
+    async fn forget_ended(&self, handle: &str) {
+        if let Some(k) = handle_bytes(handle) {
+            self.ended.insert(k, ());
+            self.cache.invalidate(&k).await;
+        }
+    }
+
+    /// Applies an event from any instance (this one included) to the cache.
+    pub async fn apply(&self, event: Event) {
+        match event {
+            Event::Changed { handle, version } => {
+                if let Some(k) = handle_bytes(&handle)
+                    && self
+                        .cache
+                        .get(&k)
+                        .await
+                        .is_some_and(|s| s.version < version)
+                {
+                    self.cache.invalidate(&k).await;
+                }
+            }
+            Event::Ended { handle, .. } => self.forget_ended(&handle).await,
+            Event::Released { .. } => {}
+            Event::Lost => {
+                tracing::warn!(
+                    "session event subscription lost; checking cached sessions against the store until it is back"
+                );
+                self.told.store(false, Ordering::Release);
+            }
+            Event::Resumed => {
+                // Whatever was missed meanwhile: start from the store.
+                self.cache.invalidate_all();
+                self.told.store(true, Ordering::Release);
+                tracing::info!("session event subscription resumed; cache flushed");
+            }
+        }
+    }
+
+    /// Follows the event channel until `shutdown`; run once per process.
+    pub async fn follow_events(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut rx = self.store.subscribe();
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                _ = shutdown.cancelled() => return,
+            };
+            match event {
+                Ok(e) => self.apply(e).await,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "session events arrived faster than handled; cache flushed"
+                    );
+                    self.cache.invalidate_all();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Tells every instance (best effort: the change itself is already in the store, and other
+    /// instances' copies expire after `session.cache.ttl` at the latest).
+    async fn announce(&self, event: Event) {
+        if let Err(e) = self.store.publish(&event).await {
+            tracing::warn!(error = %e, "could not announce a session change to other instances");
+        }
     }
 
     /// Creates a new session (always a new ticket: no fixation). Returns the cookie value.
@@ -247,12 +395,17 @@ impl Sessions {
         self.store.create(record.clone()).await?;
         let session = self
             .remember(Session::from_parts(record, data, Secret::new(key)))
-            .await;
+            .await
+            .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
         Ok((ticket.encode(&self.keys), session))
     }
 
     /// Replaces a session's data if nobody else changed it since `current` was read
     /// (compare-and-set on the version). `Ok(None)` if it changed or is gone.
+    ///
+    /// If the store is unreachable the new data is not lost (it may hold a rotated refresh token
+    /// that the provider will not accept twice): it is served from this instance's cache and the
+    /// write is retried in the background.
     pub async fn update(
         &self,
         current: &Session,
@@ -276,17 +429,54 @@ impl Sessions {
             idp_sid: current.idp_sid.clone(),
             sealed,
         };
-        if !self.store.save(record.clone(), current.version).await? {
-            return Ok(None);
+        match self.store.save(record.clone(), current.version).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(session = %current.handle, error = %e, "could not save refreshed tokens; serving them from memory and retrying the write");
+                self.retry_save(record.clone(), current.version);
+            }
         }
-        Ok(Some(
-            self.remember(Session::from_parts(
+        let version = record.version;
+        let updated = self
+            .remember(Session::from_parts(
                 record,
                 data,
                 current.record_key.clone(),
             ))
-            .await,
-        ))
+            .await;
+        self.announce(Event::Changed {
+            handle: current.handle.clone(),
+            version,
+        })
+        .await;
+        Ok(updated)
+    }
+
+    /// Retries a compare-and-set that failed because the store was unreachable.
+    fn retry_save(&self, record: Record, expected_version: u64) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < RETRY_SAVE_FOR {
+                tokio::time::sleep(RETRY_SAVE_EVERY).await;
+                let version = record.version;
+                let handle = record.handle.clone();
+                match store.save(record.clone(), expected_version).await {
+                    Ok(saved) => {
+                        tracing::info!(session = %handle, saved, "delayed session write finished");
+                        if saved {
+                            let _ = store.publish(&Event::Changed { handle, version }).await;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(session = %handle, error = %e, "delayed session write failed; retrying")
+                    }
+                }
+            }
+            tracing::error!(session = %record.handle, "gave up writing refreshed tokens to the session store");
+        });
     }
 
     /// Reloads a session from the store (after a lost compare-and-set), bypassing the cache.
@@ -297,29 +487,51 @@ impl Sessions {
         };
         let data = open_record(current.record_key.expose(), &record)
             .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
-        Ok(Some(
-            self.remember(Session::from_parts(
+        Ok(self
+            .remember(Session::from_parts(
                 record,
                 data,
                 current.record_key.clone(),
             ))
-            .await,
-        ))
+            .await)
     }
 
-    /// Deletes one session from the store and the cache.
-    pub async fn delete(&self, handle: &str) -> Result<Option<Record>, Error> {
-        self.evict(handle).await;
-        Ok(self.store.delete(handle).await?)
+    /// Ends one session: deleted from the store, dropped from every instance's cache.
+    pub async fn delete(&self, handle: &str, reason: EndReason) -> Result<Option<Record>, Error> {
+        self.forget_ended(handle).await;
+        let gone = self.store.delete(handle).await?;
+        self.announce_ended(std::slice::from_ref(&handle.to_owned()), reason)
+            .await;
+        Ok(gone)
     }
 
-    /// Deletes every session of a subject (by its [`subject_key`]).
-    pub async fn delete_subject(&self, subject: &str) -> Result<usize, Error> {
+    /// Ends every session of a subject (by its [`subject_key`]).
+    pub async fn delete_subject(&self, subject: &str, reason: EndReason) -> Result<usize, Error> {
         let handles = self.store.delete_subject(subject).await?;
-        for h in &handles {
-            self.evict(h).await;
-        }
+        self.announce_ended(&handles, reason).await;
         Ok(handles.len())
+    }
+
+    /// Ends every session of a provider session (by the [`subject_key`] of `("sid", sid)`).
+    pub async fn delete_idp_session(
+        &self,
+        idp_sid: &str,
+        reason: EndReason,
+    ) -> Result<usize, Error> {
+        let handles = self.store.delete_idp_session(idp_sid).await?;
+        self.announce_ended(&handles, reason).await;
+        Ok(handles.len())
+    }
+
+    async fn announce_ended(&self, handles: &[String], reason: EndReason) {
+        for handle in handles {
+            self.forget_ended(handle).await;
+            self.announce(Event::Ended {
+                handle: handle.clone(),
+                reason,
+            })
+            .await;
+        }
     }
 
     /// The live sessions of a subject.
@@ -380,6 +592,7 @@ impl Session {
             bearer,
             access_deadline,
             last_seen: AtomicU64::new(record.last_seen),
+            read_at: Instant::now(),
             record_key,
         }
     }
@@ -409,7 +622,8 @@ mod tests {
             iss: "https://idp".into(),
             sub: "alice".into(),
             claims: Default::default(),
-            id_token: Secret::new("id".into()),
+            issuer: Default::default(),
+            id_token: Some(Secret::new("id".into())),
             access_token: Secret::new("at-secret".into()),
             access_expires_at: now() + 60,
             access_issued_at: now(),
@@ -442,7 +656,7 @@ mod tests {
     async fn the_store_record_holds_no_token_in_clear() {
         let s = Sessions::new(&cfg()).unwrap();
         let (_, created) = s.create(data(), None, None).await.unwrap();
-        let AnyStore::Memory(m) = &s.store else {
+        let AnyStore::Memory(m) = s.store.as_ref() else {
             unreachable!()
         };
         let rec = m.load(&created.handle, now()).await.unwrap().unwrap();
@@ -457,7 +671,7 @@ mod tests {
     async fn a_deleted_session_has_ended_even_if_it_was_cached() {
         let s = Sessions::new(&cfg()).unwrap();
         let (value, created) = s.create(data(), None, None).await.unwrap();
-        s.delete(&created.handle).await.unwrap();
+        s.delete(&created.handle, EndReason::Logout).await.unwrap();
         assert!(matches!(
             s.lookup(&cookie_headers(&value)).await.unwrap(),
             Lookup::Ended
@@ -478,5 +692,99 @@ mod tests {
             s.update(&v1, data()).await.unwrap().is_none(),
             "an update from stale state must lose"
         );
+    }
+
+    #[tokio::test]
+    async fn an_end_announced_by_another_instance_evicts_the_cached_session() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        // Another instance deleted the record and announced it; this cache still holds it.
+        s.store.delete(&created.handle).await.unwrap();
+        assert!(matches!(
+            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            Lookup::Live(_)
+        ));
+        s.apply(Event::Ended {
+            handle: created.handle.clone(),
+            reason: EndReason::Logout,
+        })
+        .await;
+        assert!(matches!(
+            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            Lookup::Ended
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_load_that_raced_an_end_is_not_cached() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        s.cache.invalidate_all();
+        // The end is announced while a request is between its store read and its cache insert.
+        s.forget_ended(&created.handle).await;
+        let Lookup::Ended = s.lookup(&cookie_headers(&value)).await.unwrap() else {
+            panic!("a session ended meanwhile must not be served or cached");
+        };
+        assert!(
+            s.cache
+                .get(&handle_bytes(&created.handle).unwrap())
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn while_events_are_lost_every_lookup_asks_the_store_and_resuming_flushes() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        s.apply(Event::Lost).await;
+        s.store.delete(&created.handle).await.unwrap();
+        assert!(
+            matches!(
+                s.lookup(&cookie_headers(&value)).await.unwrap(),
+                Lookup::Ended
+            ),
+            "a cache that may have missed events is not trusted"
+        );
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        s.apply(Event::Resumed).await;
+        s.cache.run_pending_tasks().await;
+        assert_eq!(s.cached(), 0, "resuming flushes the cache");
+        s.store.delete(&created.handle).await.unwrap();
+        assert!(matches!(
+            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            Lookup::Ended
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_change_announced_for_an_older_copy_evicts_it_but_not_a_newer_one() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (_, v1) = s.create(data(), None, None).await.unwrap();
+        let key = handle_bytes(&v1.handle).unwrap();
+        s.apply(Event::Changed {
+            handle: v1.handle.clone(),
+            version: 1,
+        })
+        .await;
+        assert!(s.cache.get(&key).await.is_some(), "same version: kept");
+        s.apply(Event::Changed {
+            handle: v1.handle.clone(),
+            version: 2,
+        })
+        .await;
+        assert!(s.cache.get(&key).await.is_none(), "older copy: dropped");
+    }
+
+    #[test]
+    fn session_data_written_before_issuers_existed_still_opens_as_oidc() {
+        let old = r#"{"iss":"https://idp","sub":"alice","claims":{},"id_token":"id-1",
+            "access_token":"at","access_expires_at":1,"access_issued_at":0,"refresh_token":"rt"}"#;
+        let d: SessionData = serde_json::from_str(old).unwrap();
+        assert_eq!(d.issuer, crate::auth::issuer::IssuerKind::Oidc);
+        assert_eq!(d.id_token.unwrap().expose(), "id-1");
+        let none = old.replace(r#""id_token":"id-1","#, "");
+        let d: SessionData = serde_json::from_str(&none).unwrap();
+        assert!(d.id_token.is_none(), "the ID token is optional");
     }
 }

@@ -588,7 +588,73 @@ async fn websocket_upgrades_are_proxied_both_ways() {
         .unwrap();
     assert!(back == expected, "echoed bytes differ");
     drop(writer.await.unwrap());
+    // The tunnel holds its connection's slot until the client closes it.
+    drop(r);
     proxy.stop().await;
+}
+
+async fn open_websocket(proxy: &TestProxy) -> RawConn {
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(
+        format!(
+            "GET /api/ws HTTP/1.1\r\nHost: localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            proxy.addr.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(conn.read_head().await.0, 101);
+    conn
+}
+
+#[tokio::test]
+async fn an_open_websocket_counts_against_max_connections() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&format!(
+        "[server.limits]\nmax_connections = 1\n{}",
+        route("/api/", &up.url(), "")
+    ))
+    .await;
+    let mut ws = open_websocket(&proxy).await;
+    ws.send(b"ping").await;
+    assert_eq!(ws.read_exact(4).await, b"ping");
+    // The only slot is the tunnel's: a new client waits in the backlog.
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(800),
+        raw_get(proxy.addr, "/api/echo", ""),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "a second connection was served: {waiting:?}"
+    );
+    drop(ws);
+    let res = tokio::time::timeout(WAIT, raw_get(proxy.addr, "/api/echo", ""))
+        .await
+        .expect("served once the tunnel closed");
+    assert_eq!(res.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_websocket_is_closed_when_the_shutdown_grace_ends() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&format!(
+        "[server.limits]\nshutdown_grace = \"1s\"\n{}",
+        route("/api/", &up.url(), "")
+    ))
+    .await;
+    let mut ws = open_websocket(&proxy).await;
+    let start = Instant::now();
+    proxy.stop().await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    let closed = ws.closed_within(Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "the tunnel outlived the shutdown grace");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -702,7 +768,7 @@ async fn hop_by_hop_headers_from_the_upstream_are_not_returned() {
 }
 
 #[tokio::test]
-async fn forwarding_headers_are_set_and_x_forwarded_for_is_appended() {
+async fn forwarding_headers_are_written_by_coatcheck_not_taken_from_the_client() {
     let up = Upstream::start().await;
     let proxy = proxy_to(&up).await;
     let host = format!("localhost:{}", proxy.addr.port());
@@ -713,20 +779,29 @@ async fn forwarding_headers_are_set_and_x_forwarded_for_is_appended() {
             .header("forwarded", "for=203.0.113.9")
             .header("x-forwarded-proto", "http")
             .header("x-forwarded-host", "evil.example")
+            .header("x-forwarded-prefix", "/evil")
+            .header("x-real-ip", "203.0.113.9")
+            .header("x-original-url", "/admin")
+            .header("x-rewrite-url", "/admin")
             .send()
             .await
             .unwrap();
         let seen = echoed_headers(&res.json().await.unwrap());
-        assert_eq!(
-            header(&seen, "x-forwarded-for"),
-            Some("203.0.113.9, 127.0.0.1")
-        );
+        assert_eq!(header(&seen, "x-forwarded-for"), Some("127.0.0.1"));
         assert_eq!(header(&seen, "x-forwarded-proto"), Some("https"));
         assert_eq!(header(&seen, "x-forwarded-host"), Some(host.as_str()));
         assert_eq!(
             header(&seen, "forwarded"),
-            Some(format!("for=203.0.113.9, for=127.0.0.1;proto=https;host=\"{host}\"").as_str())
+            Some(format!("for=127.0.0.1;proto=https;host=\"{host}\"").as_str())
         );
+        for gone in [
+            "x-forwarded-prefix",
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+        ] {
+            assert_eq!(header(&seen, gone), None, "{gone} reached the upstream");
+        }
         // Exactly one of each: nothing duplicated.
         for name in [
             "x-forwarded-for",
@@ -737,18 +812,36 @@ async fn forwarding_headers_are_set_and_x_forwarded_for_is_appended() {
             assert_eq!(seen.iter().filter(|(n, _)| n == name).count(), 1, "{name}");
         }
     }
-    // Without client-supplied values, the proxy's own are the whole value.
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_forwarding_chain_is_kept_and_appended_to() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy_with(
+        "trusted_proxies = [\"127.0.0.0/8\"]\n",
+        &route("/api/", &up.url(), ""),
+    )
+    .await;
+    let host = format!("localhost:{}", proxy.addr.port());
     let res = proxy
         .http1()
         .get(proxy.url("/api/echo"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("forwarded", "for=203.0.113.9")
+        .header("x-forwarded-host", "evil.example")
         .send()
         .await
         .unwrap();
     let seen = echoed_headers(&res.json().await.unwrap());
-    assert_eq!(header(&seen, "x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        header(&seen, "x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(header(&seen, "x-forwarded-host"), Some(host.as_str()));
     assert_eq!(
         header(&seen, "forwarded"),
-        Some(format!("for=127.0.0.1;proto=https;host=\"{host}\"").as_str())
+        Some(format!("for=203.0.113.9, for=127.0.0.1;proto=https;host=\"{host}\"").as_str())
     );
     proxy.stop().await;
 }

@@ -171,6 +171,7 @@ async fn two_instances_share_sessions_once_keys_leases_and_events() {
     let started = Instant::now();
     let ended = Event::Changed {
         handle: "h1".into(),
+        version: 1,
     };
     a.publish(&ended).await.unwrap();
     expect_event(&mut b_events, &ended, Duration::from_secs(2)).await;
@@ -414,6 +415,7 @@ async fn an_outage_fails_calls_within_the_timeout_reports_lost_and_recovers_with
     // Let the subscription become live before the outage.
     let probe = Event::Changed {
         handle: "probe".into(),
+        version: 1,
     };
     s.publish(&probe).await.unwrap();
     expect_event(&mut rx, &probe, Duration::from_secs(5)).await;
@@ -555,6 +557,7 @@ async fn after_a_sentinel_failover_the_store_works_against_the_promoted_replica(
     );
     let e = Event::Changed {
         handle: "r2".into(),
+        version: 1,
     };
     s.publish(&e).await.unwrap();
     expect_event(&mut rx, &e, Duration::from_secs(5)).await;

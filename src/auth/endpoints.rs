@@ -8,11 +8,13 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use super::issuer::Issuer;
 use super::{Auth, id_token, login};
 use crate::body::{self, Body};
 use crate::config::CsrfMode;
 use crate::error::Error;
 use crate::secret::{self, Secret};
+use crate::session::store::{EndReason, OnceSet};
 use crate::session::{self, Lookup, Session, subject_key};
 
 /// How long logout waits for the provider to revoke the refresh token.
@@ -90,9 +92,10 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
 /// Ends a session: store and cache, then (best effort, bounded) the refresh token at the provider.
 /// Returns where the browser should go next.
 async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
-    auth.sessions.delete(&s.handle).await?;
+    auth.sessions.delete(&s.handle, EndReason::Logout).await?;
     if let Some(rt) = &s.data.refresh_token {
-        match tokio::time::timeout(REVOKE_TIMEOUT, auth.provider.revoke(rt)).await {
+        match tokio::time::timeout(REVOKE_TIMEOUT, Issuer::revoke(auth.provider.as_ref(), rt)).await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(session = %s.handle, error = %e, "refresh token revocation failed; the session is ended locally")
@@ -103,10 +106,7 @@ async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
         }
     }
     tracing::info!(session = %s.handle, "logged out");
-    Ok(auth
-        .provider
-        .end_session_url(&s.data.id_token, &secret::random_token(16))
-        .unwrap_or_else(|| auth.provider.cfg.post_logout_redirect.clone()))
+    Ok(auth.provider.logout_url(&s.data, &secret::random_token(16)))
 }
 
 async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
@@ -201,7 +201,7 @@ async fn delete_session(
     if id == s.handle {
         end_session(auth, &s).await?;
     } else {
-        auth.sessions.delete(id).await?;
+        auth.sessions.delete(id, EndReason::Logout).await?;
     }
     let mut res = body::json(StatusCode::OK, &json!({"revoked": id}));
     if id == s.handle {
@@ -215,7 +215,11 @@ async fn logout_all(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
     csrf(auth, &req)?;
     let s = auth.require_session(&req).await?;
     let next = end_session(auth, &s).await?;
-    let revoked = auth.sessions.delete_subject(&s.subject).await? + 1;
+    let revoked = auth
+        .sessions
+        .delete_subject(&s.subject, EndReason::Logout)
+        .await?
+        + 1;
     let mut res = body::json(
         StatusCode::OK,
         &json!({"revoked": revoked, "logout_url": next}),
@@ -243,41 +247,47 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
         Err(Ok(e)) => return Err(Error::BadRequest(e.to_string())),
         Err(Err(e)) => return Err(e),
     };
-    let jti = claims
-        .get("jti")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    if auth.login.seen_logout_token(&jti) {
-        return Err(Error::BadRequest(
-            "this logout token was already used".into(),
-        ));
-    }
     let iss = claims
         .get("iss")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let ended = match (
-        claims.get("sub").and_then(Value::as_str),
-        claims.get("sid").and_then(Value::as_str),
-    ) {
-        (Some(sub), None) => auth.sessions.delete_subject(&subject_key(iss, sub)).await?,
-        (Some(sub), Some(sid)) => {
-            let sid_key = subject_key("sid", sid);
-            let mut n = 0;
-            for r in auth.sessions.list(&subject_key(iss, sub)).await? {
-                if r.idp_sid.as_deref() == Some(sid_key.as_str()) {
-                    auth.sessions.delete(&r.handle).await?;
-                    n += 1;
-                }
-            }
-            n
+    let jti = claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    // Refused for as long as the token could be accepted: until its exp (plus the clock skew).
+    let valid_for = claims
+        .get("exp")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .saturating_sub(session::now())
+        .min(id_token::LOGOUT_TOKEN_MAX_AGE)
+        + auth.provider.cfg.clock_skew.as_secs()
+        + 1;
+    let once_key = format!("jti:{}", subject_key(iss, jti));
+    if !auth
+        .once()
+        .first_use(&once_key, Duration::from_secs(valid_for))
+        .await?
+    {
+        return Err(Error::BadRequest(
+            "this logout token was already used".into(),
+        ));
+    }
+    let sid = claims.get("sid").and_then(Value::as_str);
+    let ended = match (claims.get("sub").and_then(Value::as_str), sid) {
+        (Some(sub), None) => {
+            auth.sessions
+                .delete_subject(&subject_key(iss, sub), EndReason::Backchannel)
+                .await?
         }
-        _ => {
-            return Err(Error::BadRequest(
-                "logout tokens naming only a sid need a sub here".into(),
-            ));
+        // A sid names the provider session, with or without a sub (§2.4).
+        (_, Some(sid)) => {
+            auth.sessions
+                .delete_idp_session(&subject_key("sid", sid), EndReason::Backchannel)
+                .await?
         }
+        (None, None) => return Err(Error::BadRequest("neither sub nor sid".into())),
     };
     tracing::info!(sessions = ended, at = session::now(), "back-channel logout");
     Ok(body::json(StatusCode::OK, &json!({"ended": ended})))

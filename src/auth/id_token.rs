@@ -126,9 +126,17 @@ pub async fn validate_logout_token(provider: &Provider, token: &str) -> Outcome 
         provider,
         token,
         Some(&provider.cfg.client_id),
-        &["iat", "iss", "aud"],
+        &["exp", "iat", "iss", "aud"],
     )
     .await?;
+    // §2.4 requires exp (checked by `verify`); iat bounds how old a token may be however far away
+    // its exp is.
+    let iat = claims.get("iat").and_then(Value::as_u64).unwrap_or(0);
+    if crate::session::now().saturating_sub(iat)
+        > LOGOUT_TOKEN_MAX_AGE + provider.cfg.clock_skew.as_secs()
+    {
+        return refuse("the logout token is too old (iat)");
+    }
     let event = claims
         .get("events")
         .and_then(Value::as_object)

@@ -18,12 +18,14 @@ use serde_json::Value;
 
 use super::Auth;
 use super::id_token::{self, Expected};
+use super::issuer::IssuerKind;
 use super::oidc::OidcError;
 use super::refresh::login_claims;
 use crate::body::{self, Body, escape_html};
 use crate::error::Error;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
+use crate::session::store::{EndReason, OnceSet};
 use crate::session::{self, Lookup, SessionData, Sessions};
 
 /// How long a login may take from `/bff/login` to `/bff/callback`.
@@ -32,43 +34,6 @@ pub const LOGIN_TTL: Duration = Duration::from_secs(600);
 const MAX_RETURN_URL: usize = 2048;
 /// Characters of `state` that name the login cookie.
 const STATE_PREFIX: usize = 16;
-
-/// Login bookkeeping shared by the endpoints.
-pub struct Login {
-    consumed: moka::sync::Cache<String, ()>,
-    logout_jtis: moka::sync::Cache<String, ()>,
-}
-
-impl Default for Login {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Login {
-    pub fn new() -> Login {
-        Login {
-            consumed: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(LOGIN_TTL)
-                .build(),
-            logout_jtis: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(LOGIN_TTL)
-                .build(),
-        }
-    }
-
-    /// Records a back-channel logout token id; `true` if it was seen before (a replay).
-    pub fn seen_logout_token(&self, jti: &str) -> bool {
-        // Check and record in one atomic step, so two racing deliveries cannot both be first.
-        !self
-            .logout_jtis
-            .entry(jti.to_owned())
-            .or_insert_with(|| ())
-            .is_fresh()
-    }
-}
 
 #[derive(Serialize, Deserialize)]
 struct Transaction {
@@ -204,15 +169,10 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     if !secret::constant_time_eq(tx.state.expose().as_bytes(), state.as_bytes()) {
         return bad("The sign-in answer does not match this browser's sign-in.");
     }
-    // One atomic step (moka runs one initializer per key and the racers read its result), so of
-    // several deliveries of the same answer racing each other only one reaches the token endpoint.
-    if !auth
-        .login
-        .consumed
-        .entry(state.clone())
-        .or_insert_with(|| ())
-        .is_fresh()
-    {
+    // First use wins, on every instance at once: of several deliveries of the same answer racing
+    // each other only one reaches the token endpoint.
+    let once_key = format!("state:{}", secret::hex(&secret::sha256(state.as_bytes())));
+    if !auth.once().first_use(&once_key, LOGIN_TTL).await? {
         return bad("This sign-in answer was already used.");
     }
     let meta = auth.provider.metadata()?;
@@ -271,14 +231,15 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     let idp_sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
     // A ticket the browser held before this login is retired: a new login always means a new session.
     if let Ok(Lookup::Live(old)) = auth.sessions.lookup(req.headers()).await {
-        let _ = auth.sessions.delete(&old.handle).await;
+        let _ = auth.sessions.delete(&old.handle, EndReason::Logout).await;
     }
     let now = session::now();
     let data = SessionData {
         iss: meta.issuer.clone(),
         sub,
         claims: login_claims(claims),
-        id_token,
+        issuer: IssuerKind::Oidc,
+        id_token: Some(id_token),
         access_token: tokens.access_token,
         access_expires_at: tokens.access_expires_at,
         access_issued_at: now,

@@ -407,11 +407,14 @@ impl Provider {
     }
 
     /// The RP-initiated logout URL (OpenID Connect RP-Initiated Logout 1.0 §2), if supported.
-    pub fn end_session_url(&self, id_token: &Secret, state: &str) -> Option<String> {
+    pub fn end_session_url(&self, id_token: Option<&Secret>, state: &str) -> Option<String> {
         let meta = self.metadata().ok()?;
         let mut url = meta.end_session_endpoint.clone()?;
+        if let Some(t) = id_token {
+            url.query_pairs_mut()
+                .append_pair("id_token_hint", t.expose());
+        }
         url.query_pairs_mut()
-            .append_pair("id_token_hint", id_token.expose())
             .append_pair("client_id", &self.cfg.client_id)
             .append_pair("post_logout_redirect_uri", &self.post_logout_uri)
             .append_pair("state", state);

@@ -3,28 +3,33 @@
 //! - **Proactive**: a token with less than `oidc.refresh_before_expiry` left (capped at half its
 //!   lifetime, so short-lived tokens do not refresh on every request) is refreshed before the
 //!   request is forwarded.
-//! - **Single flight**: requests of one session queue behind one refresh (bounded by
-//!   `oidc.refresh_wait`), then re-read the session and use its result. The new tokens are stored
-//!   with a compare-and-set on the session version before anyone uses them.
-//! - **Rotation grace**: the result of a refresh is remembered for `oidc.rotation_grace`, keyed by
-//!   the refresh token it spent, so a request that raced with stale state never replays a spent
-//!   refresh token (which the provider's reuse detection would punish by revoking the grant).
+//! - **Single flight, across instances**: one request holds the session's refresh [`Lease`]; the
+//!   others (on any instance) wait for its release, bounded by `oidc.refresh_wait`, then re-read
+//!   the session from the store and use its result without calling the provider. The new tokens
+//!   are stored with a compare-and-set on the session version before anyone uses them.
+//! - **Rotation grace**: a refresh token is marked spent in the [`OnceSet`] for
+//!   `oidc.rotation_grace` before it is presented, so no instance presents it twice (the
+//!   provider's reuse detection would punish that by revoking the grant); whoever finds it spent
+//!   waits for the spender's result in the store.
 //! - **End vs blip**: `invalid_grant`-class answers end the session; a provider that is down does
 //!   not: the current access token is used while valid, then 503 with `Retry-After`.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::id_token::{self, Expected};
-use super::oidc::{OidcError, Provider};
+use super::issuer::{Issuer, IssuerError};
+use super::oidc::Provider;
 use crate::config;
 use crate::error::Error;
 use crate::secret;
-use crate::session::{self, Session, SessionData, Sessions};
+use crate::session::store::{AnyStore, EndReason, Event, Events, Lease, OnceSet, StoreError};
+use crate::session::{self, Session, Sessions};
+
+/// A waiter re-reads the store at least this often, even without hearing the lease's release.
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// `Retry-After` seconds when the provider is unavailable.
 pub const RETRY_AFTER_SECS: u64 = 5;
@@ -39,31 +44,39 @@ pub struct Metrics {
     pub grace_hits: AtomicU64,
 }
 
+/// What the lease holder found.
+enum Step {
+    /// The session to forward with.
+    Done(Arc<Session>),
+    /// Its refresh token was already presented by someone whose result is not in the store yet.
+    Wait,
+}
+
 /// The refresher.
 pub struct Refresher {
-    provider: Arc<Provider>,
+    /// The token issuer that refreshes (today the OIDC provider).
+    issuer: Arc<Provider>,
     sessions: Arc<Sessions>,
+    /// The lease, the spent-token set and the release announcements.
+    backend: Arc<AnyStore>,
     refresh_before: Duration,
     wait: Duration,
-    /// One async lock per session being refreshed (entries removed when nobody holds them).
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Hash of a spent refresh token → the session version its refresh produced.
-    recent: moka::sync::Cache<[u8; 32], u64>,
+    grace: Duration,
+    /// How long a refresh lease lives if its holder dies: long enough for the provider calls.
+    lease_ttl: Duration,
     pub metrics: Metrics,
 }
 
 impl Refresher {
     pub fn new(provider: Arc<Provider>, sessions: Arc<Sessions>, cfg: &config::Oidc) -> Refresher {
         Refresher {
-            provider,
+            issuer: provider,
+            backend: sessions.backend().clone(),
             sessions,
             refresh_before: cfg.refresh_before_expiry,
             wait: cfg.refresh_wait,
-            locks: Mutex::new(HashMap::new()),
-            recent: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(cfg.rotation_grace)
-                .build(),
+            grace: cfg.rotation_grace,
+            lease_ttl: cfg.timeout * 2 + Duration::from_secs(2),
             metrics: Metrics::default(),
         }
     }
@@ -94,103 +107,128 @@ impl Refresher {
     }
 
     async fn refresh(&self, seen: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(seen.handle.clone()).or_default().clone()
-        };
-        self.metrics.waiters.fetch_add(1, Ordering::Relaxed);
-        let guard = tokio::time::timeout(self.wait, lock.lock()).await;
-        self.metrics.waiters.fetch_sub(1, Ordering::Relaxed);
-        let result = match guard {
-            Ok(_guard) => self.refresh_locked(&seen, rejected).await,
-            Err(_) => Err(Error::IdpUnavailable {
-                source: Some("timed out waiting for a token refresh".into()),
-                retry_after: RETRY_AFTER_SECS,
-            }),
-        };
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's reference and ours: nobody else waits on it any more.
-        if Arc::strong_count(&lock) <= 2 {
-            locks.remove(&seen.handle);
+        let key = format!("refresh:{}", seen.handle);
+        let deadline = Instant::now() + self.wait;
+        let mut released = self.backend.subscribe();
+        loop {
+            match self.backend.acquire(&key, self.lease_ttl).await {
+                Ok(Some(token)) => {
+                    let step = self.refresh_locked(&seen, rejected).await;
+                    if let Err(e) = self.backend.release(&key, &token).await {
+                        tracing::warn!(session = %seen.handle, error = %e, "could not release the refresh lease; it expires by itself");
+                    }
+                    if let Step::Done(s) = step? {
+                        return Ok(s);
+                    }
+                    // The spender's result is not in the store yet: look again shortly.
+                    if Instant::now() >= deadline {
+                        return self.gave_up_waiting(seen, rejected);
+                    }
+                    tokio::time::sleep_until(deadline.min(Instant::now() + WAIT_POLL).into()).await;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return self.store_blip(seen, rejected, e),
+            }
+            if Instant::now() >= deadline {
+                return self.gave_up_waiting(seen, rejected);
+            }
+            // Someone else holds the lease (here or on another instance): wait for its release,
+            // then take its result from the store.
+            self.metrics.waiters.fetch_add(1, Ordering::Relaxed);
+            let until = deadline.min(Instant::now() + WAIT_POLL);
+            wait_release(&mut released, &key, until).await;
+            self.metrics.waiters.fetch_sub(1, Ordering::Relaxed);
+            match self.sessions.reload(&seen).await {
+                Ok(Some(current))
+                    if current.version != seen.version && (rejected || !self.due(&current)) =>
+                {
+                    return Ok(current);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(expired()),
+                Err(Error::StoreUnavailable(e)) => {
+                    return self.store_blip(seen, rejected, StoreError::Unavailable(e));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        result
     }
 
-    async fn refresh_locked(&self, seen: &Session, rejected: bool) -> Result<Arc<Session>, Error> {
-        // Whoever held the lock before us may have refreshed already (here or on another
+    /// The store could not coordinate the refresh: nobody is logged out for that. The current
+    /// token serves while it is valid, then 503.
+    fn store_blip(
+        &self,
+        seen: Arc<Session>,
+        rejected: bool,
+        e: StoreError,
+    ) -> Result<Arc<Session>, Error> {
+        tracing::warn!(target: "coatcheck::refresh", session = %seen.handle, error = %e, "refresh postponed; session store unavailable");
+        if !rejected && seen.token_valid() {
+            return Ok(seen);
+        }
+        Err(e.into())
+    }
+
+    fn gave_up_waiting(&self, seen: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {
+        if !rejected && seen.token_valid() {
+            return Ok(seen);
+        }
+        Err(Error::IdpUnavailable {
+            source: Some("timed out waiting for a token refresh".into()),
+            retry_after: RETRY_AFTER_SECS,
+        })
+    }
+
+    async fn refresh_locked(&self, seen: &Session, rejected: bool) -> Result<Step, Error> {
+        // Whoever held the lease before us may have refreshed already (here or on another
         // instance): the store is the truth.
         let Some(current) = self.sessions.reload(seen).await? else {
-            return Err(Error::SessionExpired {
-                login_url: super::LOGIN_PATH.into(),
-                clear_cookie: true,
-            });
+            return Err(expired());
         };
         let now = session::now();
         if current.version != seen.version && (rejected || !self.due(&current)) {
-            return Ok(current);
+            return Ok(Step::Done(current));
         }
         if !rejected && !self.due(&current) {
-            return Ok(current);
+            return Ok(Step::Done(current));
         }
         let Some(refresh_token) = current.data.refresh_token.clone() else {
             return if current.token_valid() && !rejected {
-                Ok(current)
+                Ok(Step::Done(current))
             } else {
                 self.end(&current, "no refresh token").await
             };
         };
-        let spent = secret::sha256(refresh_token.expose().as_bytes());
-        if let Some(version) = self.recent.get(&spent)
-            && version >= current.version
-        {
-            // Refreshed moments ago by a racing request whose write we have not seen yet.
-            self.metrics.grace_hits.fetch_add(1, Ordering::Relaxed);
-            if let Some(s) = self.sessions.reload(&current).await? {
-                return Ok(s);
+        let spent = format!(
+            "spent:{}",
+            secret::hex(&secret::sha256(refresh_token.expose().as_bytes()))
+        );
+        match self.backend.first_use(&spent, self.grace).await {
+            Ok(true) => {}
+            // Presented moments ago by a request whose result is not in the store yet.
+            Ok(false) => {
+                self.metrics.grace_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Step::Wait);
             }
+            Err(e) => return self.store_blip(current, rejected, e).map(Step::Done),
         }
         self.metrics.refreshes.fetch_add(1, Ordering::Relaxed);
-        let tokens = match self.provider.refresh(&refresh_token).await {
-            Ok(t) => t,
-            Err(e) if e.ends_session() => return self.end(&current, &e.to_string()).await,
-            Err(e) => return self.blip(current, e, rejected),
-        };
-        let mut data = SessionData {
-            access_token: tokens.access_token,
-            access_expires_at: tokens.access_expires_at,
-            access_issued_at: now,
-            refresh_token: tokens
-                .refresh_token
-                .or_else(|| current.data.refresh_token.clone()),
-            ..current.data.clone()
-        };
-        if let Some(id_token) = tokens.id_token {
-            match id_token::validate(&self.provider, id_token.expose(), Expected { nonce: None })
-                .await
-            {
-                Ok(claims) => {
-                    // OpenID Connect Core §12.2: same iss, sub and aud, or the session ends.
-                    let same = claims.get("sub").and_then(Value::as_str) == Some(data.sub.as_str())
-                        && claims.get("iss").and_then(Value::as_str) == Some(data.iss.as_str())
-                        && claims.get("aud") == current.data.claims.get("aud");
-                    if !same {
-                        return self
-                            .end(
-                                &current,
-                                "refreshed ID token names another subject, issuer or audience",
-                            )
-                            .await;
-                    }
-                    data.claims = login_claims(claims);
-                    data.id_token = id_token;
+        let data = match Issuer::refresh(self.issuer.as_ref(), &current.data, &refresh_token, now)
+            .await
+        {
+            Ok(data) => data,
+            Err(IssuerError::Refused(why)) => return self.end(&current, &why).await,
+            Err(e @ IssuerError::Unavailable(_)) => {
+                // The issuer did not take the token: it may be presented again.
+                if let Err(e) = self.backend.forget(&spent).await {
+                    tracing::warn!(error = %e, "could not clear a spent-token mark; it expires by itself");
                 }
-                Err(Ok(e)) => return self.end(&current, &e.to_string()).await,
-                Err(Err(e)) => return Err(e),
+                return self.blip(current, e, rejected).map(Step::Done);
             }
-        }
+        };
         match self.sessions.update(&current, data).await? {
             Some(updated) => {
-                self.recent.insert(spent, updated.version);
                 tracing::info!(
                     target: "coatcheck::refresh",
                     session = %updated.handle,
@@ -200,34 +238,29 @@ impl Refresher {
                     waiters = self.metrics.waiters.load(Ordering::Relaxed),
                     "access token refreshed"
                 );
-                Ok(updated)
+                Ok(Step::Done(updated))
             }
             // Another instance won the compare-and-set: its result is in the store.
             None => self
                 .sessions
                 .reload(&current)
                 .await?
-                .ok_or(Error::SessionExpired {
-                    login_url: super::LOGIN_PATH.into(),
-                    clear_cookie: true,
-                }),
+                .map(Step::Done)
+                .ok_or_else(expired),
         }
     }
 
-    async fn end(&self, s: &Session, why: &str) -> Result<Arc<Session>, Error> {
+    async fn end(&self, s: &Session, why: &str) -> Result<Step, Error> {
         self.metrics.ended_sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(target: "coatcheck::refresh", session = %s.handle, reason = why, "refresh refused; session ended");
-        self.sessions.delete(&s.handle).await?;
-        Err(Error::SessionExpired {
-            login_url: super::LOGIN_PATH.into(),
-            clear_cookie: true,
-        })
+        self.sessions.delete(&s.handle, EndReason::Revoked).await?;
+        Err(expired())
     }
 
     fn blip(
         &self,
         current: Arc<Session>,
-        e: OidcError,
+        e: IssuerError,
         rejected: bool,
     ) -> Result<Arc<Session>, Error> {
         self.metrics
@@ -242,6 +275,34 @@ impl Refresher {
             retry_after: RETRY_AFTER_SECS,
         })
     }
+}
+
+fn expired() -> Error {
+    Error::SessionExpired {
+        login_url: super::LOGIN_PATH.into(),
+        clear_cookie: true,
+    }
+}
+
+/// Waits until `key`'s lease is announced released, or until `until`.
+async fn wait_release(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    key: &str,
+    until: Instant,
+) {
+    let _ = tokio::time::timeout_at(until.into(), async {
+        loop {
+            match events.recv().await {
+                Ok(Event::Released { key: k }) if k == key => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                // No channel: fall back to the poll interval.
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// The claims kept from an ID token: everything but values tied to one token or login.

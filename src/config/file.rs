@@ -25,6 +25,12 @@ pub struct ServerFile {
     pub listen: String,
     pub public_origin: String,
     pub http_redirect_listen: Option<String>,
+    /// Networks (CIDR or single addresses) whose `X-Forwarded-For`/`Forwarded` chain is kept.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// What to do with request header names containing `_`.
+    pub underscore_headers: Option<UnderscoreHeaders>,
+    /// `Strict-Transport-Security` value, or "off".
+    pub hsts: Option<String>,
     pub tls: TlsFile,
     #[serde(default)]
     pub limits: LimitsFile,
@@ -45,6 +51,19 @@ pub struct LimitsFile {
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
+    pub body_idle_timeout: Option<String>,
+    pub max_connections_per_ip: Option<i64>,
+    pub login_requests_per_minute: Option<i64>,
+}
+
+/// `server.underscore_headers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Remove the header and forward the request (default).
+    Drop,
+    /// Refuse the request with 400.
+    Refuse,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +126,7 @@ pub struct OidcFile {
     pub timeout: Option<String>,
     pub refresh_wait: Option<String>,
     pub rotation_grace: Option<String>,
+    pub metadata_refresh: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,4 +152,5 @@ pub struct RouteFile {
     pub login_redirect: Option<bool>,
     pub csrf: Option<String>,
     pub audience: Option<String>,
+    pub allow_encoded_slashes: Option<bool>,
 }

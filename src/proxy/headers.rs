@@ -8,12 +8,25 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::config::Cidr;
+
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
+static X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
+/// Method-override headers some frameworks honour: a `POST` would run as `DELETE` behind the
+/// CSRF and method checks, so none of them is ever forwarded.
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -32,9 +45,95 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Whether the request asks for a protocol upgrade (e.g. WebSocket) in HTTP/1.1 terms.
+/// Whether the request asks for a WebSocket upgrade in HTTP/1.1 terms: `Connection: upgrade` and
+/// an `Upgrade` that names `websocket` and nothing else. Any other upgrade (`h2c`, `TLS/1.0`…) is
+/// not one: its `Upgrade` header is removed as hop-by-hop and no tunnel can open.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (values.next(), values.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    };
+    websocket && connection_lists(headers, "upgrade")
+}
+
+/// Whether an upstream's `101` names exactly the WebSocket protocol the client asked for.
+pub fn is_websocket_switch(headers: &HeaderMap) -> bool {
+    is_upgrade_request(headers)
+}
+
+/// Removes the method-override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+/// `X-Method-Override`).
+pub fn strip_method_overrides(headers: &mut HeaderMap) {
+    for name in &METHOD_OVERRIDES {
+        headers.remove(name);
+    }
+}
+
+/// Whether any header name contains `_` (nginx and Envoy treat these as invalid by default: some
+/// stacks read `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
+pub fn has_underscore_names(headers: &HeaderMap) -> bool {
+    headers.keys().any(|n| n.as_str().contains('_'))
+}
+
+/// Removes every header whose name contains `_`.
+pub fn strip_underscore_names(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(&n);
+    }
+}
+
+/// Removes every upstream `Set-Cookie` that names one of coatcheck's own cookies (the session
+/// cookie `base` or a login cookie `base-login-…`); returns the names removed (for the log; values
+/// are never kept).
+pub fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<String> {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return Vec::new();
+    }
+    let mut removed = Vec::new();
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = set_cookie_name(v.as_bytes());
+            // A name that is not text cannot be ours, but neither can it be judged: fail closed.
+            let own = match std::str::from_utf8(name) {
+                Ok(n) => is_own_cookie(base, n),
+                Err(_) => true,
+            };
+            if own {
+                removed.push(String::from_utf8_lossy(name).chars().take(128).collect());
+            }
+            !own
+        })
+        .cloned()
+        .collect();
+    if removed.is_empty() {
+        return removed;
+    }
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
+    removed
+}
+
+/// The cookie name of a `Set-Cookie` value (RFC 6265 §5.2: up to the first `=`, trimmed; a
+/// value without `=` has an empty name, which browsers treat as a nameless cookie).
+fn set_cookie_name(v: &[u8]) -> &[u8] {
+    let pair = v.split(|&b| b == b';').next().unwrap_or_default();
+    let name = match pair.iter().position(|&b| b == b'=') {
+        Some(i) => &pair[..i],
+        None => &[][..],
+    };
+    name.trim_ascii()
 }
 
 fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
@@ -83,38 +182,88 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Adds `X-Forwarded-For` (appended to any value the client sent), `X-Forwarded-Proto: https`,
-/// `X-Forwarded-Host` and `Forwarded` (RFC 7239, appended).
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    let ip = client.to_string();
+/// Forwarding headers coatcheck owns: whatever a client sends under these names is removed before
+/// coatcheck writes its own (a client must not choose the address, host or URL an upstream sees).
+fn client_forwarding_headers() -> [&'static HeaderName; 6] {
+    [
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &X_FORWARDED_PREFIX,
+        &X_REAL_IP,
+        &X_ORIGINAL_URL,
+        &X_REWRITE_URL,
+    ]
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (the left-most one when
+/// every hop is trusted). An entry that is not an IP address ends the walk.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    let mut client = peer;
+    if !is_trusted(peer) || !headers.contains_key(&X_FORWARDED_FOR) {
+        return client;
+    }
+    let entries: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for entry in entries.iter().rev() {
+        if !is_trusted(client) {
+            break;
+        }
+        match entry.trim().parse::<IpAddr>() {
+            Ok(ip) => client = ip,
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// Writes the forwarding headers (RFC 7239 `Forwarded`, `X-Forwarded-For`, `-Proto`, `-Host`, and
+/// `-Prefix` when a prefix was stripped). The `X-Forwarded-For`/`Forwarded` chain a client sent is
+/// kept and appended to only when `peer_trusted` (the peer is in `server.trusted_proxies`);
+/// otherwise it is replaced. Every other forwarding header a client sent is removed.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    peer_trusted: bool,
+    host: Option<&HeaderValue>,
+    prefix: Option<&str>,
+) {
+    for name in client_forwarding_headers() {
+        headers.remove(name);
+    }
+    if !peer_trusted {
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&FORWARDED);
+    }
+    let ip = peer.to_canonical().to_string();
     append_list(headers, &X_FORWARDED_FOR, &ip);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     let host_str = host
         .and_then(|h| h.to_str().ok())
         .filter(|h| is_token_like(h));
-    match host_str {
-        Some(h) => {
-            headers.insert(
-                X_FORWARDED_HOST.clone(),
-                HeaderValue::from_str(h).expect("checked token-like"),
-            );
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
+    if let Some(v) = host_str.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+    if let Some(v) = prefix
+        .filter(|p| !p.is_empty())
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
+        headers.insert(X_FORWARDED_PREFIX.clone(), v);
     }
     // RFC 7239 §6: IPv6 addresses are quoted and bracketed.
     let mut fwd = String::with_capacity(48 + host_str.map_or(0, str::len));
-    match client {
-        IpAddr::V4(_) => {
-            fwd.push_str("for=");
-            fwd.push_str(&ip);
-        }
-        IpAddr::V6(_) => {
-            fwd.push_str("for=\"[");
-            fwd.push_str(&ip);
-            fwd.push_str("]\"");
-        }
+    if ip.contains(':') {
+        fwd.push_str("for=\"[");
+        fwd.push_str(&ip);
+        fwd.push_str("]\"");
+    } else {
+        fwd.push_str("for=");
+        fwd.push_str(&ip);
     }
     fwd.push_str(";proto=https");
     if let Some(h) = host_str {
@@ -300,7 +449,96 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_headers_append_and_quote_ipv6() {
+    fn forwarding_headers_from_a_client_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        add_forwarding(&mut h, "192.0.2.1".parse().unwrap(), false, None, None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["forwarded"], "for=192.0.2.1;proto=https");
+        for gone in [
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-forwarded-prefix",
+            "x-forwarded-host",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn the_client_address_comes_from_the_chain_only_behind_trusted_proxies() {
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let h = map(&[("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.1.1.1")]);
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, peer, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let stranger: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip(&h, stranger, &trusted), stranger);
+        let junk = map(&[("x-forwarded-for", "bogus, 10.1.1.1")]);
+        assert_eq!(
+            client_ip(&junk, peer, &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_upgrades() {
+        let ws = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade_request(&ws));
+        for other in ["h2c", "websocket, h2c", "TLS/1.0", ""] {
+            let h = map(&[("connection", "upgrade"), ("upgrade", other)]);
+            assert!(!is_upgrade_request(&h), "{other}");
+        }
+        let two = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!is_upgrade_request(&two));
+    }
+
+    #[test]
+    fn upstream_set_cookies_naming_our_cookies_are_dropped() {
+        let mut h = map(&[
+            ("set-cookie", "__Host-coatcheck=evil; Path=/"),
+            ("set-cookie", "theirs=1; Path=/"),
+            ("set-cookie", " __Host-coatcheck-login-abc =x"),
+            ("set-cookie", "__Host-coatcheck=; Max-Age=0"),
+        ]);
+        let removed = strip_own_set_cookies(&mut h, "__Host-coatcheck");
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        let left: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(left, ["theirs=1; Path=/"]);
+    }
+
+    #[test]
+    fn method_overrides_and_underscore_names_are_removed() {
+        let mut h = map(&[
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("transfer_encoding", "chunked"),
+            ("x_auth_user", "admin"),
+            ("x-ok", "1"),
+        ]);
+        strip_method_overrides(&mut h);
+        assert!(has_underscore_names(&h));
+        strip_underscore_names(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn forwarding_headers_behind_a_trusted_proxy_append_and_quote_ipv6() {
         let mut h = map(&[
             ("x-forwarded-for", "203.0.113.9"),
             ("forwarded", "for=203.0.113.9"),
@@ -308,7 +546,9 @@ mod tests {
         add_forwarding(
             &mut h,
             "::1".parse().unwrap(),
+            true,
             Some(&HeaderValue::from_static("localhost:8443")),
+            None,
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -200,8 +200,9 @@ pub enum EndReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Event {
-    /// A session's record changed (refreshed tokens): cached copies are dropped and reloaded.
-    Changed { handle: String },
+    /// A session's record changed (refreshed tokens): cached copies older than `version` are
+    /// dropped and reloaded.
+    Changed { handle: String, version: u64 },
     /// A session ended: cached copies are dropped and the session is refused.
     Ended { handle: String, reason: EndReason },
     /// A lease was released: whoever waits for it re-checks now.
@@ -501,6 +502,7 @@ pub mod conformance {
         let sent = [
             Event::Changed {
                 handle: "h1".into(),
+                version: 2,
             },
             Event::Ended {
                 handle: "h2".into(),

@@ -63,6 +63,26 @@ pub struct Env {
     pub config: String,
 }
 
+/// The `[session]`, `[oidc]` and `[[route]]` part of a test configuration (no `[server]`).
+pub fn config_text(opts: &EnvOptions, idp_port: u16, api: &str) -> String {
+    format!(
+        "[session]\nkeys = [\"{SESSION_KEY}\"]\n{session}\n[session.store]\n{store}\n\n\
+         [oidc]\nissuer = \"http://127.0.0.1:{idp_port}\"\nclient_id = \"coatcheck\"\nclient_secret = \"coatcheck-secret\"\n\
+         refresh_before_expiry = \"2s\"\n{oidc}\n\n\
+         {routes}\n\
+         [[route]]\npath = \"/api/\"\nupstream = \"{api}\"\nauth = \"required\"\n\n\
+         [[route]]\npath = \"/app/\"\nupstream = \"{api}\"\nauth = \"required\"\nlogin_redirect = true\ncsrf = \"unsafe-methods\"\n\n\
+         [[route]]\npath = \"/maybe/\"\nupstream = \"{api}\"\nauth = \"optional\"\n\n\
+         [[route]]\npath = \"/admin/\"\nupstream = \"{api}\"\nauth = \"required\"\nroles = [\"admin\"]\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"{api}\"\nauth = \"none\"\n",
+        session = opts.session,
+        store = opts.store,
+        oidc = opts.oidc,
+        routes = opts.routes,
+        api = api,
+    )
+}
+
 impl Env {
     pub async fn start(mut opts: EnvOptions) -> Env {
         let idp_port = if opts.idp.port == 0 {
@@ -73,22 +93,7 @@ impl Env {
         opts.idp.port = idp_port;
         opts.idp.access_token_ttl = opts.access_token_ttl;
         let api = Upstream::start().await;
-        let config = format!(
-            "[session]\nkeys = [\"{SESSION_KEY}\"]\n{session}\n[session.store]\n{store}\n\n\
-             [oidc]\nissuer = \"http://127.0.0.1:{idp_port}\"\nclient_id = \"coatcheck\"\nclient_secret = \"coatcheck-secret\"\n\
-             refresh_before_expiry = \"2s\"\n{oidc}\n\n\
-             {routes}\n\
-             [[route]]\npath = \"/api/\"\nupstream = \"{api}\"\nauth = \"required\"\n\n\
-             [[route]]\npath = \"/app/\"\nupstream = \"{api}\"\nauth = \"required\"\nlogin_redirect = true\ncsrf = \"unsafe-methods\"\n\n\
-             [[route]]\npath = \"/maybe/\"\nupstream = \"{api}\"\nauth = \"optional\"\n\n\
-             [[route]]\npath = \"/admin/\"\nupstream = \"{api}\"\nauth = \"required\"\nroles = [\"admin\"]\n\n\
-             [[route]]\npath = \"/\"\nupstream = \"{api}\"\nauth = \"none\"\n",
-            session = opts.session,
-            store = opts.store,
-            oidc = opts.oidc,
-            routes = opts.routes,
-            api = api.url(),
-        );
+        let config = config_text(&opts, idp_port, &api.url());
         let idp = if opts.start_idp {
             Some(Idp::start(opts.idp).await)
         } else {

@@ -1,0 +1,125 @@
+//! Token issuers: where a session's tokens come from — how they are refreshed, revoked and ended,
+//! where the session's claims come from, and whether the issuer is ready.
+//!
+//! The refresher, logout and readiness talk to an [`Issuer`], never to the OpenID provider
+//! directly, so that other ways of obtaining tokens (an existing API's own JSON login, client
+//! credentials) are implementations beside [`oidc::Provider`](super::oidc::Provider). Each
+//! session remembers which issuer made it ([`IssuerKind`], inside the sealed record).
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::id_token::{self, Expected};
+use super::oidc::{OidcError, Provider};
+use super::refresh::login_claims;
+use crate::error::BoxError;
+use crate::secret::Secret;
+use crate::session::SessionData;
+
+/// Which issuer made a session. Records written before issuers existed are OIDC sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerKind {
+    /// OpenID Connect code + PKCE (`[oidc]`).
+    #[default]
+    Oidc,
+}
+
+/// Why an issuer could not refresh or revoke.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// The grant is gone for good (OAuth `invalid_grant` and its kind, or refreshed tokens that
+    /// belong to someone else): the session ends.
+    #[error("the issuer refused: {0}")]
+    Refused(String),
+    /// The issuer is unreachable, slow or answered nonsense: a blip, the session is kept.
+    #[error("the issuer is unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+}
+
+/// What every token issuer offers.
+pub trait Issuer: Send + Sync {
+    /// Spends `refresh_token` and returns the session's data with the new tokens (and claims).
+    /// A rotated refresh token replaces the old one; without one the old one is kept.
+    fn refresh(
+        &self,
+        current: &SessionData,
+        refresh_token: &Secret,
+        now: u64,
+    ) -> impl Future<Output = Result<SessionData, IssuerError>> + Send;
+    /// Revokes a refresh token at logout.
+    fn revoke(
+        &self,
+        refresh_token: &Secret,
+    ) -> impl Future<Output = Result<(), IssuerError>> + Send;
+    /// Where the browser goes after its session ended (`state` for the issuer's redirect).
+    fn logout_url(&self, data: &SessionData, state: &str) -> String;
+    /// `Ok` when the issuer can serve logins and refreshes.
+    fn ready(&self) -> Result<(), String>;
+}
+
+impl From<OidcError> for IssuerError {
+    fn from(e: OidcError) -> IssuerError {
+        if e.ends_session() {
+            IssuerError::Refused(e.to_string())
+        } else {
+            IssuerError::Unavailable(Box::new(e))
+        }
+    }
+}
+
+impl Issuer for Provider {
+    async fn refresh(
+        &self,
+        current: &SessionData,
+        refresh_token: &Secret,
+        now: u64,
+    ) -> Result<SessionData, IssuerError> {
+        let tokens = Provider::refresh(self, refresh_token).await?;
+        let mut data = SessionData {
+            access_token: tokens.access_token,
+            access_expires_at: tokens.access_expires_at,
+            access_issued_at: now,
+            refresh_token: tokens
+                .refresh_token
+                .or_else(|| current.refresh_token.clone()),
+            ..current.clone()
+        };
+        let Some(id_token) = tokens.id_token else {
+            return Ok(data);
+        };
+        match id_token::validate(self, id_token.expose(), Expected { nonce: None }).await {
+            Ok(claims) => {
+                // OpenID Connect Core §12.2: same iss, sub and aud, or the session ends.
+                let same = claims.get("sub").and_then(Value::as_str) == Some(data.sub.as_str())
+                    && claims.get("iss").and_then(Value::as_str) == Some(data.iss.as_str())
+                    && claims.get("aud") == current.claims.get("aud");
+                if !same {
+                    return Err(IssuerError::Refused(
+                        "refreshed ID token names another subject, issuer or audience".into(),
+                    ));
+                }
+                data.claims = login_claims(claims);
+                data.id_token = Some(id_token);
+                Ok(data)
+            }
+            Err(Ok(e)) => Err(IssuerError::Refused(e.to_string())),
+            Err(Err(e)) => Err(IssuerError::Unavailable(Box::new(e))),
+        }
+    }
+
+    async fn revoke(&self, refresh_token: &Secret) -> Result<(), IssuerError> {
+        Ok(Provider::revoke(self, refresh_token).await?)
+    }
+
+    fn logout_url(&self, data: &SessionData, state: &str) -> String {
+        self.end_session_url(data.id_token.as_ref(), state)
+            .unwrap_or_else(|| self.cfg.post_logout_redirect.clone())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        Provider::ready(self)
+    }
+}
