@@ -19,7 +19,8 @@ use support::upstream::Upstream;
 struct Nodes {
     redis: Redis,
     idp: Idp,
-    api: Upstream,
+    /// Kept alive for the test (dropping it stops the API).
+    _api: Upstream,
     nodes: Vec<ProxyProcess>,
 }
 
@@ -65,7 +66,7 @@ async fn nodes(n: usize, access_token_ttl: u64, backchannel_to: usize) -> Nodes 
     Nodes {
         redis,
         idp,
-        api,
+        _api: api,
         nodes,
     }
 }
