@@ -1379,6 +1379,81 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn redis_store(store: &str) -> String {
+        base(&format!(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n[session.store]\nkind = \"redis\"\n{store}"
+        ))
+    }
+
+    #[test]
+    fn a_redis_store_gets_its_defaults_and_keeps_the_url_secret() {
+        let c = Config::from_toml(
+            &redis_store("url = \"redis://u:pw-123@10.0.0.1:6380/3\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let StoreKind::Redis(r) = &c.session.store else {
+            panic!("{:?}", c.session.store)
+        };
+        assert_eq!(r.key_prefix, DEFAULT_REDIS_KEY_PREFIX);
+        assert_eq!(r.timeout, DEFAULT_REDIS_TIMEOUT);
+        assert!(r.sentinels.is_empty() && r.sentinel_master.is_none() && r.ca.is_none());
+        assert_eq!(r.url.expose(), "redis://u:pw-123@10.0.0.1:6380/3");
+        assert!(
+            !format!("{c:?}").contains("pw-123"),
+            "Debug redacts the URL"
+        );
+    }
+
+    #[test]
+    fn redis_store_problems_name_the_key_and_never_quote_the_url() {
+        for (store, key) in [
+            ("", "session.store.url"),
+            ("url = \"https://u:pw-123@h/0\"\n", "session.store.url"),
+            ("url = \"redis://u:pw-123@/0\"\n", "session.store.url"),
+            ("url = \"redis://u:pw-123@h/x\"\n", "session.store.url"),
+            ("url = \"redis://u:pw-123@h/0?db=1\"\n", "session.store.url"),
+            (
+                "url = \"redis://h\"\nkey_prefix = \"a{b}\"\n",
+                "session.store.key_prefix",
+            ),
+            (
+                "url = \"redis://h\"\ntimeout = \"0s\"\n",
+                "session.store.timeout",
+            ),
+            (
+                "url = \"redis://h\"\nsentinel_master = \"m\"\n",
+                "session.store.sentinel_master",
+            ),
+            (
+                "url = \"redis://h\"\nsentinels = [\"h:26379\"]\n",
+                "session.store.sentinel_master",
+            ),
+            (
+                "url = \"redis://h\"\nsentinels = [\"h:0\"]\nsentinel_master = \"m\"\n",
+                "session.store.sentinels[0]",
+            ),
+            (
+                "url = \"redis://h\"\nsentinels = []\nsentinel_master = \"m\"\n",
+                "session.store.sentinels",
+            ),
+            (
+                "url = \"redis://h\"\npath = \"x.db\"\n",
+                "session.store.path",
+            ),
+        ] {
+            let p = problems(&redis_store(store));
+            assert_eq!(p.len(), 1, "{store}: {p:?}");
+            assert_eq!(p[0].key, key, "{store}: {p:?}");
+            assert!(!p[0].reason.contains("pw-123"), "{store}: {p:?}");
+        }
+        let p = problems(&base(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n[session.store]\nkind = \"memory\"\ntimeout = \"1s\"\n",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "session.store.timeout");
+    }
+
     #[test]
     fn a_minimal_config_with_one_route_is_valid_and_gets_defaults() {
         let c = Config::from_toml(

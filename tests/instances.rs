@@ -19,6 +19,7 @@ use support::upstream::Upstream;
 struct Nodes {
     redis: Redis,
     idp: Idp,
+    /// Kept alive for the test (dropping it stops the API).
     _api: Upstream,
     nodes: Vec<ProxyProcess>,
 }

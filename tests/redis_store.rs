@@ -53,7 +53,7 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// A record as the session layer writes it: real clock, realistic sizes (43-char handle, 64-hex
+/// A record as the session layer writes it: real clock, realistic sizes (32-hex handle, 64-hex
 /// subject, a provider sid, ~1.5 KB sealed payload).
 fn realistic(handle: &str, subject: &str, now: u64) -> Record {
     let mut r = conformance::record(handle, subject, now);
@@ -507,9 +507,14 @@ async fn records_survive_a_redis_restart_with_appendonly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sentinel_failover_the_store_works_against_the_promoted_replica() {
-    let mut setup = SentinelSetup::start(1);
+    let mut setup = SentinelSetup::start(3);
     let mut cfg = settings("redis://sentinel-managed/0", "sent:");
-    cfg.sentinels = setup.addrs();
+    // A dead Sentinel first: the next one is asked.
+    cfg.sentinels = [
+        vec![format!("127.0.0.1:{}", support::redis::free_port())],
+        setup.addrs(),
+    ]
+    .concat();
     cfg.sentinel_master = Some(MASTER_NAME.into());
     let s = store(&cfg).await;
     let mut rx = s.subscribe();
@@ -564,7 +569,7 @@ async fn memory_and_latency_per_session_are_reported() {
     let s = store(&settings(&redis.url(), "coatcheck:")).await;
     let now = unix_now();
     const N: usize = 1000;
-    let handle = |i: usize| format!("{i:0>43}");
+    let handle = |i: usize| format!("{i:0>32x}");
     let subject = |i: usize| format!("{:0>64x}", i / 2);
     let used = |redis: &RedisServer| -> i64 {
         let info = redis.cli(&["INFO", "memory"]).unwrap();

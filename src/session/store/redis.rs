@@ -25,9 +25,11 @@
 //! configured), health-checks the connection every second and reconnects with backoff, forever.
 //! Until it is connected every call fails at once with [`StoreError::Unavailable`]; every call
 //! has a deadline (`session.store.timeout`). A second task holds the event subscription and
-//! reports [`Event::Lost`] / [`Event::Resumed`] as it drops and comes back.
+//! reports [`Event::Lost`] / [`Event::Resumed`] as it drops and comes back; [`Store::ping`]
+//! (readiness) needs both.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -237,6 +239,8 @@ struct Shared {
     broken: Notify,
     events: broadcast::Sender<Event>,
     channel: String,
+    /// Whether the event subscription is live (else this instance may miss events).
+    subscribed: AtomicBool,
 }
 
 /// The `redis` store kind. Cheap to call from many tasks (one multiplexed connection).
@@ -322,6 +326,7 @@ impl RedisStore {
             broken: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             channel: format!("{}events", settings.key_prefix),
+            subscribed: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         runtime.spawn(connector(shared.clone(), stop.clone()));
@@ -376,7 +381,6 @@ impl RedisStore {
         script: &Script,
         record: &Record,
         extra: &[String],
-        first_field: usize,
     ) -> Result<bool, StoreError> {
         let expires_at = record.expires_at();
         let ttl_ms = expires_at.saturating_sub(record.last_seen).max(1) * 1000;
@@ -388,10 +392,10 @@ impl RedisStore {
             inv.key(self.key("sid", sid));
         }
         inv.arg(ttl_ms).arg(expires_at).arg(&record.handle);
+        // The script's own arguments; the hash fields follow (its `write(4 + extra.len())`).
         for a in extra {
             inv.arg(a);
         }
-        debug_assert_eq!(4 + extra.len(), first_field);
         inv.arg("v")
             .arg(record.version)
             .arg("ls")
@@ -431,7 +435,12 @@ fn trust_anchors(path: &std::path::Path) -> Result<redis::TlsCertificates, Store
     let mut pem = std::fs::read(path)
         .map_err(|e| unavailable(format!("session.store.ca: {}: {e}", path.display())))?;
     pem.push(b'\n');
+    // redis-rs refuses the whole bundle if one anchor does not parse: keep only those that do.
+    let mut check = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
+        if check.add(cert.clone()).is_err() {
+            continue;
+        }
         let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
         pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
         for line in b64.as_bytes().chunks(64) {
@@ -535,11 +544,8 @@ impl Shared {
 
     fn describe(&self) -> String {
         match &self.target {
-            Target::Direct(c) => {
-                let addr = c.get_connection_info().addr().to_string();
-                // ConnectionAddr's Display is host:port; it holds no credentials.
-                addr
-            }
+            // ConnectionAddr's Display is host:port; it holds no credentials.
+            Target::Direct(c) => c.get_connection_info().addr().to_string(),
             Target::Sentinel { master, url, .. } => {
                 format!("sentinel master {master:?} ({})", url.scheme())
             }
@@ -612,6 +618,7 @@ async fn subscriber(shared: Arc<Shared>, stop: CancellationToken) {
         match live {
             Ok((mut sink, mut stream)) => {
                 backoff = BACKOFF_MIN;
+                shared.subscribed.store(true, Ordering::Release);
                 if lost {
                     let _ = shared.events.send(Event::Resumed);
                     lost = false;
@@ -637,6 +644,7 @@ async fn subscriber(shared: Arc<Shared>, stop: CancellationToken) {
                         }
                     }
                 }
+                shared.subscribed.store(false, Ordering::Release);
                 tracing::warn!("session event subscription lost; resubscribing");
             }
             Err(e) => {
@@ -710,7 +718,7 @@ fn decode(handle: &str, h: &HashMap<String, Vec<u8>>) -> Result<Option<Record>, 
 
 impl Store for RedisStore {
     async fn create(&self, record: Record) -> Result<(), StoreError> {
-        if self.write(&self.scripts.create, &record, &[], 4).await? {
+        if self.write(&self.scripts.create, &record, &[]).await? {
             Ok(())
         } else {
             Err(StoreError::Exists)
@@ -727,7 +735,7 @@ impl Store for RedisStore {
 
     async fn save(&self, record: Record, expected_version: u64) -> Result<bool, StoreError> {
         let extra = [expected_version.to_string(), self.prefix.clone()];
-        self.write(&self.scripts.save, &record, &extra, 6).await
+        self.write(&self.scripts.save, &record, &extra).await
     }
 
     async fn touch(
@@ -797,7 +805,12 @@ impl Store for RedisStore {
         }
     }
 
+    /// Ready means both: commands are answered and the event subscription is live (an instance
+    /// that cannot hear events could serve a session another instance ended).
     async fn ping(&self) -> Result<(), StoreError> {
+        if !self.shared.subscribed.load(Ordering::Acquire) {
+            return Err(unavailable("the redis event subscription is not live"));
+        }
         self.call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
             .await
     }
