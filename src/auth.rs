@@ -98,6 +98,10 @@ impl Auth {
                 issuers.clone(),
                 sessions.clone(),
                 config.oidc.as_ref(),
+                match (&config.oidc, &config.capture) {
+                    (None, Some(c)) => c.login_path.clone(),
+                    _ => LOGIN_PATH.to_owned(),
+                },
             ),
             issuers,
             sessions,

@@ -63,6 +63,8 @@ pub struct Refresher {
     /// How long a refresh lease lives if its holder dies: long enough for the provider calls.
     lease_ttl: Duration,
     pub metrics: Metrics,
+    /// The `login_url` of a 401 `session_expired`.
+    login_url: String,
 }
 
 impl Refresher {
@@ -70,6 +72,7 @@ impl Refresher {
         issuers: Arc<Issuers>,
         sessions: Arc<Sessions>,
         oidc: Option<&config::Oidc>,
+        login_url: String,
     ) -> Refresher {
         let timeout = oidc.map_or(config::DEFAULT_IDP_TIMEOUT, |o| o.timeout);
         Refresher {
@@ -80,6 +83,15 @@ impl Refresher {
             grace: oidc.map_or(config::DEFAULT_ROTATION_GRACE, |o| o.rotation_grace),
             lease_ttl: timeout * 2 + Duration::from_secs(2),
             metrics: Metrics::default(),
+            login_url,
+        }
+    }
+
+    /// 401 `session_expired`, pointing at where this configuration logs in.
+    fn expired(&self) -> Error {
+        Error::SessionExpired {
+            login_url: self.login_url.clone(),
+            clear_cookie: true,
         }
     }
 
@@ -151,7 +163,7 @@ impl Refresher {
                     return Ok(current);
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => return Err(expired()),
+                Ok(None) => return Err(self.expired()),
                 Err(Error::StoreUnavailable(e)) => {
                     return self.store_blip(seen, rejected, StoreError::Unavailable(e));
                 }
@@ -189,7 +201,7 @@ impl Refresher {
         // Whoever held the lease before us may have refreshed already (here or on another
         // instance): the store is the truth.
         let Some(current) = self.sessions.reload(seen).await? else {
-            return Err(expired());
+            return Err(self.expired());
         };
         let now = session::now();
         if current.version != seen.version && (rejected || !self.due(&current)) {
@@ -253,7 +265,7 @@ impl Refresher {
                 .reload(&current)
                 .await?
                 .map(Step::Done)
-                .ok_or_else(expired),
+                .ok_or_else(|| self.expired()),
         }
     }
 
@@ -261,7 +273,7 @@ impl Refresher {
         self.metrics.ended_sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(target: "coatcheck::refresh", session = %s.handle, reason = why, "refresh refused; session ended");
         self.sessions.delete(&s.handle, EndReason::Revoked).await?;
-        Err(expired())
+        Err(self.expired())
     }
 
     fn blip(
@@ -281,13 +293,6 @@ impl Refresher {
             source: Some(Box::new(e)),
             retry_after: RETRY_AFTER_SECS,
         })
-    }
-}
-
-fn expired() -> Error {
-    Error::SessionExpired {
-        login_url: super::LOGIN_PATH.into(),
-        clear_cookie: true,
     }
 }
 
