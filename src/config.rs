@@ -1493,6 +1493,91 @@ mod tests {
         }
     }
 
+    fn capture(capture: &str, public_auth: &str) -> String {
+        base(&format!(
+            "[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n\
+             [capture]\n{capture}\n\
+             [[route]]\npath = \"/api/\"\nupstream = \"http://127.0.0.1:9000\"\n\
+             [[route]]\npath = \"/auth/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"{public_auth}\"\n"
+        ))
+    }
+
+    #[test]
+    fn capture_alone_serves_authenticated_routes_and_gets_its_defaults() {
+        let c = Config::from_toml(
+            &capture(
+                "login_path = \"/auth/login\"\nrefresh_path = \"/auth/refresh\"",
+                "none",
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let cap = c.capture.unwrap();
+        assert_eq!(cap.route, 1, "the route that serves the login");
+        assert_eq!(cap.access_token, DEFAULT_CAPTURE_ACCESS_TOKEN);
+        assert_eq!(cap.refresh_token, DEFAULT_CAPTURE_REFRESH_TOKEN);
+        assert_eq!(cap.refresh_before_expiry, DEFAULT_CAPTURE_REFRESH_BEFORE);
+        assert!(c.oidc.is_none());
+    }
+
+    #[test]
+    fn capture_problems_name_their_key() {
+        for (text, key) in [
+            (
+                capture(
+                    "login_path = \"/nowhere\"\nrefresh_path = \"/auth/refresh\"",
+                    "none",
+                ),
+                "capture.login_path",
+            ),
+            (
+                capture(
+                    "login_path = \"/auth/login\"\nrefresh_path = \"/auth/refresh\"",
+                    "required",
+                ),
+                "capture.login_path",
+            ),
+            (
+                capture(
+                    "login_path = \"auth/login\"\nrefresh_path = \"/auth/refresh\"",
+                    "none",
+                ),
+                "capture.login_path",
+            ),
+            (
+                capture(
+                    "login_path = \"/auth/login\"\nrefresh_path = \"/r?x=1\"",
+                    "none",
+                ),
+                "capture.refresh_path",
+            ),
+            (
+                capture(
+                    "login_path = \"/auth/login\"\nrefresh_path = \"/r\"\naccess_token = \"access_token\"",
+                    "none",
+                ),
+                "capture.access_token",
+            ),
+            (
+                capture(
+                    "login_path = \"/auth/login\"\nrefresh_path = \"/r\"\nrefresh_before_expiry = \"soon\"",
+                    "none",
+                ),
+                "capture.refresh_before_expiry",
+            ),
+            (
+                capture(
+                    "login_path = \"/auth/login\"\nrefresh_path = \"/r\"\nlogin = 1",
+                    "none",
+                ),
+                "capture.login",
+            ),
+        ] {
+            let p = problems(&text);
+            assert!(p.iter().any(|p| p.key.starts_with(key)), "{key}: {p:?}");
+        }
+    }
+
     #[test]
     fn authenticated_routes_need_oidc_and_keys() {
         let p = problems(&base(
