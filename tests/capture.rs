@@ -464,3 +464,29 @@ fn last_bearer_of(api: &LegacyApi) -> String {
         .find_map(|s| s.header("authorization").map(str::to_owned))
         .expect("the API saw a bearer")
 }
+
+#[tokio::test]
+async fn an_api_outage_during_refresh_keeps_the_session() {
+    let env = env().await;
+    let mut b = Browser::new(env.proxy.addr);
+    assert_eq!(login(&env, &mut b, "alice").await.status, 200);
+    let Env { api, proxy } = env;
+    drop(api);
+    // Due for refresh but still valid: the refresh fails, the current token is used (the API
+    // itself is down too, so the answer is a 502 from coatcheck, not a logout).
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let r = b.api(Method::GET, "/api/x").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    // Expired and not refreshable: 503 with Retry-After, and the cookie is kept.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let r = b.api(Method::GET, "/api/x").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        r.headers().get("set-cookie").is_none(),
+        "the cookie is kept"
+    );
+    let user = b.api(Method::GET, "/bff/user").send().await.unwrap();
+    assert_eq!(user.status(), 200, "the session still exists");
+    drop(proxy);
+}
