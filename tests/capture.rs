@@ -161,18 +161,7 @@ async fn a_hundred_concurrent_requests_after_expiry_cause_exactly_one_refresh() 
         // Tokens live 4 s; refresh_before_expiry 2 s.
         tokio::time::sleep(Duration::from_millis(2_300)).await;
         let before = env.api.counts();
-        let tasks: Vec<_> = (0..100)
-            .map(|i| {
-                let req = b.api(Method::GET, &format!("/api/burst/{i}"));
-                tokio::spawn(
-                    async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) },
-                )
-            })
-            .collect();
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.unwrap());
-        }
+        let statuses = bff::burst(&[&b], 100).await;
         assert!(
             statuses.iter().all(|&s| s == 200),
             "round {round}: {statuses:?}"

@@ -196,17 +196,7 @@ async fn two_hundred_requests_over_three_instances_after_expiry_cause_exactly_on
         n.idp.reset_stats().await;
         // Access tokens live 4 s; refresh_before_expiry is capped at half: due after 2 s.
         tokio::time::sleep(Duration::from_millis(2_300)).await;
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let req = browsers[i % 3].api(Method::GET, &format!("/api/burst/{i}"));
-            tasks.push(tokio::spawn(async move {
-                req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
-            }));
-        }
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.unwrap());
-        }
+        let statuses = bff::burst(&[&browsers[0], &browsers[1], &browsers[2]], 200).await;
         assert!(
             statuses.iter().all(|&s| s == 200),
             "round {round}: {statuses:?}"

@@ -16,14 +16,7 @@ pub const SESSION_KEY: &str = "dGVzdC1zZXNzaW9uLWtleS0wMTIzNDU2Nzg5YWJjZGVm";
 /// The public origin every test proxy claims.
 pub const ORIGIN: &str = "https://localhost:8443";
 
-/// A free loopback port (bound and released; good enough for tests that must know a port first).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::support::free_port;
 
 /// Knobs for [`Env::start`].
 pub struct EnvOptions {
@@ -258,6 +251,23 @@ impl Browser {
     pub fn session_cookie(&self) -> Option<&String> {
         self.cookies.get("__Host-coatcheck")
     }
+}
+
+/// `n` concurrent same-origin `GET /api/burst/<i>`, spread over `browsers` in turn; their statuses
+/// (0 for a request that failed to complete).
+pub async fn burst(browsers: &[&Browser], n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let req =
+                browsers[i % browsers.len()].api(reqwest::Method::GET, &format!("/api/burst/{i}"));
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for t in tasks {
+        statuses.push(t.await.unwrap_or(0));
+    }
+    statuses
 }
 
 pub fn urlencode(s: &str) -> String {

@@ -23,6 +23,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+/// A free loopback port (bound and released; good enough for tests that must know a port first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Upper bound for any single network wait in a test.
 pub const WAIT: Duration = Duration::from_secs(20);
 

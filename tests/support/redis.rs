@@ -12,14 +12,7 @@ const SENTINEL: &str = "/usr/bin/redis-sentinel";
 /// Upper bound for a server to answer after it was started.
 const START_WAIT: Duration = Duration::from_secs(15);
 
-/// A free loopback port (bound and released; the tiny race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::free_port;
 
 /// How to start a server.
 #[derive(Clone, Default)]
