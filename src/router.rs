@@ -108,25 +108,65 @@ impl Router {
             client,
             error: None,
         });
-        let mut res = match self
+        let res = match self
             .handle_inner(req, peer, client, &request_id, &mut record)
             .await
         {
             Ok(res) => res,
-            Err(e) => {
-                record.error = Some(e.code());
-                if e.is_client_error() {
-                    tracing::debug!(error = %e, request_id = ?request_id, "request refused");
-                } else {
-                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), request_id = ?request_id, "request failed");
-                }
-                error_response(&e, self.auth.as_deref())
-            }
+            Err(e) => self.fail(&e, &mut record),
         };
+        self.finish(res, record, http1)
+    }
+
+    /// The answer to a request whose header block exceeded `max_header_bytes` before it could be
+    /// parsed (the listener stopped reading it): the same JSON 431 the router gives below hyper's
+    /// ceiling, so every size gets one answer.
+    pub fn refuse_oversized_head(&self, peer: IpAddr) -> Response<Logged<Body>> {
+        let request_id = headers::request_id(&http::HeaderMap::new());
+        let mut record = Box::new(AccessRecord {
+            start: Instant::now(),
+            method: Method::GET,
+            path: "(header block over the limit)".to_owned(),
+            status: 0,
+            route: None,
+            upstream: None,
+            request_id,
+            client: peer,
+            error: None,
+        });
+        let e = Error::HeadersTooLarge {
+            limit: self.max_header_bytes,
+        };
+        let mut res = self.fail(&e, &mut record);
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        self.finish(res, record, true)
+    }
+
+    /// Logs a failure once and turns it into coatcheck's JSON answer.
+    fn fail(&self, e: &Error, record: &mut AccessRecord) -> Response<Body> {
+        record.error = Some(e.code());
+        let request_id = &record.request_id;
+        if e.is_client_error() {
+            tracing::debug!(error = %e, request_id = ?request_id, "request refused");
+        } else {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(e), request_id = ?request_id, "request failed");
+        }
+        error_response(e, self.auth.as_deref())
+    }
+
+    /// Headers every answer gets (request id, HSTS, `nosniff` on coatcheck's own), then the access
+    /// log around the body.
+    fn finish(
+        &self,
+        mut res: Response<Body>,
+        mut record: Box<AccessRecord>,
+        http1: bool,
+    ) -> Response<Logged<Body>> {
         let own_answer = matches!(res.body(), http_body_util::Either::Right(_));
         let bad_request = res.status() == StatusCode::BAD_REQUEST;
         let h = res.headers_mut();
-        h.insert(headers::X_REQUEST_ID.clone(), request_id);
+        h.insert(headers::X_REQUEST_ID.clone(), record.request_id.clone());
         // The edge owns transport security: coatcheck's HSTS replaces an upstream's.
         if let Some(hsts) = &self.hsts {
             h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
