@@ -1222,7 +1222,7 @@ async fn oversized_request_headers_get_431() {
     // At every size past the limit, up to far beyond hyper's own ceiling, the answer is the same
     // JSON 431 (the listener stops reading the head and the router answers).
     for size in [4_200, 9_000, 12_000, 20_000, 60_000, 200_000] {
-        let mut conn = RawConn::connect(proxy.addr).await;
+        let conn = RawConn::connect(proxy.addr).await;
         let huge = format!(
             "GET /api/echo HTTP/1.1\r\nHost: localhost\r\nX-Huge: {}\r\n\r\n",
             "h".repeat(size)
