@@ -113,12 +113,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(_) => {
             let auth = Arc::new(Auth::new(&config).map_err(StartError::Setup)?);
             // Discovery retries in the background: coatcheck serves `auth = "none"` routes and
-            // reports not-ready until the provider answers.
+            // reports not-ready until the provider answers; then it is refreshed periodically.
             let provider = auth.provider.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = provider.discover_until_ready() => {}
+                    _ = provider.discover_and_refresh() => {}
                     _ = stop.cancelled() => {}
                 }
             });

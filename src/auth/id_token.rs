@@ -48,6 +48,11 @@ async fn verify(
         Ok(h) => h,
         Err(e) => return refuse(format!("unreadable header ({e})")),
     };
+    // RFC 7515 §4.1.11: a `crit` header names extensions the recipient must understand; coatcheck
+    // understands none, so any `crit` is refused.
+    if raw_header(token).is_some_and(|h| h.contains_key("crit")) {
+        return refuse("the header has a crit parameter");
+    }
     if !provider.cfg.allowed_algs.contains(&header.alg) {
         return refuse(format!(
             "algorithm {:?} is not in oidc.allowed_algs",
@@ -87,8 +92,35 @@ async fn verify(
     Ok(claims)
 }
 
+/// The JOSE header as JSON, read without verification (jsonwebtoken's `Header` drops what it
+/// does not know, such as `crit`).
+fn raw_header(token: &str) -> Option<Map<String, Value>> {
+    use base64::Engine as _;
+    let first = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether a `typ` header names a JWT access token (RFC 9068 §2.1).
+pub fn is_access_token_typ(typ: &str) -> bool {
+    matches!(
+        typ.to_ascii_lowercase().as_str(),
+        "at+jwt" | "application/at+jwt"
+    )
+}
+
 /// Validates an ID token and returns its claims.
 pub async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) -> Outcome {
+    // RFC 9068 §4 / RFC 8725 §3.11: an access token must not pass for an ID token.
+    if decode_header(token)
+        .ok()
+        .and_then(|h| h.typ)
+        .is_some_and(|t| is_access_token_typ(&t))
+    {
+        return refuse("typ says this is an access token, not an ID token");
+    }
     let claims = verify(
         provider,
         token,
@@ -162,10 +194,7 @@ pub async fn validate_access_token(
         .ok()
         .and_then(|h| h.typ)
         .unwrap_or_default();
-    if !matches!(
-        typ.to_ascii_lowercase().as_str(),
-        "at+jwt" | "application/at+jwt"
-    ) {
+    if !is_access_token_typ(&typ) {
         return refuse("not a JWT access token (typ must be at+jwt, RFC 9068)");
     }
     verify(provider, token, audience, &["exp", "iss", "sub"]).await

@@ -216,11 +216,16 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         return bad("This sign-in answer was already used.");
     }
     let meta = auth.provider.metadata()?;
-    // RFC 9207: when the provider names itself in the answer, it must be the one we asked.
-    if let Some(iss) = query_param(&req, "iss")
-        && iss.trim_end_matches('/') != meta.issuer.trim_end_matches('/')
-    {
-        return bad("The sign-in answer comes from another identity provider.");
+    // RFC 9207 §2.4: `iss` must be the provider's issuer, byte for byte; a provider that
+    // advertises the parameter always sends it, so its absence is a mix-up attempt.
+    match query_param(&req, "iss") {
+        Some(iss) if iss.as_bytes() != meta.issuer.as_bytes() => {
+            return bad("The sign-in answer comes from another identity provider.");
+        }
+        None if meta.authorization_response_iss_parameter_supported => {
+            return bad("The sign-in answer does not name its identity provider.");
+        }
+        _ => {}
     }
     let Some(code) = query_param(&req, "code").filter(|c| !c.is_empty()) else {
         return bad("The sign-in answer has no code.");
