@@ -77,6 +77,12 @@ struct Transaction {
     verifier: Secret,
     return_url: String,
     created_at: u64,
+    /// The public handle of the session this browser held when the login started. `/bff/login`
+    /// is a same-site navigation, which carries the `SameSite=Strict` session cookie; the
+    /// callback arrives cross-site without it, so this is how the callback knows which session
+    /// the new login replaces.
+    #[serde(default)]
+    previous: Option<String>,
 }
 
 fn login_cookie_name(base: &str, state: &str) -> String {
@@ -122,12 +128,17 @@ pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>
     let challenge = URL_SAFE_NO_PAD.encode(secret::sha256(verifier.as_bytes()));
     let location = auth.provider.authorize_url(&state, &nonce, &challenge)?;
     let name = login_cookie_name(auth.cookie_name(), &state);
+    let previous = match auth.sessions.lookup(req.headers()).await {
+        Ok(Lookup::Live(s)) => Some(s.handle.clone()),
+        _ => None,
+    };
     let tx = Transaction {
         state: Secret::new(state),
         nonce: Secret::new(nonce),
         verifier: Secret::new(verifier),
         return_url,
         created_at: session::now(),
+        previous,
     };
     let sealed = secret::seal(
         auth.sessions.keys().login_key(),
@@ -274,7 +285,12 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         .unwrap_or_default()
         .to_owned();
     let idp_sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
-    // A ticket the browser held before this login is retired: a new login always means a new session.
+    // The session the browser held before this login is retired: a new login always means a new
+    // session. With SameSite=Strict the callback carries no session cookie, so the session named
+    // at /bff/login (sealed in the login cookie) is the one that ends; with Lax, the cookie itself.
+    if let Some(previous) = &tx.previous {
+        let _ = auth.sessions.delete(previous).await;
+    }
     if let Ok(Lookup::Live(old)) = auth.sessions.lookup(req.headers()).await {
         let _ = auth.sessions.delete(&old.handle).await;
     }
