@@ -411,7 +411,7 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
                 h.insert(header::ALLOW, v);
             }
         }
-        Error::IdpUnavailable { retry_after, .. } => {
+        Error::IdpUnavailable { retry_after, .. } | Error::TooManyRequests { retry_after } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         Error::SessionExpired {
