@@ -659,3 +659,111 @@ mod tests {
         assert_eq!(strip_segments("/x", 0), "/x");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! "A normalized path routes where the upstream's reading of it routes."
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Route prefixes as the router keeps them (normalized, no trailing slash).
+    const PREFIXES: &[&str] = &["", "/api", "/api/public", "/admin", "/pub"];
+
+    /// Longest-prefix choice, the rule `Router::route_for` applies.
+    fn route(path: &str) -> Option<&'static str> {
+        let mut sorted = PREFIXES.to_vec();
+        sorted.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        sorted.into_iter().find(|p| prefix_matches(p, path))
+    }
+
+    /// How a typical upstream reads the path it receives: percent-decode once, `\` as `/`, merge
+    /// slashes, remove dot segments (RFC 3986 §5.2.4).
+    fn upstream_reading(raw: &str) -> String {
+        let decoded: Vec<u8> = {
+            let b = raw.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < b.len() {
+                let hex = |c: u8| (c as char).to_digit(16);
+                if b[i] == b'%'
+                    && let (Some(h), Some(l)) = (
+                        b.get(i + 1).copied().and_then(hex),
+                        b.get(i + 2).copied().and_then(hex),
+                    )
+                {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b[i]);
+                i += 1;
+            }
+            out
+        };
+        let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+        let mut out: Vec<&str> = Vec::new();
+        let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+        for seg in text.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    out.pop();
+                }
+                s => out.push(s),
+            }
+        }
+        let mut p = format!("/{}", out.join("/"));
+        if trailing && p != "/" {
+            p.push('/');
+        }
+        p
+    }
+
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "api", "admin", "public", "pub", "x", "bff", ".", "..", "%2e", "%2E%2e", ".%2e", "%2f",
+            "%2F", "%5c", "%2561", "%61pi", "%61dmin", "a%2fb", "", "a;b", "..;", "\\", "api%2f..",
+            "%00", "%zz", "%",
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn a_normalized_path_routes_where_the_upstreams_reading_of_it_routes(
+            segs in prop::collection::vec(segment(), 0..8)
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            if let Ok(n) = NormalizedPath::parse(&path) {
+                prop_assert!(n.raw.starts_with('/'));
+                prop_assert!(!n.raw.contains("//"), "{path} -> {}", n.raw);
+                // Encoded separators are refused unless a route opts in: nothing to compare.
+                if !n.separator {
+                    let ours = route(&n.matched);
+                    let theirs = route(&upstream_reading(&n.raw));
+                    prop_assert_eq!(ours, theirs, "{} -> matched {} raw {} read as {}",
+                        path, n.matched, n.raw, upstream_reading(&n.raw));
+                }
+            }
+        }
+
+        #[test]
+        fn normalizing_a_normalized_path_changes_nothing(
+            segs in prop::collection::vec(segment(), 0..8)
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            if let Ok(n) = NormalizedPath::parse(&path) {
+                let again = NormalizedPath::parse(&n.raw).expect("a normalized path parses");
+                prop_assert_eq!(&again.raw, &n.raw);
+                prop_assert_eq!(&again.matched, &n.matched);
+            }
+        }
+
+        #[test]
+        fn any_path_text_is_judged_without_panicking(path in "/[ -~]{0,40}") {
+            let _ = NormalizedPath::parse(&path);
+        }
+    }
+}
