@@ -233,6 +233,14 @@ impl Router {
             if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
                 self.login_limit.check(client)?;
             }
+            // The one /bff/* endpoint that reads a request body: the whole exchange (body read
+            // included) gets `body_idle_timeout`, so a provider-side peer trickling its logout
+            // request cannot hold a slot.
+            if path.matched == "/bff/backchannel-logout" {
+                return tokio::time::timeout(self.body_idle, auth.handle_bff(req, &path.matched))
+                    .await
+                    .unwrap_or(Err(Error::RequestTimeout(self.body_idle)));
+            }
             return auth.handle_bff(req, &path.matched).await;
         }
         let entry = self.route_for(&path.matched).ok_or(Error::NotFound)?;

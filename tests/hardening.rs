@@ -370,3 +370,108 @@ async fn a_slow_writer_of_a_small_body_still_streams() {
     assert!(text.contains("\"bytes\":10"), "{text}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&format!(
+        "[server.limits]\nbody_idle_timeout = \"1s\"\n\n{}",
+        route("/api/", &up.url(), "")
+    ))
+    .await;
+    let total: usize = 40 * 1024 * 1024;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(
+        format!(
+            "GET /api/download?bytes={total} HTTP/1.1\r\nHost: localhost:{}\r\n\r\n",
+            proxy.addr.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, _) = conn.read_head().await;
+    assert_eq!(status, 200);
+    // Read nothing while the socket buffers fill and the write stalls.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = conn.buffered().len();
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match conn.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(
+        got < total,
+        "the whole answer was delivered to a reader that stalled for 4 s"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_back_channel_logout_body_that_stalls_is_cut_with_408() {
+    let env = Env::start(EnvOptions {
+        routes: "[server.limits]\nbody_idle_timeout = \"1s\"\n".into(),
+        ..EnvOptions::default()
+    })
+    .await;
+    let mut conn = RawConn::connect(env.proxy.addr).await;
+    conn.send(
+        b"POST /bff/backchannel-logout HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 500\r\n\r\nlogout_token=ey",
+    )
+    .await;
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(10), conn.read_response())
+        .await
+        .expect("the stalled logout request was cut");
+    assert_eq!(res.status, 408, "{res:?}");
+    assert_eq!(res.json()["error"], "request_timeout");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn the_body_copy_kept_for_a_replay_has_a_read_deadline() {
+    let env = Env::start(EnvOptions {
+        routes: "[server.limits]\nbody_idle_timeout = \"1s\"\n".into(),
+        ..EnvOptions::default()
+    })
+    .await;
+    let b = env.logged_in("alice").await;
+    let cookie = b.cookie_header().expect("a session cookie");
+    let before = env.api.seen().len();
+    let mut conn = RawConn::connect(env.proxy.addr).await;
+    conn.send(
+        format!(
+            "POST /api/echo HTTP/1.1\r\nHost: localhost:8443\r\nOrigin: {}\r\nX-CSRF: 1\r\nCookie: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
+            bff::ORIGIN,
+            cookie.to_str().unwrap()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(10), conn.read_response())
+        .await
+        .expect("the stalled body was cut");
+    assert_eq!(res.status, 408, "{res:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(env.api.seen().len(), before, "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn a_stripped_prefix_is_named_in_x_forwarded_prefix() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&route("/api/", &up.url(), "strip_prefix = true")).await;
+    let res = raw_get(proxy.addr, "/api/echo", "X-Forwarded-Prefix: /evil\r\n").await;
+    assert_eq!(res.status, 200);
+    let seen = up.last().unwrap();
+    assert_eq!(seen.path(), "/echo");
+    assert_eq!(seen.header("x-forwarded-prefix"), Some("/api"));
+    proxy.stop().await;
+}
