@@ -554,7 +554,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         };
         let r = this.read_watched(&mut head, cx, buf);
         // After a protocol switch the bytes are not HTTP: the watch is dropped for good.
-        if !this.activity.upgraded.load(Ordering::Acquire) || !head.released_all_out() {
+        if !this.activity.upgraded.load(Ordering::Acquire) || !head.drained() {
             this.head = Some(head);
         }
         r
@@ -562,7 +562,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
 }
 
 impl HeadWatch {
-    fn released_all_out(&self) -> bool {
+    /// Whether every byte held back has been handed to hyper.
+    fn drained(&self) -> bool {
         self.out_pos >= self.out.len()
     }
 }
