@@ -392,8 +392,9 @@ struct IdleIo<T> {
     linger: Option<(Pin<Box<Sleep>>, usize)>,
 }
 
-/// How long a lingering close keeps reading, and how much it reads at most.
+/// How long a lingering close keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes a lingering close reads and drops.
 const LINGER_BYTES: usize = 1024 * 1024;
 
 /// Watches HTTP/1.1 request heads on the wire: bytes are held until the head is complete (then

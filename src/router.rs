@@ -5,7 +5,7 @@
 //!
 //! - [`ratelimit`]: per-client-address token buckets for `/bff/login` and `/bff/callback`.
 
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -121,7 +121,7 @@ impl Router {
     /// The answer to a request whose header block exceeded `max_header_bytes` before it could be
     /// parsed (the listener stopped reading it): the same JSON 431 the router gives below hyper's
     /// ceiling, so every size gets one answer.
-    pub fn refuse_oversized_head(&self, peer: IpAddr) -> Response<Logged<Body>> {
+    pub(crate) fn refuse_oversized_head(&self, peer: IpAddr) -> Response<Logged<Body>> {
         let request_id = headers::request_id(&http::HeaderMap::new());
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),

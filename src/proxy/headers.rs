@@ -60,13 +60,13 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 }
 
 /// Whether an upstream's `101` names exactly the WebSocket protocol the client asked for.
-pub fn is_websocket_switch(headers: &HeaderMap) -> bool {
+pub(crate) fn is_websocket_switch(headers: &HeaderMap) -> bool {
     is_upgrade_request(headers)
 }
 
 /// Removes the method-override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
 /// `X-Method-Override`).
-pub fn strip_method_overrides(headers: &mut HeaderMap) {
+pub(crate) fn strip_method_overrides(headers: &mut HeaderMap) {
     for name in &METHOD_OVERRIDES {
         headers.remove(name);
     }
@@ -74,12 +74,12 @@ pub fn strip_method_overrides(headers: &mut HeaderMap) {
 
 /// Whether any header name contains `_` (nginx and Envoy treat these as invalid by default: some
 /// stacks read `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
-pub fn has_underscore_names(headers: &HeaderMap) -> bool {
+pub(crate) fn has_underscore_names(headers: &HeaderMap) -> bool {
     headers.keys().any(|n| n.as_str().contains('_'))
 }
 
 /// Removes every header whose name contains `_`.
-pub fn strip_underscore_names(headers: &mut HeaderMap) {
+pub(crate) fn strip_underscore_names(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| n.as_str().contains('_'))
@@ -93,7 +93,7 @@ pub fn strip_underscore_names(headers: &mut HeaderMap) {
 /// Removes every upstream `Set-Cookie` that names one of coatcheck's own cookies (the session
 /// cookie `base` or a login cookie `base-login-…`); returns the names removed (for the log; values
 /// are never kept).
-pub fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<String> {
+pub(crate) fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<String> {
     if !headers.contains_key(header::SET_COOKIE) {
         return Vec::new();
     }
@@ -198,7 +198,7 @@ fn client_forwarding_headers() -> [&'static HeaderName; 6] {
 /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
 /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (the left-most one when
 /// every hop is trusted). An entry that is not an IP address ends the walk.
-pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+pub(crate) fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     let mut client = peer;
     if !is_trusted(peer) || !headers.contains_key(&X_FORWARDED_FOR) {
