@@ -766,8 +766,24 @@ async fn a_continuation_flood_is_cut_off_and_the_proxy_keeps_serving() {
         frames.push(frame(CONTINUATION, 0, 1, &junk));
     }
     let outcome = h2_exchange(proxy.addr, &frames).await;
-    assert_ne!(outcome, H2Outcome::Answered(Some(200)), "{outcome:?}");
-    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    assert_eq!(outcome, H2Outcome::ConnectionError);
+    // Control: the same frames, a few CONTINUATIONs and an end, make a request that is served.
+    // (END_STREAM rides on HEADERS; END_HEADERS on the last CONTINUATION.)
+    let mut control = vec![frame(
+        HEADERS,
+        END_STREAM,
+        1,
+        &hpack(&request_fields(&host, "/api/echo")),
+    )];
+    for _ in 0..3 {
+        control.push(frame(CONTINUATION, 0, 1, &junk));
+    }
+    control.push(frame(CONTINUATION, END_HEADERS, 1, &[]));
+    assert_eq!(
+        h2_exchange(proxy.addr, &control).await,
+        H2Outcome::Answered(Some(200))
+    );
+    assert_eq!(up.seen().len(), 1, "only the control request arrived");
     let res = proxy
         .http2()
         .get(proxy.url("/api/echo"))
@@ -812,6 +828,8 @@ async fn a_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
     })
     .await;
     assert!(closed.is_ok(), "the flooding connection was kept open");
+    // GOAWAY with ENHANCE_YOUR_CALM (0xb): the HTTP/2 layer's rapid-reset defence.
+    assert_eq!(goaway_code(&got), Some(0xb), "{got:?}");
     // Far fewer upstream requests than streams were started.
     let started = up.seen().len();
     assert!(
@@ -826,4 +844,23 @@ async fn a_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
         .unwrap();
     assert_eq!(res.status(), 200);
     proxy.stop().await;
+}
+
+/// The error code of the first GOAWAY frame in `bytes`, if any.
+fn goaway_code(bytes: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let len = (usize::from(bytes[at]) << 16)
+            | (usize::from(bytes[at + 1]) << 8)
+            | usize::from(bytes[at + 2]);
+        if bytes.len() < at + 9 + len {
+            return None;
+        }
+        if bytes[at + 3] == GOAWAY && len >= 8 {
+            let p = &bytes[at + 9..];
+            return Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    None
 }
