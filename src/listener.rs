@@ -306,7 +306,8 @@ struct Activity {
     ended: AtomicU64,
     /// Set when the header watch stopped an oversized head: the next request is answered 431.
     oversized: std::sync::atomic::AtomicBool,
-    /// Set once a response switched protocols: the bytes are no longer HTTP.
+    /// Set once the bytes are no longer HTTP/1.1 (a response switched protocols, or the client
+    /// spoke HTTP/2 with prior knowledge).
     upgraded: std::sync::atomic::AtomicBool,
     /// Milliseconds after `epoch` of the last start or end of a request.
     last_change_ms: AtomicU64,
@@ -627,6 +628,10 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                     head.held.extend_from_slice(rb.filled());
                     if head.complete() {
                         head.deadline = None;
+                        // HTTP/2 with prior knowledge (no ALPN): not HTTP/1.1 heads from here on.
+                        if head.held.starts_with(b"PRI * HTTP/2.0") {
+                            self.activity.upgraded.store(true, Ordering::Release);
+                        }
                         head.out = std::mem::take(&mut head.held);
                         head.out_pos = 0;
                         head.released += 1;
