@@ -118,7 +118,7 @@ impl Auth {
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = provider.discover_until_ready() => {}
+                    _ = provider.discover_and_refresh() => {}
                     _ = stop.cancelled() => {}
                 }
             });

@@ -451,13 +451,14 @@ impl Config {
     }
 
     /// Parses and validates configuration text; `path` names it in errors and anchors relative paths.
+    /// Unknown keys, type errors and semantic problems are reported together.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let raw: file::ConfigFile = parse(text).map_err(|p| ConfigError {
+        let (raw, unknown) = parse(text).map_err(|problems| ConfigError {
             file: file.clone(),
-            problems: vec![p],
+            problems,
         })?;
-        let mut p = Problems(Vec::new());
+        let mut p = Problems(unknown);
         let config = validate(raw, path, &mut p);
         if p.0.is_empty() {
             Ok(config)
@@ -479,30 +480,141 @@ impl Config {
     }
 }
 
-fn parse(text: &str) -> Result<file::ConfigFile, Problem> {
-    let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
-        key: "(syntax)".into(),
-        reason: one_line(text, &e),
+/// Most unknown keys collected from one file before giving up.
+const MAX_UNKNOWN_KEYS: usize = 100;
+
+/// Parses the file's shape. Unknown keys do not stop the parse: each is recorded as a problem and
+/// removed, and the parse goes on, so `check-config` lists them beside every other problem. The
+/// serde shape in [`file`] stays the one description of the known keys.
+fn parse(text: &str) -> Result<(file::ConfigFile, Vec<Problem>), Vec<Problem>> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
+        vec![Problem {
+            key: "(syntax)".into(),
+            reason: one_line(text, &e),
+        }]
     })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner();
-        let reason = inner.message().to_owned();
-        let at = inner
-            .span()
-            .map(|s| line_of(text, s.start))
-            .map(|l| format!(" (line {l})"))
-            .unwrap_or_default();
-        let key = if key == "." {
-            "(top level)".to_owned()
-        } else {
-            key
+    let mut table = toml::Value::Table(table);
+    let mut unknown = Vec::new();
+    loop {
+        let result = match toml::de::Deserializer::parse(text) {
+            // The text itself while nothing was removed: type errors keep their line number.
+            Ok(de) if unknown.is_empty() => deserialize(de, text),
+            _ => deserialize(table.clone(), text),
         };
-        Problem {
-            key,
-            reason: format!("{reason}{at}"),
+        let problem = match result {
+            Ok(raw) => return Ok((raw, unknown)),
+            Err(problem) => problem,
+        };
+        match problem.unknown.as_ref() {
+            Some((segments, name))
+                if unknown.len() < MAX_UNKNOWN_KEYS && remove_key(&mut table, segments, name) =>
+            {
+                unknown.push(problem.problem);
+            }
+            _ => {
+                unknown.push(problem.problem);
+                return Err(unknown);
+            }
+        }
+    }
+}
+
+/// A deserialization problem, and for an unknown key where it sits (path segments, name).
+struct ParseProblem {
+    problem: Problem,
+    unknown: Option<(Vec<PathSegment>, String)>,
+}
+
+enum PathSegment {
+    Key(String),
+    Index(usize),
+}
+
+fn deserialize<'de, D>(de: D, text: &str) -> Result<file::ConfigFile, ParseProblem>
+where
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display + SpannedError,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let segments: Vec<PathSegment> = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(PathSegment::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(PathSegment::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message_text();
+        let at = inner
+            .span_start()
+            .map(|s| format!(" (line {})", line_of(text, s)))
+            .unwrap_or_default();
+        let name = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, rest)| (name.to_owned(), rest.trim_start_matches(", ").to_owned()));
+        // The path ends with the unknown key itself.
+        let mut segments = segments;
+        if name.is_some() {
+            segments.pop();
+        }
+        let problem = match &name {
+            Some((_, expected)) => Problem {
+                key: path.clone(),
+                reason: format!("unknown key; {expected}{at}"),
+            },
+            None => Problem {
+                key: if path == "." {
+                    "(top level)".to_owned()
+                } else {
+                    path
+                },
+                reason: format!("{message}{at}"),
+            },
+        };
+        ParseProblem {
+            problem,
+            unknown: name.map(|(n, _)| (segments, n)),
         }
     })
+}
+
+/// Error types that may know their message and location in the text.
+trait SpannedError {
+    fn message_text(&self) -> String;
+    fn span_start(&self) -> Option<usize>;
+}
+
+impl SpannedError for toml::de::Error {
+    fn message_text(&self) -> String {
+        self.message().to_owned()
+    }
+    fn span_start(&self) -> Option<usize> {
+        self.span().map(|s| s.start)
+    }
+}
+
+/// Removes `name` from the table at `segments`; whether it was there.
+fn remove_key(root: &mut toml::Value, segments: &[PathSegment], name: &str) -> bool {
+    let mut v = root;
+    for seg in segments {
+        let next = match (seg, v) {
+            (PathSegment::Key(k), toml::Value::Table(t)) => t.get_mut(k),
+            (PathSegment::Index(i), toml::Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => v = n,
+            None => return false,
+        }
+    }
+    match v {
+        toml::Value::Table(t) => t.remove(name).is_some(),
+        _ => false,
+    }
 }
 
 fn one_line(text: &str, e: &toml::de::Error) -> String {
@@ -836,15 +948,20 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             SameSite::Strict
         }
     };
-    let idle_timeout = p.duration(
-        "session.idle_timeout",
-        s.idle_timeout.as_deref(),
-        DEFAULT_SESSION_IDLE,
-    );
+    // A default adapts to the values the user wrote; only a contradiction they wrote is refused.
+    let idle_written = s
+        .idle_timeout
+        .as_deref()
+        .and_then(|r| humantime::parse_duration(r).ok());
     let absolute_timeout = p.duration(
         "session.absolute_timeout",
         s.absolute_timeout.as_deref(),
-        DEFAULT_SESSION_ABSOLUTE,
+        DEFAULT_SESSION_ABSOLUTE.max(idle_written.unwrap_or_default()),
+    );
+    let idle_timeout = p.duration(
+        "session.idle_timeout",
+        s.idle_timeout.as_deref(),
+        DEFAULT_SESSION_IDLE.min(absolute_timeout),
     );
     if idle_timeout > absolute_timeout {
         p.push(
@@ -907,10 +1024,13 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             DEFAULT_CACHE_CAPACITY
         }
     };
+    // Derived: at most half the idle timeout, so the store's idle clock keeps up.
     let touch_interval = p.duration(
         "session.touch_interval",
         s.touch_interval.as_deref(),
-        DEFAULT_TOUCH_INTERVAL,
+        DEFAULT_TOUCH_INTERVAL
+            .min(idle_timeout / 2)
+            .max(Duration::from_millis(1)),
     );
     if touch_interval >= idle_timeout {
         // The store's idle clock would fall behind the sliding window and end active sessions.
@@ -1471,9 +1591,9 @@ mod tests {
     #[test]
     fn unknown_keys_are_named_with_their_path() {
         let p = problems(&base("[server.limits]\nmax_headr_bytes = 1\n"));
-        assert_eq!(p.len(), 1);
-        assert!(p[0].key.starts_with("server.limits"), "{p:?}");
-        assert!(p[0].reason.contains("max_headr_bytes"), "{p:?}");
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"server.limits.max_headr_bytes"), "{p:?}");
+        assert!(p[0].reason.contains("max_header_bytes"), "{p:?}");
     }
 
     #[test]
@@ -1586,6 +1706,98 @@ mod tests {
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert!(keys.contains(&"route[0].auth"), "{keys:?}");
         assert!(keys.contains(&"session.keys"), "{keys:?}");
+    }
+
+    fn session_base(session: &str) -> String {
+        base(&format!(
+            "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n{session}\n[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n"
+        ))
+    }
+
+    #[test]
+    fn a_short_idle_timeout_alone_is_valid_and_the_touch_interval_follows_it() {
+        let c = Config::from_toml(
+            &session_base("idle_timeout = \"20s\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(20));
+        assert_eq!(c.session.touch_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_short_absolute_timeout_alone_is_valid_and_the_idle_timeout_follows_it() {
+        let c = Config::from_toml(
+            &session_base("absolute_timeout = \"20m\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.session.absolute_timeout, Duration::from_secs(1200));
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(1200));
+        let c = Config::from_toml(
+            &session_base("idle_timeout = \"24h\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.session.absolute_timeout, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn contradictions_the_user_wrote_are_still_refused() {
+        let p = problems(&session_base(
+            "idle_timeout = \"2h\"\nabsolute_timeout = \"1h\"\ntouch_interval = \"3h\"\n",
+        ));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"session.idle_timeout"), "{keys:?}");
+        assert!(keys.contains(&"session.touch_interval"), "{keys:?}");
+    }
+
+    #[test]
+    fn unknown_keys_and_semantic_problems_are_listed_together() {
+        let p = problems(&base(
+            "bogus_top = 1\n[server.limits]\nmax_headr_bytes = 1\nidle_timeout = \"soon\"\n[[route]]\npath = \"api\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"none\"\nfoo = 2\n",
+        ));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "server.tls.bogus_top",
+            "server.limits.max_headr_bytes",
+            "route[0].foo",
+            "server.limits.idle_timeout",
+            "route[0].path",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn networks_parse_and_contain_their_addresses() {
+        let n = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(n.contains("10.255.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("192.0.2.1")
+                .unwrap()
+                .contains("192.0.2.1".parse().unwrap())
+        );
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "x/8",
+            "10.0.0.0/+8",
+            "::/129",
+            "",
+        ] {
+            assert!(Cidr::parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

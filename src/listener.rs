@@ -34,6 +34,12 @@ use crate::router::Router;
 
 /// Concurrent HTTP/2 streams per client connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Bytes read from the socket at a time while a request head is being watched.
+const HEAD_READ: usize = 8 * 1024;
+/// What hyper is given in place of an oversized head: a minimal request the service answers with
+/// coatcheck's JSON 431 (the `oversized` flag, which no client can set, says so); nothing follows.
+const OVERSIZED_STAND_IN: &[u8] =
+    b"GET / HTTP/1.1\r\nhost: coatcheck.invalid\r\nconnection: close\r\n\r\n";
 /// Back-off after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -81,6 +87,7 @@ pub async fn serve_tls(
         let handshake_timeout = limits.header_read_timeout;
         let idle_timeout = limits.idle_timeout;
         let write_stall = limits.body_idle_timeout;
+        let max_header_bytes = limits.max_header_bytes;
         let slot = ConnectionSlot {
             hold: Arc::new((permit, ip_guard)),
             closing: closing.clone(),
@@ -101,25 +108,36 @@ pub async fn serve_tls(
             // open forever if bytes counted as activity: there, only requests do.
             let count_bytes = tls.get_ref().1.alpn_protocol() != Some(b"h2");
             let activity = Arc::new(Activity::new());
+            let head_watch =
+                count_bytes.then(|| HeadWatch::new(max_header_bytes, handshake_timeout));
             let io = TokioIo::new(IdleIo::new(
                 tls,
                 idle_timeout,
                 activity.clone(),
                 count_bytes,
                 write_stall,
+                head_watch,
             ));
             let client = remote.ip();
             let svc = service_fn(move |mut req: Request<Incoming>| {
                 let router = router.clone();
                 let guard = InFlight::new(activity.clone());
                 req.extensions_mut().insert(slot.clone());
+                let activity = activity.clone();
                 async move {
+                    if activity.oversized.load(Ordering::Acquire) {
+                        return Ok::<_, Infallible>(
+                            router
+                                .refuse_oversized_head(client)
+                                .map(|b| Watched::new(b, guard)),
+                        );
+                    }
                     // Boxed: the request future is large, and hyper would otherwise move it by value.
-                    Ok::<_, Infallible>(
-                        Box::pin(router.handle(req, client))
-                            .await
-                            .map(|b| Watched::new(b, guard)),
-                    )
+                    let res = Box::pin(router.handle(req, client)).await;
+                    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        activity.upgraded.store(true, Ordering::Release);
+                    }
+                    Ok::<_, Infallible>(res.map(|b| Watched::new(b, guard)))
                 }
             });
             let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -214,8 +232,9 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // hyper also runs this timer while a keep-alive connection waits for its next request.
         .header_read_timeout(limits.header_read_timeout)
-        // Hard ceiling for hyper's parser; the router answers 431 JSON from max_header_bytes below it.
-        .max_buf_size((limits.max_header_bytes * 2).max(16 * 1024) + 4096)
+        // Hard ceiling for hyper's parser, never reached: the header watch (HeadWatch) stops a head
+        // at max_header_bytes and the router answers 431 JSON; hyper holds at most that plus one read.
+        .max_buf_size(limits.max_header_bytes * 2 + 2 * HEAD_READ)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -283,6 +302,13 @@ fn redirect_to_https(
 /// The requests in flight on one connection, and when a request last started or ended.
 struct Activity {
     in_flight: AtomicUsize,
+    /// Requests whose response has ended (body dropped).
+    ended: AtomicU64,
+    /// Set when the header watch stopped an oversized head: the next request is answered 431.
+    oversized: std::sync::atomic::AtomicBool,
+    /// Set once the bytes are no longer HTTP/1.1 (a response switched protocols, or the client
+    /// spoke HTTP/2 with prior knowledge).
+    upgraded: std::sync::atomic::AtomicBool,
     /// Milliseconds after `epoch` of the last start or end of a request.
     last_change_ms: AtomicU64,
     epoch: Instant,
@@ -292,6 +318,9 @@ impl Activity {
     fn new() -> Self {
         Activity {
             in_flight: AtomicUsize::new(0),
+            ended: AtomicU64::new(0),
+            oversized: std::sync::atomic::AtomicBool::new(false),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
             last_change_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -325,6 +354,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
     }
@@ -355,6 +385,65 @@ struct IdleIo<T> {
     write_stall: Duration,
     /// Since when writes have been blocked, with the timer that wakes us to check.
     blocked: Option<(Instant, Pin<Box<Sleep>>)>,
+    /// HTTP/1.1 only: holds each request head back until it is complete or over the limit.
+    head: Option<HeadWatch>,
+    /// After an oversized head: the write side is shut and the rest of the client's bytes are
+    /// read and dropped for a while (a lingering close, as nginx does), so the client receives
+    /// the 431 instead of a reset for the bytes it is still sending.
+    linger: Option<(Pin<Box<Sleep>>, usize)>,
+}
+
+/// How long a lingering close keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes a lingering close reads and drops.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Watches HTTP/1.1 request heads on the wire: bytes are held until the head is complete (then
+/// handed to hyper at once) or exceeds `limit` (then hyper gets [`OVERSIZED_STAND_IN`] and the
+/// connection ends after the 431). Re-armed once every request whose head it released has been
+/// answered; off for good after a protocol switch.
+struct HeadWatch {
+    limit: usize,
+    held: Vec<u8>,
+    /// Bytes to hand to hyper before reading more, and how much of them is gone.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Heads released so far; watching resumes when as many responses have ended.
+    released: u64,
+    watching: bool,
+    eof_after_out: bool,
+    /// A head must be complete this long after its first byte (`header_read_timeout`): hyper
+    /// never sees a held head, so its own timer cannot judge it.
+    read_timeout: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl HeadWatch {
+    fn new(limit: usize, read_timeout: Duration) -> Self {
+        HeadWatch {
+            read_timeout,
+            deadline: None,
+            limit,
+            held: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            released: 0,
+            watching: true,
+            eof_after_out: false,
+        }
+    }
+
+    /// Whether `held` contains a complete head: an empty line after the first non-empty one
+    /// (leading empty lines are ignored, RFC 9112 §2.2).
+    fn complete(&self) -> bool {
+        let start = self
+            .held
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(self.held.len());
+        let rest = &self.held[start..];
+        rest.windows(2).any(|w| w == b"\n\n") || rest.windows(3).any(|w| w == b"\n\r\n")
+    }
 }
 
 impl<T> IdleIo<T> {
@@ -364,8 +453,11 @@ impl<T> IdleIo<T> {
         activity: Arc<Activity>,
         count_bytes: bool,
         write_stall: Duration,
+        head: Option<HeadWatch>,
     ) -> Self {
         IdleIo {
+            head,
+            linger: None,
             inner,
             timeout,
             count_bytes,
@@ -430,12 +522,9 @@ impl<T> IdleIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl<T: AsyncRead + Unpin> IdleIo<T> {
+    /// Reads from the socket, noting activity; end of stream once idle for too long.
+    fn read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -455,7 +544,116 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let Some(mut head) = this.head.take() else {
+            return this.read_inner(cx, buf);
+        };
+        let r = this.read_watched(&mut head, cx, buf);
+        // After a protocol switch the bytes are not HTTP: the watch is dropped for good.
+        if !this.activity.upgraded.load(Ordering::Acquire) || !head.drained() {
+            this.head = Some(head);
+        }
+        r
+    }
+}
+
+impl HeadWatch {
+    /// Whether every byte held back has been handed to hyper.
+    fn drained(&self) -> bool {
+        self.out_pos >= self.out.len()
+    }
+}
+
+impl<T: AsyncRead + Unpin> IdleIo<T> {
+    fn read_watched(
+        &mut self,
+        head: &mut HeadWatch,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if head.out_pos < head.out.len() {
+                let n = buf.remaining().min(head.out.len() - head.out_pos);
+                buf.put_slice(&head.out[head.out_pos..head.out_pos + n]);
+                head.out_pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            if head.eof_after_out {
+                return Poll::Ready(Ok(()));
+            }
+            if self.activity.oversized.load(Ordering::Acquire) {
+                // The stand-in said `connection: close`: hyper answers it and closes; the client's
+                // remaining bytes are left for the lingering close (an end of stream now would
+                // make hyper drop the answer).
+                return Poll::Pending;
+            }
+            if !head.watching {
+                let answered = self.activity.ended.load(Ordering::Acquire) >= head.released;
+                if !answered || self.activity.upgraded.load(Ordering::Acquire) {
+                    return self.read_inner(cx, buf);
+                }
+                head.watching = true;
+            }
+            let mut chunk = [0u8; HEAD_READ];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match self.read_inner(cx, &mut rb) {
+                Poll::Pending => {
+                    if let Some(d) = head.deadline.as_mut()
+                        && d.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the request head took too long",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    // End of stream: what was held goes to hyper, then the end.
+                    head.out = std::mem::take(&mut head.held);
+                    head.out_pos = 0;
+                    head.eof_after_out = true;
+                }
+                Poll::Ready(Ok(())) => {
+                    if head.held.is_empty() {
+                        head.deadline = Some(Box::pin(tokio::time::sleep(head.read_timeout)));
+                    }
+                    head.held.extend_from_slice(rb.filled());
+                    if head.complete() {
+                        head.deadline = None;
+                        // HTTP/2 with prior knowledge (no ALPN): not HTTP/1.1 heads from here on.
+                        if head.held.starts_with(b"PRI * HTTP/2.0") {
+                            self.activity.upgraded.store(true, Ordering::Release);
+                        }
+                        head.out = std::mem::take(&mut head.held);
+                        head.out_pos = 0;
+                        head.released += 1;
+                        head.watching = false;
+                    } else if head.held.len() > head.limit {
+                        tracing::debug!(
+                            bytes = head.held.len(),
+                            limit = head.limit,
+                            "request head over the limit"
+                        );
+                        self.activity.oversized.store(true, Ordering::Release);
+                        head.held = Vec::new();
+                        head.out = OVERSIZED_STAND_IN.to_vec();
+                        head.out_pos = 0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -490,7 +688,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if !this.activity.oversized.load(Ordering::Acquire) {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        if this.linger.is_none() {
+            if let Err(e) = std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+        }
+        let Some((timer, drained)) = this.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 8192];
+        loop {
+            if *drained >= LINGER_BYTES || timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => *drained += rb.filled().len(),
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

@@ -29,9 +29,9 @@ use crate::body::{Body, BodyError, Primed, Side, Stalling, UpstreamBody};
 
 /// Request body bytes already received that are read (and their framing judged) before the
 /// upstream request opens: see [`Primed`].
-pub const PRIME_BYTES: usize = 64 * 1024;
+pub(crate) const PRIME_BYTES: usize = 64 * 1024;
 /// A request body that pauses this long while being primed is forwarded with what has come.
-pub const PRIME_GAP: Duration = Duration::from_millis(50);
+pub(crate) const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream};
@@ -173,11 +173,15 @@ fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<UpstreamBody> {
 /// `max_connections` and the per-address cap) and closes when `closing` fires at the end of the
 /// shutdown grace.
 #[derive(Clone)]
-pub struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     /// Released when the connection and every tunnel made from it have ended.
-    pub hold: Arc<dyn std::any::Any + Send + Sync>,
+    #[expect(
+        dead_code,
+        reason = "held only for its drop, which frees the connection's slot"
+    )]
+    pub(crate) hold: Arc<dyn std::any::Any + Send + Sync>,
     /// Cancelled when the shutdown grace period has ended.
-    pub closing: CancellationToken,
+    pub(crate) closing: CancellationToken,
 }
 
 /// Splits a client request, refusing a declared body over the route's limit up front and taking
@@ -376,7 +380,7 @@ fn classify(e: hyper_util::client::legacy::Error, route: &Route) -> Error {
 }
 
 /// The answer to a client body that failed while coatcheck read it.
-pub fn client_body_error(e: &BodyError) -> Error {
+pub(crate) fn client_body_error(e: &BodyError) -> Error {
     match e {
         BodyError::Stalled { idle, .. } => Error::RequestTimeout(*idle),
         BodyError::Read { .. } => Error::BadRequest(

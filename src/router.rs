@@ -5,7 +5,7 @@
 //!
 //! - [`ratelimit`]: per-client-address token buckets for `/bff/login` and `/bff/callback`.
 
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -108,25 +108,65 @@ impl Router {
             client,
             error: None,
         });
-        let mut res = match self
+        let res = match self
             .handle_inner(req, peer, client, &request_id, &mut record)
             .await
         {
             Ok(res) => res,
-            Err(e) => {
-                record.error = Some(e.code());
-                if e.is_client_error() {
-                    tracing::debug!(error = %e, request_id = ?request_id, "request refused");
-                } else {
-                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), request_id = ?request_id, "request failed");
-                }
-                error_response(&e, self.auth.as_deref())
-            }
+            Err(e) => self.fail(&e, &mut record),
         };
+        self.finish(res, record, http1)
+    }
+
+    /// The answer to a request whose header block exceeded `max_header_bytes` before it could be
+    /// parsed (the listener stopped reading it): the same JSON 431 the router gives below hyper's
+    /// ceiling, so every size gets one answer.
+    pub(crate) fn refuse_oversized_head(&self, peer: IpAddr) -> Response<Logged<Body>> {
+        let request_id = headers::request_id(&http::HeaderMap::new());
+        let mut record = Box::new(AccessRecord {
+            start: Instant::now(),
+            method: Method::GET,
+            path: "(header block over the limit)".to_owned(),
+            status: 0,
+            route: None,
+            upstream: None,
+            request_id,
+            client: peer,
+            error: None,
+        });
+        let e = Error::HeadersTooLarge {
+            limit: self.max_header_bytes,
+        };
+        let mut res = self.fail(&e, &mut record);
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        self.finish(res, record, true)
+    }
+
+    /// Logs a failure once and turns it into coatcheck's JSON answer.
+    fn fail(&self, e: &Error, record: &mut AccessRecord) -> Response<Body> {
+        record.error = Some(e.code());
+        let request_id = &record.request_id;
+        if e.is_client_error() {
+            tracing::debug!(error = %e, request_id = ?request_id, "request refused");
+        } else {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(e), request_id = ?request_id, "request failed");
+        }
+        error_response(e, self.auth.as_deref())
+    }
+
+    /// Headers every answer gets (request id, HSTS, `nosniff` on coatcheck's own), then the access
+    /// log around the body.
+    fn finish(
+        &self,
+        mut res: Response<Body>,
+        mut record: Box<AccessRecord>,
+        http1: bool,
+    ) -> Response<Logged<Body>> {
         let own_answer = matches!(res.body(), http_body_util::Either::Right(_));
         let bad_request = res.status() == StatusCode::BAD_REQUEST;
         let h = res.headers_mut();
-        h.insert(headers::X_REQUEST_ID.clone(), request_id);
+        h.insert(headers::X_REQUEST_ID.clone(), record.request_id.clone());
         // The edge owns transport security: coatcheck's HSTS replaces an upstream's.
         if let Some(hsts) = &self.hsts {
             h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -192,6 +232,14 @@ impl Router {
             record.route = Some(Arc::from("/bff/"));
             if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
                 self.login_limit.check(client)?;
+            }
+            // The one /bff/* endpoint that reads a request body: the whole exchange (body read
+            // included) gets `body_idle_timeout`, so a provider-side peer trickling its logout
+            // request cannot hold a slot.
+            if path.matched == "/bff/backchannel-logout" {
+                return tokio::time::timeout(self.body_idle, auth.handle_bff(req, &path.matched))
+                    .await
+                    .unwrap_or(Err(Error::RequestTimeout(self.body_idle)));
             }
             return auth.handle_bff(req, &path.matched).await;
         }
@@ -386,7 +434,7 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
                 h.insert(header::ALLOW, v);
             }
         }
-        Error::IdpUnavailable { retry_after, .. } => {
+        Error::IdpUnavailable { retry_after, .. } | Error::TooManyRequests { retry_after } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         Error::StoreUnavailable(_) => {
@@ -638,5 +686,113 @@ mod tests {
         assert_eq!(strip_segments("/api", 1), "/");
         assert_eq!(strip_segments("/a/b/c", 2), "/c");
         assert_eq!(strip_segments("/x", 0), "/x");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! "A normalized path routes where the upstream's reading of it routes."
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Route prefixes as the router keeps them (normalized, no trailing slash).
+    const PREFIXES: &[&str] = &["", "/api", "/api/public", "/admin", "/pub"];
+
+    /// Longest-prefix choice, the rule `Router::route_for` applies.
+    fn route(path: &str) -> Option<&'static str> {
+        let mut sorted = PREFIXES.to_vec();
+        sorted.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        sorted.into_iter().find(|p| prefix_matches(p, path))
+    }
+
+    /// How a typical upstream reads the path it receives: percent-decode once, `\` as `/`, merge
+    /// slashes, remove dot segments (RFC 3986 §5.2.4).
+    fn upstream_reading(raw: &str) -> String {
+        let decoded: Vec<u8> = {
+            let b = raw.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < b.len() {
+                let hex = |c: u8| (c as char).to_digit(16);
+                if b[i] == b'%'
+                    && let (Some(h), Some(l)) = (
+                        b.get(i + 1).copied().and_then(hex),
+                        b.get(i + 2).copied().and_then(hex),
+                    )
+                {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b[i]);
+                i += 1;
+            }
+            out
+        };
+        let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+        let mut out: Vec<&str> = Vec::new();
+        let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+        for seg in text.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    out.pop();
+                }
+                s => out.push(s),
+            }
+        }
+        let mut p = format!("/{}", out.join("/"));
+        if trailing && p != "/" {
+            p.push('/');
+        }
+        p
+    }
+
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "api", "admin", "public", "pub", "x", "bff", ".", "..", "%2e", "%2E%2e", ".%2e", "%2f",
+            "%2F", "%5c", "%2561", "%61pi", "%61dmin", "a%2fb", "", "a;b", "..;", "\\", "api%2f..",
+            "%00", "%zz", "%",
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn a_normalized_path_routes_where_the_upstreams_reading_of_it_routes(
+            segs in prop::collection::vec(segment(), 0..8)
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            if let Ok(n) = NormalizedPath::parse(&path) {
+                prop_assert!(n.raw.starts_with('/'));
+                prop_assert!(!n.raw.contains("//"), "{path} -> {}", n.raw);
+                // Encoded separators are refused unless a route opts in: nothing to compare.
+                if !n.separator {
+                    let ours = route(&n.matched);
+                    let theirs = route(&upstream_reading(&n.raw));
+                    prop_assert_eq!(ours, theirs, "{} -> matched {} raw {} read as {}",
+                        path, n.matched, n.raw, upstream_reading(&n.raw));
+                }
+            }
+        }
+
+        #[test]
+        fn normalizing_a_normalized_path_changes_nothing(
+            segs in prop::collection::vec(segment(), 0..8)
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            if let Ok(n) = NormalizedPath::parse(&path) {
+                let again = NormalizedPath::parse(&n.raw).expect("a normalized path parses");
+                prop_assert_eq!(&again.raw, &n.raw);
+                prop_assert_eq!(&again.matched, &n.matched);
+            }
+        }
+
+        #[test]
+        fn any_path_text_is_judged_without_panicking(path in "/[ -~]{0,40}") {
+            let _ = NormalizedPath::parse(&path);
+        }
     }
 }

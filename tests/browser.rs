@@ -136,8 +136,19 @@ fn chromium() -> String {
 /// Runs `login.mjs` against the app and returns its JSON report (panics with its output if it
 /// failed).
 async fn browser_login(env: &BrowserEnv, user: &str, password: &str) -> Value {
+    browser_run(env, user, password, &[]).await
+}
+
+/// Like [`browser_login`], with extra `E2E_*` switches for `login.mjs`.
+async fn browser_run(
+    env: &BrowserEnv,
+    user: &str,
+    password: &str,
+    extra_env: &[(&str, &str)],
+) -> Value {
     let node = std::env::var("IDP_NODE").unwrap_or_else(|_| "node".into());
     let run = tokio::process::Command::new(node)
+        .envs(extra_env.iter().copied())
         .arg("login.mjs")
         .current_dir(E2E_DIR)
         .env("E2E_APP_URL", format!("{}/", env.origin))
@@ -265,6 +276,41 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
     assert_eq!(stats["token_requests"]["authorization_code"], 1, "{stats}");
     assert_eq!(stats["revocations"], 1, "refresh token revoked: {stats}");
     assert_eq!(stats["end_sessions"], 1, "provider session ended: {stats}");
+}
+
+#[tokio::test]
+async fn logging_in_again_in_a_real_browser_ends_the_previous_session_with_strict_cookies() {
+    let chromium = chromium();
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} not found: this test needs headless Chromium"
+    );
+    ensure_node_modules().await;
+    let env = BrowserEnv::start().await;
+    let report = browser_run(&env, "alice", "alice-pw", &[("E2E_RELOGIN", "1")]).await;
+    eprintln!("browser report: {report}");
+    let first = report["first_session"].as_str().expect("first session id");
+    let second = report["second_session"]
+        .as_str()
+        .expect("second session id");
+    assert_ne!(
+        first, second,
+        "the second login made a new session: {report}"
+    );
+    let ids: Vec<&str> = report["sessions_after_relogin"]
+        .as_array()
+        .expect("session list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // The callback came back cross-site without the SameSite=Strict cookie, yet the session the
+    // browser held when it started the login is gone.
+    assert!(
+        !ids.contains(&first),
+        "the first session survived: {report}"
+    );
+    assert_eq!(ids, [second], "{report}");
+    assert_eq!(report["after_logout"]["status"], 401, "{report}");
 }
 
 // ---------------------------------------------------------------------------------------------

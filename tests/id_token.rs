@@ -16,7 +16,9 @@ use base64::Engine as _;
 use bff::{Browser, SESSION_KEY};
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::time::Duration;
 use stub_idp::{KID_ES256, KID_ES384, KID_RS256, StubIdp, b64, hs256};
+
 use support::{TestProxy, start_proxy};
 
 const CLIENT_ID: &str = "coatcheck";
@@ -44,7 +46,11 @@ struct Rp {
 impl Rp {
     /// Starts the stub and coatcheck (`oidc` = extra `[oidc]` keys), then a login.
     async fn start(oidc: &str) -> Rp {
-        let stub = StubIdp::start().await;
+        Rp::start_with(StubIdp::start().await, oidc).await
+    }
+
+    /// Like [`Rp::start`] with a stub the test prepared.
+    async fn start_with(stub: StubIdp, oidc: &str) -> Rp {
         let config = format!(
             "[session]\nkeys = [\"{SESSION_KEY}\"]\n[session.store]\nkind = \"memory\"\n\n\
              [oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n\
@@ -559,4 +565,132 @@ async fn a_token_response_without_an_id_token_is_refused() {
     let mut rp = Rp::start(ES256_AND_RS256).await;
     let r = rp.callback(None).await;
     assert_refused_page(r).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact comparisons and header rules (issue 9)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_token_with_a_crit_header_is_refused() {
+    let mut rp = Rp::start("").await;
+    let token = rp.stub.keys.sign(
+        &json!({"alg": "ES256", "typ": "JWT", "kid": KID_ES256, "crit": ["exp"]}),
+        &rp.claims(),
+    );
+    rp.refuses(token).await;
+}
+
+#[tokio::test]
+async fn an_access_token_cannot_pass_for_an_id_token() {
+    let mut rp = Rp::start("").await;
+    for typ in ["at+jwt", "application/at+JWT"] {
+        let token = rp.stub.keys.sign(
+            &json!({"alg": "ES256", "typ": typ, "kid": KID_ES256}),
+            &rp.claims(),
+        );
+        rp.refuses(token).await;
+        rp.new_login().await;
+    }
+}
+
+/// Delivers a callback with the given `iss` parameter (or none).
+async fn callback_with_iss(rp: &mut Rp, iss: Option<&str>) -> reqwest::Response {
+    rp.stub.set_id_token(Some(rp.es256(&rp.claims())));
+    let mut url = format!("/bff/callback?code=x&state={}", rp.state);
+    if let Some(iss) = iss {
+        url.push_str(&format!("&iss={}", bff::urlencode(iss)));
+    }
+    let r = rp.browser.request(Method::GET, &url).send().await.unwrap();
+    rp.browser.absorb(r.headers());
+    r
+}
+
+#[tokio::test]
+async fn the_iss_parameter_must_match_the_issuer_byte_for_byte() {
+    let mut rp = Rp::start("").await;
+    let issuer = rp.stub.issuer.clone();
+    for near_miss in [
+        format!("{issuer}/"),
+        issuer.to_uppercase(),
+        issuer.replace("127.0.0.1", "localhost"),
+    ] {
+        let before = rp.stub.token_requests().len();
+        let r = callback_with_iss(&mut rp, Some(&near_miss)).await;
+        assert_refused_page(r).await;
+        assert_eq!(rp.stub.token_requests().len(), before, "{near_miss}");
+        rp.new_login().await;
+    }
+    let r = callback_with_iss(&mut rp, Some(&issuer)).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn iss_is_required_when_the_provider_advertises_it() {
+    let stub_first = StubIdp::start().await;
+    stub_first
+        .script
+        .iss_parameter_supported
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut rp = Rp::start_with(stub_first, "").await;
+    let before = rp.stub.token_requests().len();
+    let r = callback_with_iss(&mut rp, None).await;
+    assert_refused_page(r).await;
+    assert_eq!(rp.stub.token_requests().len(), before);
+    rp.new_login().await;
+    let issuer = rp.stub.issuer.clone();
+    let r = callback_with_iss(&mut rp, Some(&issuer)).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_discovery_issuer_that_differs_by_a_trailing_slash_is_refused() {
+    let stub = StubIdp::start().await;
+    let config = format!(
+        "[session]\nkeys = [\"{SESSION_KEY}\"]\n[session.store]\nkind = \"memory\"\n\n\
+         [oidc]\nissuer = \"{}/\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9\"\nauth = \"none\"\n",
+        stub.issuer
+    );
+    let proxy = start_proxy(&config).await;
+    let client = proxy.http1();
+    for _ in 0..20 {
+        if stub
+            .script
+            .discovery_fetches
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client.get(proxy.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "a near-miss issuer was accepted");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_and_the_jwks_are_refreshed_periodically() {
+    let stub = StubIdp::start().await;
+    let mut rp = Rp::start_with(stub, "metadata_refresh = \"1s\"\n").await;
+    let discovery = rp
+        .stub
+        .script
+        .discovery_fetches
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let jwks = rp.stub.jwks_fetches();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(
+        rp.stub
+            .script
+            .discovery_fetches
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= discovery + 2
+    );
+    assert!(rp.stub.jwks_fetches() >= jwks + 2);
+    // Still logs in with the refreshed keys.
+    let token = rp.es256(&rp.claims());
+    rp.accepts(token).await;
 }

@@ -240,7 +240,7 @@ fn http1_corpus() -> Vec<Case> {
         // --- Upgrades other than WebSocket ---
         case(
             "Upgrade: h2c is answered as plain HTTP/1.1",
-            "GET /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+            "GET /api/echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
             ok(1),
         ),
         // --- Sizes ---
@@ -766,8 +766,24 @@ async fn a_continuation_flood_is_cut_off_and_the_proxy_keeps_serving() {
         frames.push(frame(CONTINUATION, 0, 1, &junk));
     }
     let outcome = h2_exchange(proxy.addr, &frames).await;
-    assert_ne!(outcome, H2Outcome::Answered(Some(200)), "{outcome:?}");
-    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    assert_eq!(outcome, H2Outcome::ConnectionError);
+    // Control: the same frames, a few CONTINUATIONs and an end, make a request that is served.
+    // (END_STREAM rides on HEADERS; END_HEADERS on the last CONTINUATION.)
+    let mut control = vec![frame(
+        HEADERS,
+        END_STREAM,
+        1,
+        &hpack(&request_fields(&host, "/api/echo")),
+    )];
+    for _ in 0..3 {
+        control.push(frame(CONTINUATION, 0, 1, &junk));
+    }
+    control.push(frame(CONTINUATION, END_HEADERS, 1, &[]));
+    assert_eq!(
+        h2_exchange(proxy.addr, &control).await,
+        H2Outcome::Answered(Some(200))
+    );
+    assert_eq!(up.seen().len(), 1, "only the control request arrived");
     let res = proxy
         .http2()
         .get(proxy.url("/api/echo"))
@@ -812,6 +828,8 @@ async fn a_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
     })
     .await;
     assert!(closed.is_ok(), "the flooding connection was kept open");
+    // GOAWAY with ENHANCE_YOUR_CALM (0xb): the HTTP/2 layer's rapid-reset defence.
+    assert_eq!(goaway_code(&got), Some(0xb), "{got:?}");
     // Far fewer upstream requests than streams were started.
     let started = up.seen().len();
     assert!(
@@ -825,5 +843,90 @@ async fn a_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    proxy.stop().await;
+}
+
+/// The error code of the first GOAWAY frame in `bytes`, if any.
+fn goaway_code(bytes: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let len = (usize::from(bytes[at]) << 16)
+            | (usize::from(bytes[at + 1]) << 8)
+            | usize::from(bytes[at + 2]);
+        if bytes.len() < at + 9 + len {
+            return None;
+        }
+        if bytes[at + 3] == GOAWAY && len >= 8 {
+            let p = &bytes[at + 9..];
+            return Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_not_mistaken_for_http1_heads() {
+    // Without ALPN the listener watches HTTP/1.1 heads; a client that starts with the HTTP/2
+    // preface instead must be served on and on, whatever its binary frames hold.
+    let up = Upstream::start().await;
+    let proxy = corpus_proxy(&up).await;
+    let host = format!("localhost:{}", proxy.addr.port());
+    let mut s = tls_connect(proxy.addr, &[]).await;
+    let padding = "p".repeat(1000);
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&out).await.unwrap();
+    let mut answered = 0;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    for i in 0..40u32 {
+        let mut f = request_fields(&host, "/api/echo");
+        f.push(("x-padding", &padding));
+        s.write_all(&frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            2 * i + 1,
+            &hpack(&f),
+        ))
+        .await
+        .unwrap();
+        // Wait for this stream's answer before the next (so every request ends first).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut at = 0;
+            let mut done = false;
+            while buf.len() >= at + 9 {
+                let len = (usize::from(buf[at]) << 16)
+                    | (usize::from(buf[at + 1]) << 8)
+                    | usize::from(buf[at + 2]);
+                if buf.len() < at + 9 + len {
+                    break;
+                }
+                let stream =
+                    u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
+                        & 0x7fff_ffff;
+                if buf[at + 3] == HEADERS && stream == 2 * i + 1 {
+                    done = true;
+                }
+                assert_ne!(buf[at + 3], GOAWAY, "GOAWAY after {answered} requests");
+                at += 9 + len;
+            }
+            buf.drain(..at);
+            if done {
+                answered += 1;
+                break;
+            }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no answer to request {i}"));
+            match tokio::time::timeout(left, s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                other => panic!("connection ended after {answered} requests: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(answered, 40);
+    drop(s);
     proxy.stop().await;
 }

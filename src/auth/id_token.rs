@@ -48,6 +48,9 @@ async fn verify(
         Ok(h) => h,
         Err(e) => return refuse(format!("unreadable header ({e})")),
     };
+    if let Some(problem) = header_problem(token) {
+        return refuse(problem);
+    }
     if !provider.cfg.allowed_algs.contains(&header.alg) {
         return refuse(format!(
             "algorithm {:?} is not in oidc.allowed_algs",
@@ -87,8 +90,46 @@ async fn verify(
     Ok(claims)
 }
 
+/// The JOSE header as JSON, read without verification (jsonwebtoken's `Header` drops what it
+/// does not know, such as `crit`).
+fn raw_header(token: &str) -> Option<Map<String, Value>> {
+    use base64::Engine as _;
+    let first = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// What is wrong with a token's header regardless of its signature: RFC 7515 §4.1.11 says a
+/// `crit` header names extensions the recipient must understand; coatcheck understands none, so
+/// any `crit` is refused. A header that is not a JSON object is refused as well.
+fn header_problem(token: &str) -> Option<&'static str> {
+    match raw_header(token) {
+        None => Some("the header is not a JSON object"),
+        Some(h) if h.contains_key("crit") => Some("the header has a crit parameter"),
+        Some(_) => None,
+    }
+}
+
+/// Whether a `typ` header names a JWT access token (RFC 9068 §2.1).
+pub fn is_access_token_typ(typ: &str) -> bool {
+    matches!(
+        typ.to_ascii_lowercase().as_str(),
+        "at+jwt" | "application/at+jwt"
+    )
+}
+
 /// Validates an ID token and returns its claims.
 pub async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) -> Outcome {
+    // RFC 9068 §4 / RFC 8725 §3.11: an access token must not pass for an ID token.
+    if decode_header(token)
+        .ok()
+        .and_then(|h| h.typ)
+        .is_some_and(|t| is_access_token_typ(&t))
+    {
+        return refuse("typ says this is an access token, not an ID token");
+    }
     let claims = verify(
         provider,
         token,
@@ -170,11 +211,79 @@ pub async fn validate_access_token(
         .ok()
         .and_then(|h| h.typ)
         .unwrap_or_default();
-    if !matches!(
-        typ.to_ascii_lowercase().as_str(),
-        "at+jwt" | "application/at+jwt"
-    ) {
+    if !is_access_token_typ(&typ) {
         return refuse("not a JWT access token (typ must be at+jwt, RFC 9068)");
     }
     verify(provider, token, audience, &["exp", "iss", "sub"]).await
+}
+
+#[cfg(test)]
+mod properties {
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn encode(header: &Map<String, Value>) -> String {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.{}",
+            b.encode(serde_json::to_vec(header).unwrap()),
+            b.encode(b"{}"),
+            b.encode(b"sig")
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn a_header_with_crit_is_always_refused_and_one_without_never_for_that(
+            keys in prop::collection::btree_set(
+                prop::sample::select(vec!["alg", "typ", "kid", "crit", "cty", "jku", "b64", "x"]),
+                0..6,
+            ),
+            values in prop::collection::vec(
+                prop::sample::select(vec![
+                    json_value("ES256"), json_value("at+jwt"), Value::Array(vec![]),
+                    serde_json::json!(["exp"]), Value::Null, serde_json::json!(1),
+                ]),
+                6,
+            ),
+        ) {
+            let header: Map<String, Value> = keys
+                .iter()
+                .zip(values)
+                .map(|(k, v)| ((*k).to_owned(), v))
+                .collect();
+            let problem = header_problem(&encode(&header));
+            prop_assert_eq!(problem.is_some(), header.contains_key("crit"), "{:?}", header);
+        }
+
+        #[test]
+        fn any_token_text_is_judged_without_panicking(token in "[A-Za-z0-9_.=+/-]{0,80}") {
+            let _ = header_problem(&token);
+            let _ = decode_header(&token);
+        }
+
+        #[test]
+        fn access_token_types_are_recognised_in_any_case(
+            upper in prop::collection::vec(any::<bool>(), 18),
+            prefix in any::<bool>(),
+        ) {
+            let base = if prefix { "application/at+jwt" } else { "at+jwt" };
+            let typ: String = base
+                .chars()
+                .zip(upper)
+                .map(|(c, u)| if u { c.to_ascii_uppercase() } else { c })
+                .collect();
+            prop_assert!(is_access_token_typ(&typ));
+            let longer = format!("{typ}x");
+            prop_assert!(!is_access_token_typ(&longer));
+        }
+    }
+
+    fn json_value(s: &str) -> Value {
+        Value::String(s.to_owned())
+    }
 }

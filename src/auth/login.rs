@@ -42,6 +42,12 @@ struct Transaction {
     verifier: Secret,
     return_url: String,
     created_at: u64,
+    /// The public handle of the session this browser held when the login started. `/bff/login`
+    /// is a same-site navigation, which carries the `SameSite=Strict` session cookie; the
+    /// callback arrives cross-site without it, so this is how the callback knows which session
+    /// the new login replaces.
+    #[serde(default)]
+    previous: Option<String>,
 }
 
 fn login_cookie_name(base: &str, state: &str) -> String {
@@ -87,12 +93,17 @@ pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>
     let challenge = URL_SAFE_NO_PAD.encode(secret::sha256(verifier.as_bytes()));
     let location = auth.oidc()?.authorize_url(&state, &nonce, &challenge)?;
     let name = login_cookie_name(auth.cookie_name(), &state);
+    let previous = match auth.sessions.lookup(req.headers()).await {
+        Ok(Lookup::Live(s)) => Some(s.handle.clone()),
+        _ => None,
+    };
     let tx = Transaction {
         state: Secret::new(state),
         nonce: Secret::new(nonce),
         verifier: Secret::new(verifier),
         return_url,
         created_at: session::now(),
+        previous,
     };
     let sealed = secret::seal(
         auth.sessions.keys().login_key(),
@@ -176,11 +187,16 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         return bad("This sign-in answer was already used.");
     }
     let meta = auth.oidc()?.metadata()?;
-    // RFC 9207: when the provider names itself in the answer, it must be the one we asked.
-    if let Some(iss) = query_param(&req, "iss")
-        && iss.trim_end_matches('/') != meta.issuer.trim_end_matches('/')
-    {
-        return bad("The sign-in answer comes from another identity provider.");
+    // RFC 9207 §2.4: `iss` must be the provider's issuer, byte for byte; a provider that
+    // advertises the parameter always sends it, so its absence is a mix-up attempt.
+    match query_param(&req, "iss") {
+        Some(iss) if iss.as_bytes() != meta.issuer.as_bytes() => {
+            return bad("The sign-in answer comes from another identity provider.");
+        }
+        None if meta.authorization_response_iss_parameter_supported => {
+            return bad("The sign-in answer does not name its identity provider.");
+        }
+        _ => {}
     }
     let Some(code) = query_param(&req, "code").filter(|c| !c.is_empty()) else {
         return bad("The sign-in answer has no code.");
@@ -229,7 +245,12 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         .unwrap_or_default()
         .to_owned();
     let idp_sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
-    // A ticket the browser held before this login is retired: a new login always means a new session.
+    // The session the browser held before this login is retired: a new login always means a new
+    // session. With SameSite=Strict the callback carries no session cookie, so the session named
+    // at /bff/login (sealed in the login cookie) is the one that ends; with Lax, the cookie itself.
+    if let Some(previous) = &tx.previous {
+        let _ = auth.sessions.delete(previous, EndReason::Logout).await;
+    }
     if let Ok(Lookup::Live(old)) = auth.sessions.lookup(req.headers()).await {
         let _ = auth.sessions.delete(&old.handle, EndReason::Logout).await;
     }

@@ -27,6 +27,9 @@ pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 pub const DISCOVERY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Access-token lifetime assumed when the provider gives neither `expires_in` nor a JWT `exp`.
 pub const DEFAULT_ACCESS_TOKEN_LIFETIME: u64 = 300;
+/// Longest access-token lifetime believed (seconds, a year): a larger (or absurd) `expires_in` is
+/// capped, so no timestamp arithmetic can overflow.
+pub const MAX_ACCESS_TOKEN_LIFETIME: u64 = 365 * 24 * 3600;
 
 /// A failed call to the provider: either it is unavailable (network, timeout, 5xx, garbage) or it
 /// answered with an OAuth error (RFC 6749 §5.2).
@@ -66,6 +69,10 @@ pub struct Metadata {
     pub revocation_endpoint: Option<Url>,
     #[serde(default)]
     pub code_challenge_methods_supported: Vec<String>,
+    /// RFC 9207 §3: the provider puts `iss` in every authorization response; coatcheck then
+    /// requires it.
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: bool,
 }
 
 /// A token endpoint answer (RFC 6749 §5.1), validated.
@@ -178,6 +185,24 @@ impl Provider {
             .unwrap_or_else(|| "identity provider not loaded".into()))
     }
 
+    /// Runs discovery until it succeeds (exponential backoff), then re-reads discovery and the
+    /// JWKS every `oidc.metadata_refresh`, so rotated keys and moved endpoints are picked up
+    /// without waiting for an unknown `kid`. A failed refresh keeps the last good metadata.
+    pub async fn discover_and_refresh(self: Arc<Self>) {
+        self.clone().discover_until_ready().await;
+        loop {
+            tokio::time::sleep(self.cfg.metadata_refresh).await;
+            match self.discover().await {
+                Ok(()) => {
+                    tracing::debug!(issuer = %self.cfg.issuer, "identity provider metadata refreshed")
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.cfg.issuer, error = %e, "identity provider metadata refresh failed; keeping the last good metadata")
+                }
+            }
+        }
+    }
+
     /// Runs discovery until it succeeds (exponential backoff), then returns.
     pub async fn discover_until_ready(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
@@ -204,11 +229,12 @@ impl Provider {
         let issuer = self.cfg.issuer.as_str().trim_end_matches('/');
         let url = format!("{issuer}/.well-known/openid-configuration");
         let meta: Metadata = self.get_json(&url).await?;
-        // OpenID Connect Discovery §4.3: the document's issuer must be exactly the configured one.
-        if meta.issuer.trim_end_matches('/') != issuer {
+        // OpenID Connect Discovery §4.3: the document's issuer must be exactly the configured one,
+        // byte for byte (no trailing-slash or case folding).
+        if meta.issuer != self.cfg.issuer_id {
             return Err(OidcError::Invalid(format!(
                 "discovery says issuer {:?}, configured {:?}",
-                meta.issuer, issuer
+                meta.issuer, self.cfg.issuer_id
             )));
         }
         for (name, u) in [
@@ -550,7 +576,10 @@ fn validate_token_response(raw: RawTokenResponse) -> Result<TokenResponse, OidcE
         Some(serde_json::Value::String(s)) => s.parse().ok(),
         _ => None,
     };
-    let mut expires_at = now + expires_in.unwrap_or(DEFAULT_ACCESS_TOKEN_LIFETIME);
+    let lifetime = expires_in
+        .unwrap_or(DEFAULT_ACCESS_TOKEN_LIFETIME)
+        .min(MAX_ACCESS_TOKEN_LIFETIME);
+    let mut expires_at = now.saturating_add(lifetime);
     // A JWT access token's own `exp` wins when earlier (read only; the upstream verifies it).
     if let Some(exp) = jwt_exp(access_token.expose()) {
         expires_at = expires_at.min(exp);
@@ -622,6 +651,28 @@ mod tests {
         ))
         .unwrap();
         assert!(r.access_expires_at <= crate::session::now() + 5);
+    }
+
+    #[test]
+    fn a_huge_expires_in_is_capped_and_cannot_overflow() {
+        let now = crate::session::now();
+        for e in [
+            serde_json::json!(u64::MAX),
+            serde_json::json!("18446744073709551615"),
+            serde_json::json!(1e300),
+            serde_json::json!(-1),
+            serde_json::json!("99999999999999999999999"),
+        ] {
+            let t = validate_token_response(raw(
+                serde_json::json!({"access_token": "a", "token_type": "Bearer", "expires_in": e}),
+            ))
+            .unwrap();
+            assert!(
+                t.access_expires_at <= now + MAX_ACCESS_TOKEN_LIFETIME + 1,
+                "{e}"
+            );
+            assert!(t.access_expires_at >= now, "{e}");
+        }
     }
 
     #[test]

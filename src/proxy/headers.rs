@@ -60,13 +60,13 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 }
 
 /// Whether an upstream's `101` names exactly the WebSocket protocol the client asked for.
-pub fn is_websocket_switch(headers: &HeaderMap) -> bool {
+pub(crate) fn is_websocket_switch(headers: &HeaderMap) -> bool {
     is_upgrade_request(headers)
 }
 
 /// Removes the method-override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
 /// `X-Method-Override`).
-pub fn strip_method_overrides(headers: &mut HeaderMap) {
+pub(crate) fn strip_method_overrides(headers: &mut HeaderMap) {
     for name in &METHOD_OVERRIDES {
         headers.remove(name);
     }
@@ -74,12 +74,12 @@ pub fn strip_method_overrides(headers: &mut HeaderMap) {
 
 /// Whether any header name contains `_` (nginx and Envoy treat these as invalid by default: some
 /// stacks read `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
-pub fn has_underscore_names(headers: &HeaderMap) -> bool {
+pub(crate) fn has_underscore_names(headers: &HeaderMap) -> bool {
     headers.keys().any(|n| n.as_str().contains('_'))
 }
 
 /// Removes every header whose name contains `_`.
-pub fn strip_underscore_names(headers: &mut HeaderMap) {
+pub(crate) fn strip_underscore_names(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| n.as_str().contains('_'))
@@ -93,7 +93,7 @@ pub fn strip_underscore_names(headers: &mut HeaderMap) {
 /// Removes every upstream `Set-Cookie` that names one of coatcheck's own cookies (the session
 /// cookie `base` or a login cookie `base-login-…`); returns the names removed (for the log; values
 /// are never kept).
-pub fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<String> {
+pub(crate) fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<String> {
     if !headers.contains_key(header::SET_COOKIE) {
         return Vec::new();
     }
@@ -198,7 +198,7 @@ fn client_forwarding_headers() -> [&'static HeaderName; 6] {
 /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
 /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (the left-most one when
 /// every hop is trusted). An entry that is not an IP address ends the walk.
-pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+pub(crate) fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     let mut client = peer;
     if !is_trusted(peer) || !headers.contains_key(&X_FORWARDED_FOR) {
@@ -588,5 +588,136 @@ mod tests {
     fn a_duplicated_cookie_is_not_trusted() {
         assert_eq!(cookie(&map(&[("cookie", "a=1; s=v")]), "s"), Some("v"));
         assert_eq!(cookie(&map(&[("cookie", "s=v1; s=v2")]), "s"), None);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! The forwarding-header rewrite, for any client-sent values and any peer.
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn peer() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+            any::<[u8; 16]>().prop_map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+        ]
+    }
+
+    fn field_value() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "203.0.113.9",
+                "10.0.0.1",
+                "::1",
+                "[::1]",
+                ",",
+                " ",
+                "for=",
+                "\"",
+                ";",
+                "unknown",
+                "host=evil",
+                "proto=http",
+                "x",
+                "2001:db8::7",
+                "_",
+            ]),
+            0..6,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    const OWNED: &[&str] = &[
+        "x-forwarded-for",
+        "forwarded",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn forwarding_headers_say_what_coatcheck_saw_whatever_the_client_sent(
+            sent in prop::collection::vec((prop::sample::select(OWNED), field_value()), 0..10),
+            peer in peer(),
+            trusted in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            let mut client_xff = Vec::new();
+            for (name, value) in &sent {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    if *name == "x-forwarded-for" {
+                        client_xff.push(value.clone());
+                    }
+                    h.append(*name, v);
+                }
+            }
+            add_forwarding(&mut h, peer, trusted, Some(&HeaderValue::from_static("app.example:443")), None);
+            let ip = peer.to_canonical().to_string();
+            for name in ["x-forwarded-for", "forwarded", "x-forwarded-proto", "x-forwarded-host"] {
+                prop_assert_eq!(h.get_all(name).iter().count(), 1, "{}", name);
+            }
+            for gone in ["x-forwarded-prefix", "x-real-ip", "x-original-url", "x-rewrite-url"] {
+                prop_assert!(!h.contains_key(gone), "{}", gone);
+            }
+            prop_assert_eq!(&h["x-forwarded-proto"], "https");
+            prop_assert_eq!(&h["x-forwarded-host"], "app.example:443");
+            let xff = h["x-forwarded-for"].to_str().unwrap().to_owned();
+            if trusted {
+                prop_assert!(xff == ip || xff.ends_with(&format!(", {ip}")), "{}", xff);
+            } else {
+                prop_assert_eq!(&xff, &ip);
+                let fwd = h["forwarded"].to_str().unwrap();
+                prop_assert!(fwd.starts_with("for="), "{}", fwd);
+                prop_assert!(!fwd.contains(','), "{}", fwd);
+            }
+        }
+
+        #[test]
+        fn the_client_address_is_the_peer_unless_the_peer_is_trusted(
+            xff in field_value(),
+            peer in peer(),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert("x-forwarded-for", v);
+            }
+            let none: [Cidr; 0] = [];
+            prop_assert_eq!(client_ip(&h, peer, &none), peer);
+            let everyone = [Cidr::parse("0.0.0.0/0").unwrap(), Cidr::parse("::/0").unwrap()];
+            let c = client_ip(&h, peer, &everyone);
+            let listed = xff.split(',').any(|e| e.trim().parse::<IpAddr>().ok() == Some(c));
+            prop_assert!(c == peer || listed, "{} from {}", c, xff);
+        }
+
+        #[test]
+        fn upstream_set_cookies_for_our_names_never_survive(
+            names in prop::collection::vec(
+                prop::sample::select(vec![
+                    "__Host-coatcheck", " __Host-coatcheck", "__Host-coatcheck-login-x",
+                    "__Host-coatcheck-loginx", "theirs", "__Host-coatcheckx", "", "a",
+                ]),
+                0..6,
+            ),
+        ) {
+            let mut h = HeaderMap::new();
+            for n in &names {
+                h.append(header::SET_COOKIE, HeaderValue::from_str(&format!("{n}=v; Path=/")).unwrap());
+            }
+            strip_own_set_cookies(&mut h, "__Host-coatcheck");
+            for v in h.get_all(header::SET_COOKIE) {
+                let name = std::str::from_utf8(set_cookie_name(v.as_bytes())).unwrap();
+                prop_assert!(!is_own_cookie("__Host-coatcheck", name), "{:?}", v);
+            }
+        }
     }
 }

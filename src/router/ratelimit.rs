@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 
 /// Client addresses tracked at once; the least recently used are evicted beyond this.
-pub const MAX_TRACKED_CLIENTS: u64 = 100_000;
+pub(crate) const MAX_TRACKED_CLIENTS: u64 = 100_000;
 /// A bucket without requests for this long is dropped (it has refilled by then).
-pub const BUCKET_IDLE: Duration = Duration::from_secs(120);
+pub(crate) const BUCKET_IDLE: Duration = Duration::from_secs(120);
 
 /// Token buckets keyed by client address.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     /// Tokens per second.
     rate: f64,
     /// Bucket size (the burst a client may send at once).
@@ -32,7 +32,7 @@ struct Bucket {
 
 impl RateLimiter {
     /// `per_minute` requests a minute, refilled evenly; bursts up to a fifth of it (at least 1).
-    pub fn per_minute(per_minute: u32) -> RateLimiter {
+    pub(crate) fn per_minute(per_minute: u32) -> RateLimiter {
         let per_minute = f64::from(per_minute.max(1));
         RateLimiter {
             rate: per_minute / 60.0,
@@ -45,7 +45,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `client`, or says how many seconds until one is available.
-    pub fn check(&self, client: IpAddr) -> Result<(), Error> {
+    pub(crate) fn check(&self, client: IpAddr) -> Result<(), Error> {
         self.take(client.to_canonical(), Instant::now())
             .map_err(|retry_after| Error::TooManyRequests { retry_after })
     }

@@ -19,6 +19,8 @@
 //   E2E_COOKIE         session cookie name, default __Host-coatcheck
 //   E2E_CHROMIUM       browser executable, default /usr/bin/chromium
 //   E2E_TIMEOUT_MS     per-step timeout, default 20000
+//   E2E_RELOGIN=1      after the API calls, log in again (address-bar navigation to /bff/login)
+//                      and report whether the first session survived the second login
 //   E2E_HEADED=1       show the browser (needs a display)
 //   E2E_DEBUG=1        log the page's requests, responses and console to stderr
 
@@ -203,6 +205,48 @@ async function main() {
     await page.locator('#api-result', { hasText: 'HTTP ' }).waitFor();
     result.api_button = (await page.locator('#api-result').textContent()).split('\n')[0];
     check(result.api_button === 'HTTP 200', `the app's API call showed ${result.api_button}`);
+
+    if (process.env.E2E_RELOGIN) {
+      go('log in again');
+      const first = await pageFetch('/bff/user', { headers: { 'X-CSRF': '1' } });
+      check(first.status === 200, `/bff/user before the second login answered ${first.status}`);
+      result.first_session = first.body.session.id;
+      // The provider's own session is forgotten (as when it has expired), so the provider shows
+      // its form and the way back to the callback starts on the provider's page: a cross-site
+      // navigation, on which the browser withholds the SameSite=Strict session cookie.
+      const ours = await context.cookies(app.origin);
+      await context.clearCookies();
+      await context.addCookies(ours);
+      // Typed into the address bar: same-site, so the SameSite=Strict session cookie goes along.
+      await page.goto(`${app.origin}/bff/login?returnUrl=%2F`);
+      const loginForm = page.locator('input[name="login"]');
+      const again = await Promise.any([
+        loginForm.waitFor().then(() => 'login'),
+        consent.waitFor().then(() => 'consent'),
+        signedIn.waitFor().then(() => 'landed'),
+      ]).catch(() => 'nothing');
+      check(again !== 'nothing', 'the second login went nowhere');
+      result.second_login_form = again;
+      if (again === 'login') {
+        await loginForm.fill(user);
+        await page.locator('input[name="password"]').fill(password);
+        await page.locator('form:has(input[name="password"]) [type="submit"]').click();
+        const afterForm = await Promise.any([
+          consent.waitFor().then(() => 'consent'),
+          signedIn.waitFor().then(() => 'landed'),
+        ]).catch(() => 'nothing');
+        if (afterForm === 'consent') await consent.click();
+      } else if (again === 'consent') {
+        await consent.click();
+      }
+      await signedIn.waitFor();
+      const second = await pageFetch('/bff/user', { headers: { 'X-CSRF': '1' } });
+      check(second.status === 200, `/bff/user after the second login answered ${second.status}`);
+      result.second_session = second.body.session.id;
+      const list = await pageFetch('/bff/sessions', { headers: { 'X-CSRF': '1' } });
+      check(list.status === 200, `/bff/sessions answered ${list.status}`);
+      result.sessions_after_relogin = list.body.sessions.map((s) => s.id);
+    }
 
     go('log out');
     await page.locator('#logout').click();

@@ -211,6 +211,10 @@ pub struct Script {
     pub attacker_fetches: AtomicUsize,
     /// `expires_in` of the token responses (0: 60 s).
     pub expires_in: AtomicU64,
+    /// Discovery advertises `authorization_response_iss_parameter_supported` (RFC 9207).
+    pub iss_parameter_supported: std::sync::atomic::AtomicBool,
+    /// Discovery requests served.
+    pub discovery_fetches: AtomicUsize,
 }
 
 /// The running stub.
@@ -314,19 +318,24 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
 async fn handle(req: Request<Incoming>, s: &Shared) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     match (req.method().as_str(), path.as_str()) {
-        ("GET", "/.well-known/openid-configuration") => json_response(
-            StatusCode::OK,
-            &json!({
-                "issuer": s.issuer,
-                "authorization_endpoint": format!("{}/authorize", s.issuer),
-                "token_endpoint": format!("{}/token", s.issuer),
-                "jwks_uri": format!("{}/jwks", s.issuer),
-                "response_types_supported": ["code"],
-                "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["ES256", "ES384", "RS256"],
-                "code_challenge_methods_supported": ["S256"],
-            }),
-        ),
+        ("GET", "/.well-known/openid-configuration") => {
+            s.script.discovery_fetches.fetch_add(1, Ordering::SeqCst);
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "issuer": s.issuer,
+                    "authorization_endpoint": format!("{}/authorize", s.issuer),
+                    "token_endpoint": format!("{}/token", s.issuer),
+                    "jwks_uri": format!("{}/jwks", s.issuer),
+                    "response_types_supported": ["code"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["ES256", "ES384", "RS256"],
+                    "code_challenge_methods_supported": ["S256"],
+                    "authorization_response_iss_parameter_supported":
+                        s.script.iss_parameter_supported.load(Ordering::SeqCst),
+                }),
+            )
+        }
         ("GET", "/jwks") => {
             s.script.jwks_fetches.fetch_add(1, Ordering::SeqCst);
             json_response(StatusCode::OK, &s.jwks)

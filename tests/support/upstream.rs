@@ -16,6 +16,7 @@
 //! | `/ws` | HTTP/1.1 `Upgrade: websocket` → `101`, then echoes raw bytes |
 //! | `/redirect` | `302` to `/elsewhere` |
 //! | `/hop` | a response carrying hop-by-hop headers (and `Connection`-listed ones) |
+//! | `/set-cookie?c=NAME%3DVALUE&c=…` | `200` with one `Set-Cookie` per `c` (percent-decoded) |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -228,7 +229,15 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ResBo
 }
 
 const ENDPOINTS: &[&str] = &[
-    "status", "slow", "download", "upload", "sse", "ws", "redirect", "hop",
+    "status",
+    "slow",
+    "download",
+    "upload",
+    "sse",
+    "ws",
+    "redirect",
+    "hop",
+    "set-cookie",
 ];
 
 async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<ResBody> {
@@ -278,6 +287,18 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<ResBody> {
             *res.status_mut() = StatusCode::FOUND;
             res.headers_mut()
                 .insert(header::LOCATION, HeaderValue::from_static("/elsewhere"));
+            res
+        }
+        "set-cookie" => {
+            let mut res = json_response(StatusCode::OK, json!({"cookies": true}));
+            let q = req.uri().query().unwrap_or_default().to_owned();
+            for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+                if k == "c"
+                    && let Ok(v) = HeaderValue::from_str(&v)
+                {
+                    res.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
             res
         }
         "hop" => {
