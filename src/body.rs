@@ -15,7 +15,49 @@ use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
 /// A response body: streamed from the upstream (cut when it stalls), or written by coatcheck.
-pub type Body = Either<Stalling<Incoming>, Full<Bytes>>;
+pub type Body = Either<Stalling<Incoming>, Own>;
+
+/// A body coatcheck writes itself: all at once, or as a stream of chunks (event streams) that
+/// ends when its sender is dropped.
+pub enum Own {
+    Full(Full<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl http_body::Body for Own {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Own::Full(f) => Pin::new(f).poll_frame(cx),
+            Own::Stream(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Own::Full(f) => f.is_end_stream(),
+            Own::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Own::Full(f) => f.size_hint(),
+            Own::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A streamed body fed through the returned sender (dropping it ends the body).
+pub fn stream(buffer: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+    (tx, Either::Right(Own::Stream(rx)))
+}
 
 /// A request body on its way upstream: the client's stream (cut when it stalls, what had already
 /// arrived judged first) under the route's size limit, or a buffered copy (small bodies kept for
@@ -272,12 +314,12 @@ where
 
 /// A body coatcheck wrote itself.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Either::Right(Full::new(bytes.into()))
+    Either::Right(Own::Full(Full::new(bytes.into())))
 }
 
 /// An empty body.
 pub fn empty() -> Body {
-    Either::Right(Full::new(Bytes::new()))
+    full(Bytes::new())
 }
 
 /// A JSON response with `Cache-Control: no-store` (coatcheck's answers are per-user or transient).

@@ -13,12 +13,14 @@
 pub mod store;
 pub mod ticket;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, header};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::config::{self, StoreKind};
 use crate::error::Error;
@@ -32,6 +34,11 @@ const MAX_USER_AGENT: usize = 256;
 /// While the store is unreachable, a session cached by this instance keeps being served for this
 /// long after it was last read from the store (beyond `session.cache.ttl`); then 503.
 pub const OUTAGE_GRACE: Duration = Duration::from_secs(300);
+/// Open `/bff/events` streams per session (tabs of one browser share a session).
+pub const MAX_STREAMS_PER_SESSION: usize = 16;
+/// Open `/bff/events` streams per instance.
+pub const MAX_STREAMS: usize = 10_000;
+
 /// `Retry-After` seconds on a 503 `store_unavailable`.
 pub const STORE_RETRY_AFTER_SECS: u64 = 2;
 /// A write that failed because the store was unreachable (refreshed tokens) is retried this often…
@@ -128,6 +135,10 @@ pub struct Sessions {
     ended: moka::sync::Cache<[u8; 16], ()>,
     /// Whether this instance hears every event (false while the subscription is down).
     told: AtomicBool,
+    /// `/bff/events` streams waiting for their session to end, by session.
+    watchers: std::sync::Mutex<HashMap<[u8; 16], watch::Sender<Option<EndReason>>>>,
+    /// Open `/bff/events` streams on this instance.
+    streams: AtomicUsize,
     cache_ttl: Duration,
     pub idle: Duration,
     pub absolute: Duration,
@@ -186,6 +197,8 @@ impl Sessions {
                 .time_to_live(keep)
                 .build(),
             told: AtomicBool::new(true),
+            watchers: std::sync::Mutex::default(),
+            streams: AtomicUsize::new(0),
             cache_ttl: cfg.cache_ttl,
             idle: cfg.idle_timeout,
             absolute: cfg.absolute_timeout,
@@ -294,12 +307,60 @@ impl Sessions {
         Some(session)
     }
 
-    /// Drops a session from this instance's cache and remembers that it ended.
-    async fn forget_ended(&self, handle: &str) {
+    /// Drops a session from this instance's cache, remembers that it ended, and tells the
+    /// streams that wait for it.
+    async fn forget_ended(&self, handle: &str, reason: EndReason) {
         if let Some(k) = handle_bytes(handle) {
             self.ended.insert(k, ());
             self.cache.invalidate(&k).await;
+            let waiting = self.lock_watchers().remove(&k);
+            if let Some(tx) = waiting {
+                let _ = tx.send(Some(reason));
+            }
         }
+    }
+
+    fn lock_watchers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], watch::Sender<Option<EndReason>>>> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a stream that waits for `session` to end (on any instance). `None` when this
+    /// session or this instance has as many streams open as allowed.
+    pub fn watch_end(self: &Arc<Self>, session: &Session) -> Option<EndWatch> {
+        let key = handle_bytes(&session.handle)?;
+        if self.streams.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let rx = {
+            let mut w = self.lock_watchers();
+            let tx = w.entry(key).or_insert_with(|| watch::channel(None).0);
+            (tx.receiver_count() < MAX_STREAMS_PER_SESSION).then(|| tx.subscribe())
+        };
+        let Some(rx) = rx else {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        };
+        Some(EndWatch {
+            rx,
+            key,
+            sessions: self.clone(),
+        })
+    }
+
+    /// Why the session has ended, as far as this instance knows without asking the store:
+    /// its idle or absolute timeout passed, or its end was announced before a stream registered.
+    pub async fn ended_by_now(&self, session: &Session, now: u64) -> Option<EndReason> {
+        let key = handle_bytes(&session.handle)?;
+        if self.ended.contains_key(&key) {
+            return Some(EndReason::Revoked);
+        }
+        // The cached copy sees the requests of every tab; an uncached session was idle here.
+        let latest = self.cache.get(&key).await;
+        let s = latest.as_deref().unwrap_or(session);
+        (now >= s.idle_expires_at(self.idle)).then_some(EndReason::Expired)
     }
 
     /// Applies an event from any instance (this one included) to the cache.
@@ -316,7 +377,7 @@ impl Sessions {
                     self.cache.invalidate(&k).await;
                 }
             }
-            Event::Ended { handle, .. } => self.forget_ended(&handle).await,
+            Event::Ended { handle, reason } => self.forget_ended(&handle, reason).await,
             Event::Released { .. } => {}
             Event::Lost => {
                 tracing::warn!(
@@ -498,7 +559,11 @@ impl Sessions {
 
     /// Ends one session: deleted from the store, dropped from every instance's cache.
     pub async fn delete(&self, handle: &str, reason: EndReason) -> Result<Option<Record>, Error> {
-        self.forget_ended(handle).await;
+        // The cache first: a request racing the delete must not be served meanwhile.
+        if let Some(k) = handle_bytes(handle) {
+            self.ended.insert(k, ());
+            self.cache.invalidate(&k).await;
+        }
         let gone = self.store.delete(handle).await?;
         self.announce_ended(std::slice::from_ref(&handle.to_owned()), reason)
             .await;
@@ -525,7 +590,7 @@ impl Sessions {
 
     async fn announce_ended(&self, handles: &[String], reason: EndReason) {
         for handle in handles {
-            self.forget_ended(handle).await;
+            self.forget_ended(handle, reason).await;
             self.announce(Event::Ended {
                 handle: handle.clone(),
                 reason,
@@ -568,6 +633,39 @@ impl Sessions {
     /// Extracts the `User-Agent` header.
     pub fn user_agent(headers: &HeaderMap) -> Option<&HeaderValue> {
         headers.get(header::USER_AGENT)
+    }
+}
+
+/// A stream's registration with [`Sessions::watch_end`]; unregisters when dropped.
+pub struct EndWatch {
+    rx: watch::Receiver<Option<EndReason>>,
+    key: [u8; 16],
+    sessions: Arc<Sessions>,
+}
+
+impl EndWatch {
+    /// Resolves with the reason once the session has ended.
+    pub async fn ended(&mut self) -> EndReason {
+        loop {
+            if let Some(r) = *self.rx.borrow_and_update() {
+                return r;
+            }
+            if self.rx.changed().await.is_err() {
+                // The sender was dropped without a reason: cannot happen while registered.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        self.sessions.streams.fetch_sub(1, Ordering::AcqRel);
+        let mut w = self.sessions.lock_watchers();
+        // Ours is the last receiver (it is dropped right after): nobody else waits here.
+        if w.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
+            w.remove(&self.key);
+        }
     }
 }
 
@@ -721,7 +819,7 @@ mod tests {
         let (value, created) = s.create(data(), None, None).await.unwrap();
         s.cache.invalidate_all();
         // The end is announced while a request is between its store read and its cache insert.
-        s.forget_ended(&created.handle).await;
+        s.forget_ended(&created.handle, EndReason::Logout).await;
         let Lookup::Ended = s.lookup(&cookie_headers(&value)).await.unwrap() else {
             panic!("a session ended meanwhile must not be served or cached");
         };

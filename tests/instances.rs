@@ -350,3 +350,42 @@ async fn an_instance_started_without_redis_reports_not_ready_and_connects_when_i
     assert_eq!(b.login("alice", "alice-pw").await.status(), 200);
     assert_eq!(status(&b, "/api/x").await, 200);
 }
+
+#[tokio::test]
+async fn a_logout_on_one_instance_is_pushed_to_an_event_stream_on_another() {
+    use futures_util::StreamExt;
+    let n = nodes(2, 60, 0).await;
+    let a = n.logged_in(0, "alice").await;
+    let b = n.on(1, &a);
+    let stream = a
+        .request(Method::GET, "/bff/events")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let reader = tokio::spawn(async move {
+        let mut body = stream.bytes_stream();
+        let mut seen = String::new();
+        while !seen.contains("event: session-ended") {
+            match tokio::time::timeout(Duration::from_secs(5), body.next()).await {
+                Ok(Some(Ok(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+                _ => break,
+            }
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    assert_eq!(
+        b.api(Method::POST, "/bff/logout")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let seen = reader.await.unwrap();
+    assert!(seen.contains("\"reason\":\"logout\""), "{seen}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+}

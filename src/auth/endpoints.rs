@@ -3,7 +3,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -41,7 +41,8 @@ pub async fn dispatch(
         }
         (Method::POST, "/bff/logout-all") => logout_all(auth, req).await,
         (Method::POST, "/bff/backchannel-logout") => backchannel_logout(auth, req).await,
-        (_, "/bff/login" | "/bff/callback" | "/bff/user" | "/bff/sessions") => {
+        (Method::GET, "/bff/events") => events(auth, req).await,
+        (_, "/bff/login" | "/bff/callback" | "/bff/user" | "/bff/sessions" | "/bff/events") => {
             Err(Error::MethodNotAllowed {
                 allow: "GET".into(),
             })
@@ -203,7 +204,7 @@ async fn delete_session(
     if id == s.handle {
         end_session(auth, &s).await?;
     } else {
-        auth.sessions.delete(id, EndReason::Logout).await?;
+        auth.sessions.delete(id, EndReason::Revoked).await?;
     }
     let mut res = body::json(StatusCode::OK, &json!({"revoked": id}));
     if id == s.handle {
@@ -229,6 +230,69 @@ async fn logout_all(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
     res.headers_mut()
         .append(header::SET_COOKIE, auth.clear_session_cookie());
     Ok(res)
+}
+
+/// `GET /bff/events`: a `text/event-stream` that says `session-ended` (with the reason) the moment
+/// the session ends on any instance, then closes; comment heartbeats meanwhile.
+async fn events(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    // EventSource cannot send the CSRF header: a GET judged by Origin and Fetch Metadata.
+    auth.csrf()
+        .check(req.headers(), req.method(), CsrfMode::UnsafeMethods, false)?;
+    let s = auth.require_session(&req).await?;
+    let watch = auth
+        .sessions
+        .watch_end(&s)
+        .ok_or(Error::TooManyRequests { retry_after: 5 })?;
+    let (tx, body) = body::stream(4);
+    tokio::spawn(event_stream(auth.sessions.clone(), s, watch, tx));
+    let mut res = Response::new(body);
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    // Proxies in front must pass each event at once.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+/// How often an idle event stream sends a comment (keeps proxies from timing it out) and checks
+/// the session's timeouts.
+pub const EVENTS_HEARTBEAT: Duration = Duration::from_secs(15);
+
+async fn event_stream(
+    sessions: std::sync::Arc<crate::session::Sessions>,
+    s: std::sync::Arc<Session>,
+    mut watch: crate::session::EndWatch,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) {
+    if tx
+        .send(bytes::Bytes::from_static(b": connected\n\n"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(EVENTS_HEARTBEAT);
+    tick.tick().await;
+    let reason = loop {
+        tokio::select! {
+            r = watch.ended() => break r,
+            _ = tick.tick() => {
+                if let Some(r) = sessions.ended_by_now(&s, session::now()).await {
+                    break r;
+                }
+                if tx.send(bytes::Bytes::from_static(b": heartbeat\n\n")).await.is_err() {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+        }
+    };
+    let reason = serde_json::to_string(&json!({ "reason": reason })).unwrap_or_default();
+    let _ = tx
+        .send(format!("event: session-ended\ndata: {reason}\n\n").into())
+        .await;
 }
 
 /// OpenID Connect Back-Channel Logout 1.0 §2.5–2.8: the provider posts `logout_token`.
