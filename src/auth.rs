@@ -8,8 +8,10 @@
 //! - [`login`]: `/bff/login` and `/bff/callback`, and the encrypted login cookie.
 //! - [`endpoints`]: the other `/bff/*` endpoints (user, logout, sessions, back-channel logout).
 //! - [`refresh`]: single-flight token refresh.
+//! - [`client`]: machine tokens (client credentials) for `auth = "client"` routes.
 //! - [`csrf`], [`policy`]: request checks.
 
+pub mod client;
 pub mod csrf;
 pub mod endpoints;
 pub mod id_token;
@@ -59,12 +61,13 @@ pub fn is_bff_path(path: &str) -> bool {
 pub const LOGIN_PATH: &str = "/bff/login";
 
 /// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
-/// provider), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
+/// provider, which also issues the machine tokens of [`client::ClientTokens`]), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
 /// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
     provider: Arc<oidc::Provider>,
     sessions: Arc<Sessions>,
     refresher: refresh::Refresher,
+    client_tokens: client::ClientTokens<oidc::Provider>,
     csrf_header: HeaderName,
     public_origin: String,
 }
@@ -80,6 +83,7 @@ impl Auth {
             Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
         Ok(Auth {
             refresher: refresh::Refresher::new(provider.clone(), sessions.clone(), oidc),
+            client_tokens: client::ClientTokens::new(provider.clone(), &config.routes, oidc),
             provider,
             sessions,
             csrf_header: config.csrf.header.clone(),
@@ -131,7 +135,7 @@ impl Auth {
         }
     }
 
-    /// Forwards a request to a route whose `auth` is `required`, `optional` or `bearer`.
+    /// Forwards a request to a route whose `auth` is `required`, `optional`, `bearer` or `client`.
     pub async fn forward(
         &self,
         upstream: &Upstream,
@@ -143,6 +147,13 @@ impl Auth {
             return self.forward_bearer(upstream, route, req, fwd).await;
         }
         let upgrade = headers::is_upgrade_request(req.headers());
+        if route.auth == AuthMode::Client {
+            // No user: no session is looked up; coatcheck's own token replaces the client's.
+            self.csrf()
+                .check(req.headers(), req.method(), route.csrf, upgrade)?;
+            fwd.authorization = Some(self.client_tokens.bearer(route).await?);
+            return proxy::forward(upstream, route, req, fwd, &proxy::Plain).await;
+        }
         let lookup = match self
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod idp;
+pub mod legacy_api;
 pub mod redis;
 pub mod upstream;
 
