@@ -117,11 +117,6 @@ impl<G: ClientGrant> ClientTokens<G> {
         }
     }
 
-    /// How many distinct tokens the routes need.
-    pub fn sets(&self) -> usize {
-        self.caches.len()
-    }
-
     /// The `Authorization` value for a request to `route`. The hot path is a map lookup, a read
     /// lock and one comparison.
     pub async fn bearer(&self, route: &Route) -> Result<HeaderValue, Error> {
@@ -329,7 +324,7 @@ mod tests {
         let fake = Fake::new(300, Duration::ZERO);
         let c = config(TWO_ROUTES);
         let t = tokens(&fake, &c);
-        assert_eq!(t.sets(), 2);
+        assert_eq!(t.caches.len(), 2);
         let a = t.bearer(&c.routes[0]).await.unwrap();
         let b = t.bearer(&c.routes[1]).await.unwrap();
         let other = t.bearer(&c.routes[2]).await.unwrap();
