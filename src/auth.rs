@@ -61,8 +61,9 @@ pub fn is_bff_path(path: &str) -> bool {
 pub const LOGIN_PATH: &str = "/bff/login";
 
 /// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
-/// provider, which also issues the machine tokens of [`client::ClientTokens`]), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
-/// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
+/// provider, which also issues the machine tokens cached by [`client::ClientTokens`]), the session
+/// records ([`Sessions`] over a [`store::Store`]), the once-set and refresh lease
+/// ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
     provider: Arc<oidc::Provider>,
     sessions: Arc<Sessions>,
