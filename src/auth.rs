@@ -9,9 +9,11 @@
 //! - [`login`]: `/bff/login` and `/bff/callback`, and the encrypted login cookie.
 //! - [`endpoints`]: the other `/bff/*` endpoints (user, logout, sessions, back-channel logout).
 //! - [`refresh`]: single-flight token refresh.
+//! - [`client`]: machine tokens (client credentials) for `auth = "client"` routes.
 //! - [`csrf`], [`policy`]: request checks.
 
 pub mod capture;
+pub mod client;
 pub mod csrf;
 pub mod endpoints;
 pub mod id_token;
@@ -61,12 +63,15 @@ pub fn is_bff_path(path: &str) -> bool {
 pub const LOGIN_PATH: &str = "/bff/login";
 
 /// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
-/// provider), the session records ([`Sessions`] over a [`store::Store`]), the once-set and refresh
-/// lease ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
+/// provider, which also issues the machine tokens cached by [`client::ClientTokens`]), the session
+/// records ([`Sessions`] over a [`store::Store`]), the once-set and refresh lease
+/// ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
 pub struct Auth {
     issuers: Arc<issuer::Issuers>,
     sessions: Arc<Sessions>,
     refresher: refresh::Refresher,
+    /// Machine tokens for `auth = "client"` routes (they need `[oidc]`).
+    client_tokens: Option<client::ClientTokens<oidc::Provider>>,
     csrf_header: HeaderName,
     public_origin: String,
 }
@@ -103,6 +108,10 @@ impl Auth {
                     _ => LOGIN_PATH.to_owned(),
                 },
             ),
+            client_tokens: match (&issuers.oidc, &config.oidc) {
+                (Some(p), Some(o)) => Some(client::ClientTokens::new(p.clone(), &config.routes, o)),
+                _ => None,
+            },
             issuers,
             sessions,
             csrf_header: config.csrf.header.clone(),
@@ -181,7 +190,7 @@ impl Auth {
         }
     }
 
-    /// Forwards a request to a route whose `auth` is `required`, `optional` or `bearer`.
+    /// Forwards a request to a route whose `auth` is `required`, `optional`, `bearer` or `client`.
     pub async fn forward(
         &self,
         upstream: &Upstream,
@@ -193,6 +202,16 @@ impl Auth {
             return self.forward_bearer(upstream, route, req, fwd).await;
         }
         let upgrade = headers::is_upgrade_request(req.headers());
+        if route.auth == AuthMode::Client {
+            // No user: no session is looked up; coatcheck's own token replaces the client's.
+            self.csrf()
+                .check(req.headers(), req.method(), route.csrf, upgrade)?;
+            let tokens = self.client_tokens.as_ref().ok_or_else(|| {
+                Error::Internal("auth = \"client\" needs [oidc]".into())
+            })?;
+            fwd.authorization = Some(tokens.bearer(route).await?);
+            return proxy::forward(upstream, route, req, fwd, &proxy::Plain).await;
+        }
         let lookup = match self
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)

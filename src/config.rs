@@ -312,6 +312,8 @@ pub enum AuthMode {
     Optional,
     None,
     Bearer,
+    /// No user: coatcheck's own client-credentials token from `[oidc]` (RFC 6749 §4.4).
+    Client,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,8 +340,12 @@ pub struct Route {
     pub ca: Option<PathBuf>,
     pub login_redirect: bool,
     pub csrf: CsrfMode,
-    /// `auth = "bearer"`: the `aud` the client's token must carry, if set.
+    /// `auth = "bearer"`: the `aud` the client's token must carry, if set. `auth = "client"`: the
+    /// audience (resource indicator) the client-credentials token is requested for, if set.
     pub audience: Option<String>,
+    /// `auth = "client"`: scopes of the client-credentials grant, sorted and without duplicates;
+    /// empty (default): no `scope` parameter, the provider's default for the client.
+    pub scopes: Vec<String>,
     /// Whether `%2F`/`%5C` (and a raw `\\`) may appear in a path routed here.
     pub allow_encoded_slashes: bool,
 }
@@ -649,12 +655,21 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
     let oidc = raw.oidc.map(|o| validate_oidc(o, base, p));
     let routes = validate_routes(raw.routes, base, p);
     let capture = raw.capture.map(|c| validate_capture(c, &routes, p));
-    let needs =
-        routes.iter().any(|r| r.auth != AuthMode::None) || oidc.is_some() || capture.is_some();
+    // Machine-token routes need no session; [oidc] and [capture] do (their logins).
+    let needs = routes
+        .iter()
+        .any(|r| !matches!(r.auth, AuthMode::None | AuthMode::Client))
+        || oidc.is_some()
+        || capture.is_some();
     let session = validate_session(raw.session, base, needs, p);
     for r in &routes {
         let user_session = matches!(r.auth, AuthMode::Required | AuthMode::Optional);
-        if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some()) {
+        if r.auth == AuthMode::Client && oidc.is_none() {
+            p.push(
+                format!("route[{}].auth", r.index),
+                "\"client\" needs an [oidc] section: its token endpoint, client_id and client_secret obtain the client-credentials token",
+            );
+        } else if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some()) {
             p.push(
                 format!("route[{}].auth", r.index),
                 if user_session {
@@ -1331,6 +1346,41 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
     }
 }
 
+/// `route[N].scopes`: only with `auth = "client"`; each a scope token (RFC 6749 §3.3), sorted and
+/// deduplicated so that routes asking for the same set share one token.
+fn client_scopes(
+    raw: Option<Vec<String>>,
+    auth: AuthMode,
+    k: &dyn Fn(&str) -> String,
+    p: &mut Problems,
+) -> Vec<String> {
+    let Some(raw) = raw else {
+        return Vec::new();
+    };
+    if auth != AuthMode::Client {
+        p.push(k("scopes"), "only applies to auth = \"client\"");
+        return Vec::new();
+    }
+    let mut scopes = Vec::with_capacity(raw.len());
+    for (j, s) in raw.into_iter().enumerate() {
+        // scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if ok {
+            scopes.push(s);
+        } else {
+            p.push(
+                format!("{}[{j}]", k("scopes")),
+                format!("{s:?} is not a scope (printable ASCII, no spaces, quotes or backslashes)"),
+            );
+        }
+    }
+    scopes.sort();
+    scopes.dedup();
+    scopes
+}
+
 fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) -> Vec<Route> {
     let mut out: Vec<Route> = Vec::new();
     for (i, r) in routes.into_iter().enumerate() {
@@ -1382,10 +1432,11 @@ fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) 
             Some("optional") => AuthMode::Optional,
             Some("none") => AuthMode::None,
             Some("bearer") => AuthMode::Bearer,
+            Some("client") => AuthMode::Client,
             Some(o) => {
                 p.push(
                     k("auth"),
-                    format!("{o:?} must be \"required\", \"optional\", \"none\" or \"bearer\""),
+                    format!("{o:?} must be \"required\", \"optional\", \"none\", \"bearer\" or \"client\""),
                 );
                 AuthMode::None
             }
@@ -1426,11 +1477,25 @@ fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) 
             );
         }
         let roles = r.roles.unwrap_or_default();
-        if !roles.is_empty() && auth == AuthMode::None {
+        if !roles.is_empty() && matches!(auth, AuthMode::None | AuthMode::Client) {
             p.push(
                 k("roles"),
-                "needs auth = \"required\", \"optional\" or \"bearer\"",
+                "needs auth = \"required\", \"optional\" or \"bearer\" (there is no user to hold roles otherwise)",
             );
+        }
+        let scopes = client_scopes(r.scopes, auth, &k, p);
+        if let Some(a) = &r.audience {
+            if !matches!(auth, AuthMode::Bearer | AuthMode::Client) {
+                p.push(
+                    k("audience"),
+                    "only applies to auth = \"bearer\" or \"client\"",
+                );
+            } else if a.is_empty() || a.chars().any(char::is_whitespace) {
+                p.push(
+                    k("audience"),
+                    format!("{a:?} must be one audience (a URI or name, no spaces)"),
+                );
+            }
         }
         let ca = r.ca.map(|c| {
             if upstream.scheme() != "https" {
@@ -1465,6 +1530,7 @@ fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) 
             login_redirect,
             csrf,
             audience: r.audience,
+            scopes,
             allow_encoded_slashes: r.allow_encoded_slashes.unwrap_or(false),
         });
     }
@@ -1816,5 +1882,50 @@ mod tests {
             "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\nallowed_algs = [\"HS256\"]\n[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n",
         ));
         assert!(p.iter().any(|p| p.key == "oidc.allowed_algs[0]"), "{p:?}");
+    }
+
+    const OIDC: &str = "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n";
+
+    #[test]
+    fn client_routes_need_oidc_but_no_session_keys() {
+        let p = problems(&base(
+            "[[route]]\npath = \"/m/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\n",
+        ));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["route[0].auth"], "{p:?}");
+        assert!(p[0].reason.contains("[oidc]"), "{p:?}");
+    }
+
+    #[test]
+    fn client_scopes_are_sorted_and_deduplicated() {
+        let c = Config::from_toml(
+            &base(&format!(
+                "{OIDC}[[route]]\npath = \"/m/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nscopes = [\"write\", \"read\", \"write\"]\naudience = \"urn:x\"\n"
+            )),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].auth, AuthMode::Client);
+        assert_eq!(c.routes[0].scopes, ["read", "write"]);
+        assert_eq!(c.routes[0].audience.as_deref(), Some("urn:x"));
+    }
+
+    #[test]
+    fn scopes_roles_and_audience_are_refused_where_they_mean_nothing() {
+        let p = problems(&base(&format!(
+            "{OIDC}[[route]]\npath = \"/a/\"\nupstream = \"http://127.0.0.1:1\"\nscopes = [\"x\"]\naudience = \"urn:x\"\n\
+             [[route]]\npath = \"/m/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nroles = [\"admin\"]\nscopes = [\"a b\"]\n"
+        )));
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "route[0].scopes",
+                "route[0].audience",
+                "route[1].roles",
+                "route[1].scopes[0]"
+            ],
+            "{p:?}"
+        );
     }
 }

@@ -262,9 +262,12 @@ pub fn rewrite(
     if let Some(base) = fwd.own_cookie {
         headers::remove_cookies(h, |name| headers::is_own_cookie(base, name));
     }
-    // On a session route the browser never chooses the upstream credential: whatever it sent is
-    // replaced (or removed). Public routes pass the client's own header like any proxy.
-    if matches!(route.auth, AuthMode::Required | AuthMode::Optional) {
+    // On a session or machine-token route the browser never chooses the upstream credential:
+    // whatever it sent is replaced (or removed). Public routes pass the client's own header.
+    if matches!(
+        route.auth,
+        AuthMode::Required | AuthMode::Optional | AuthMode::Client
+    ) {
         h.remove(header::AUTHORIZATION);
     }
     if let Some(auth) = &fwd.authorization {

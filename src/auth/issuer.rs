@@ -5,6 +5,9 @@
 //! directly, so that other ways of obtaining tokens (an existing API's own JSON login, client
 //! credentials) are implementations beside [`oidc::Provider`](super::oidc::Provider). Each
 //! session remembers which issuer made it ([`IssuerKind`], inside the sealed record).
+//!
+//! Tokens that belong to no user and no session (client credentials, `auth = "client"` routes)
+//! come from a [`ClientGrant`]; [`client::ClientTokens`](super::client::ClientTokens) caches them.
 
 use std::future::Future;
 
@@ -12,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::id_token::{self, Expected};
-use super::oidc::{OidcError, Provider};
+use super::oidc::{OidcError, Provider, TokenResponse};
 use super::refresh::login_claims;
 use crate::error::BoxError;
 use crate::secret::Secret;
@@ -133,6 +136,27 @@ pub trait Issuer: Send + Sync {
     fn logout_url(&self, data: &SessionData, state: &str) -> String;
     /// `Ok` when the issuer can serve logins and refreshes.
     fn ready(&self) -> Result<(), String>;
+}
+
+/// An issuer of tokens for coatcheck itself: no user, no session, no refresh token.
+pub trait ClientGrant: Send + Sync {
+    /// Runs the client-credentials grant (RFC 6749 §4.4) for `scopes` (none: the issuer's default)
+    /// and, if given, one audience (resource indicator, RFC 8707).
+    fn client_credentials(
+        &self,
+        scopes: &[String],
+        audience: Option<&str>,
+    ) -> impl Future<Output = Result<TokenResponse, IssuerError>> + Send;
+}
+
+impl ClientGrant for Provider {
+    async fn client_credentials(
+        &self,
+        scopes: &[String],
+        audience: Option<&str>,
+    ) -> Result<TokenResponse, IssuerError> {
+        Ok(Provider::client_credentials(self, scopes, audience).await?)
+    }
 }
 
 impl From<OidcError> for IssuerError {

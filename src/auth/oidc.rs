@@ -401,6 +401,28 @@ impl Provider {
         self.token_request(&meta.token_endpoint, form).await
     }
 
+    /// Obtains a token for coatcheck itself (RFC 6749 §4.4), authenticated like the code exchange.
+    /// `audience` goes out both as the RFC 8707 `resource` indicator and as the `audience`
+    /// parameter some providers use instead; providers ignore the one they do not know.
+    pub async fn client_credentials(
+        &self,
+        scopes: &[String],
+        audience: Option<&str>,
+    ) -> Result<TokenResponse, OidcError> {
+        let meta = self
+            .metadata()
+            .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
+        let mut form = vec![("grant_type", "client_credentials".to_owned())];
+        if !scopes.is_empty() {
+            form.push(("scope", scopes.join(" ")));
+        }
+        if let Some(a) = audience {
+            form.push(("resource", a.to_owned()));
+            form.push(("audience", a.to_owned()));
+        }
+        self.token_request(&meta.token_endpoint, form).await
+    }
+
     /// Revokes a refresh token (RFC 7009), if the provider has a revocation endpoint.
     pub async fn revoke(&self, refresh_token: &Secret) -> Result<(), OidcError> {
         let meta = self

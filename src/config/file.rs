@@ -165,5 +165,7 @@ pub struct RouteFile {
     pub login_redirect: Option<bool>,
     pub csrf: Option<String>,
     pub audience: Option<String>,
+    /// `auth = "client"`: scopes of the client-credentials grant.
+    pub scopes: Option<Vec<String>>,
     pub allow_encoded_slashes: Option<bool>,
 }

@@ -21,7 +21,8 @@ pub use crate::support::free_port;
 /// Knobs for [`Env::start`].
 pub struct EnvOptions {
     pub access_token_ttl: u64,
-    /// Extra `[[route]]`s (the default has `/api/` required and `/` none).
+    /// Extra `[[route]]`s (the default has `/api/` required and `/` none); `{api}` in them is
+    /// replaced by the test upstream's URL.
     pub routes: String,
     /// Extra keys for `[session]`.
     pub session: String,
@@ -71,7 +72,7 @@ pub fn config_text(opts: &EnvOptions, idp_port: u16, api: &str) -> String {
         session = opts.session,
         store = opts.store,
         oidc = opts.oidc,
-        routes = opts.routes,
+        routes = opts.routes.replace("{api}", api),
         api = api,
     )
 }

@@ -331,7 +331,7 @@ impl Idp {
         serde_json::from_str(&body).unwrap_or(Value::Null)
     }
 
-    /// `{"token_requests": {"authorization_code": n, "refresh_token": n}, "refresh_token_failures": n,
+    /// `{"token_requests": {"authorization_code": n, "refresh_token": n, "client_credentials": n}, "refresh_token_failures": n,
     /// "revocations": n, "backchannel_logouts_sent": n, "grants_revoked": n, ...}`
     pub async fn stats(&self) -> Value {
         let resp = self

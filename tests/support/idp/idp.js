@@ -43,6 +43,8 @@ const cfg = {
   sessionTTL: num(rawConfig.session_ttl, 86400),
   grantTTL: num(rawConfig.grant_ttl, 30 * 86400),
   audience: typeof rawConfig.audience === 'string' ? rawConfig.audience : 'urn:coatcheck:api',
+  // More resource indicators the provider accepts (same scopes, JWT access tokens with that `aud`).
+  extraAudiences: Array.isArray(rawConfig.extra_audiences) ? rawConfig.extra_audiences : [],
   apiScopes: typeof rawConfig.api_scopes === 'string' ? rawConfig.api_scopes : 'api',
   accessTokenAlg: typeof rawConfig.access_token_alg === 'string' ? rawConfig.access_token_alg : 'RS256',
   // true: tokens are bound to the IdP browser session; ending it (RP-initiated logout, session_ttl)
@@ -67,7 +69,7 @@ const defaultClient = {
 
 const clients = (Array.isArray(rawConfig.clients) ? rawConfig.clients : [defaultClient]).map((c) => {
   const client = {
-    grant_types: ['authorization_code', 'refresh_token'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',
     ...c,
@@ -102,9 +104,10 @@ const users = new Map(
 
 function freshStats() {
   return {
-    token_requests: { authorization_code: 0, refresh_token: 0 },
+    token_requests: { authorization_code: 0, refresh_token: 0, client_credentials: 0 },
     refresh_token_failures: 0,
     authorization_code_failures: 0,
+    client_credentials_failures: 0,
     revocations: 0,
     introspections: 0,
     backchannel_logouts_sent: 0,
@@ -372,7 +375,7 @@ function buildProvider(issuer) {
     clockTolerance: 5,
     responseTypes: ['code'],
     clientDefaults: {
-      grant_types: ['authorization_code', 'refresh_token'],
+      grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
       id_token_signed_response_alg: 'RS256',
@@ -386,6 +389,7 @@ function buildProvider(issuer) {
       revocation: { enabled: true, allowedPolicy: async (ctx, client, token) => token.clientId === client.clientId },
       userinfo: { enabled: true },
       backchannelLogout: { enabled: true },
+      clientCredentials: { enabled: true },
       rpInitiatedLogout: {
         enabled: true,
         async logoutSource(ctx, form) {
@@ -408,12 +412,12 @@ function buildProvider(issuer) {
         defaultResource: async () => cfg.audience,
         useGrantedResource: async () => true,
         getResourceServerInfo: async (ctx, resourceIndicator) => {
-          if (resourceIndicator !== cfg.audience) {
+          if (resourceIndicator !== cfg.audience && !cfg.extraAudiences.includes(resourceIndicator)) {
             throw new errors.InvalidTarget();
           }
           return {
             scope: cfg.apiScopes,
-            audience: cfg.audience,
+            audience: resourceIndicator,
             accessTokenTTL: cfg.accessTokenTTL,
             accessTokenFormat: 'jwt',
             jwt: { sign: { alg: cfg.accessTokenAlg } },
@@ -471,6 +475,7 @@ function buildProvider(issuer) {
         if (ctx.status !== 200) {
           if (gt === 'refresh_token') stats.refresh_token_failures += 1;
           if (gt === 'authorization_code') stats.authorization_code_failures += 1;
+          if (gt === 'client_credentials') stats.client_credentials_failures += 1;
         }
         break;
       }
