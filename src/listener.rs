@@ -77,7 +77,9 @@ pub async fn serve_tls(
             },
             _ = shutdown.cancelled() => break,
         };
-        let Some(ip_guard) = per_ip.enter(remote.ip()) else {
+        // A trusted proxy speaks for many clients: it is not held to one client's cap.
+        let cap = !router.is_trusted_proxy(remote.ip());
+        let Some(ip_guard) = per_ip.enter(remote.ip(), cap) else {
             tracing::debug!(%remote, "too many connections from this address; closed");
             continue;
         };
@@ -177,12 +179,12 @@ impl PerIp {
         }
     }
 
-    /// Counts a new connection from `ip`, or `None` when the address is at its cap.
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+    /// Counts a new connection from `ip`, or `None` when the address is at its cap (and `capped`).
+    fn enter(self: &Arc<Self>, ip: IpAddr, capped: bool) -> Option<IpGuard> {
         let ip = ip.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if *n >= self.cap {
+        if capped && *n >= self.cap {
             return None;
         }
         *n += 1;

@@ -313,6 +313,22 @@ async fn one_address_cannot_hold_more_than_its_connection_cap() {
     }
     assert!(ok, "the address never got a connection back");
     proxy.stop().await;
+
+    // A trusted proxy speaks for many clients and is not held to the cap.
+    let proxy = start_proxy_with(
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        &format!(
+            "[server.limits]\nmax_connections_per_ip = 2\n\n{}",
+            route("/api/", &up.url(), "")
+        ),
+    )
+    .await;
+    let held: Vec<_> =
+        futures_util::future::join_all((0..4).map(|_| tls_connect(proxy.addr, &[b"http/1.1"])))
+            .await;
+    assert_eq!(raw_get(proxy.addr, "/api/echo", "").await.status, 200);
+    drop(held);
+    proxy.stop().await;
 }
 
 #[tokio::test]
