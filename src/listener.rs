@@ -34,6 +34,8 @@ use crate::router::Router;
 
 /// Concurrent HTTP/2 streams per client connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Longest method token the head watch waits on; longer is not a request line.
+const MAX_METHOD: usize = 32;
 /// Bytes read from the socket at a time while a request head is being watched.
 const HEAD_READ: usize = 8 * 1024;
 /// What hyper is given in place of an oversized head: a minimal request the service answers with
@@ -75,7 +77,9 @@ pub async fn serve_tls(
             },
             _ = shutdown.cancelled() => break,
         };
-        let Some(ip_guard) = per_ip.enter(remote.ip()) else {
+        // A trusted proxy speaks for many clients: it is not held to one client's cap.
+        let cap = !router.is_trusted_proxy(remote.ip());
+        let Some(ip_guard) = per_ip.enter(remote.ip(), cap) else {
             tracing::debug!(%remote, "too many connections from this address; closed");
             continue;
         };
@@ -175,12 +179,12 @@ impl PerIp {
         }
     }
 
-    /// Counts a new connection from `ip`, or `None` when the address is at its cap.
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+    /// Counts a new connection from `ip`, or `None` when the address is at its cap (and `capped`).
+    fn enter(self: &Arc<Self>, ip: IpAddr, capped: bool) -> Option<IpGuard> {
         let ip = ip.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if *n >= self.cap {
+        if capped && *n >= self.cap {
             return None;
         }
         *n += 1;
@@ -564,6 +568,26 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
 }
 
 impl HeadWatch {
+    /// Whether `held` may be the start of a request: optional empty lines, then a method token
+    /// (RFC 9110 §5.6.2 `tchar`s, at most [`MAX_METHOD`] of them) and, once it ends, a space.
+    fn may_be_head(&self) -> bool {
+        let start = self
+            .held
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(self.held.len());
+        for (i, &b) in self.held[start..].iter().enumerate() {
+            if b == b' ' {
+                return i > 0;
+            }
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if !tchar || i >= MAX_METHOD {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Whether every byte held back has been handed to hyper.
     fn drained(&self) -> bool {
         self.out_pos >= self.out.len()
@@ -636,6 +660,12 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                         head.out_pos = 0;
                         head.released += 1;
                         head.watching = false;
+                    } else if !head.may_be_head() {
+                        // Not a request line (the rest of a body the service never read, which
+                        // hyper drains): hand it over as it is; hyper judges it if it is garbage.
+                        head.deadline = None;
+                        head.out = std::mem::take(&mut head.held);
+                        head.out_pos = 0;
                     } else if head.held.len() > head.limit {
                         tracing::debug!(
                             bytes = head.held.len(),
@@ -721,4 +751,51 @@ pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(held: &[u8]) -> HeadWatch {
+        let mut w = HeadWatch::new(1024, Duration::from_secs(1));
+        w.held = held.to_vec();
+        w
+    }
+
+    #[test]
+    fn a_head_is_complete_at_its_empty_line_after_leading_empty_lines() {
+        assert!(watch(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").complete());
+        assert!(watch(b"GET / HTTP/1.1\nHost: x\n\n").complete());
+        assert!(!watch(b"GET / HTTP/1.1\r\nHost: x\r\n").complete());
+        // Leading empty lines (RFC 9112 §2.2) do not end a head that has not started.
+        assert!(!watch(b"\r\n\r\nGET / HTTP/1.1\r\n").complete());
+    }
+
+    #[test]
+    fn only_a_method_token_and_a_space_may_start_a_head() {
+        for ok in [
+            &b"GET"[..],
+            b"GET /",
+            b"\r\nPOST / HTTP/1.1",
+            b"M-SEARCH *",
+            b"",
+        ] {
+            assert!(watch(ok).may_be_head(), "{:?}", String::from_utf8_lossy(ok));
+        }
+        let long = vec![b'A'; MAX_METHOD + 1];
+        for not in [
+            &b"{\"late\":true}"[..],
+            b" GET /",
+            b"a=1&b=2",
+            b"\x16\x03\x01",
+            &long,
+        ] {
+            assert!(
+                !watch(not).may_be_head(),
+                "{:?}",
+                String::from_utf8_lossy(not)
+            );
+        }
+    }
 }

@@ -51,7 +51,7 @@ pub struct Router {
 /// Methods refused on every route (405): `TRACE`/`TRACK` echo the request (cookies included) back
 /// to a script, and `CONNECT` would open a tunnel to anywhere.
 const REFUSED_METHODS: [&str; 3] = ["TRACE", "TRACK", "CONNECT"];
-/// `Allow` for a refused method on a route without a `methods` allowlist.
+/// `Allow` for a refused method (a route's `methods` allowlist may narrow it further).
 const DEFAULT_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 
@@ -82,6 +82,11 @@ impl Router {
                 config.server.limits.login_requests_per_minute,
             ),
         })
+    }
+
+    /// Whether `peer` is one of `server.trusted_proxies` (it speaks for many clients).
+    pub(crate) fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(peer))
     }
 
     /// Whether every configured piece is ready (identity provider metadata, session store).
@@ -269,7 +274,7 @@ impl Router {
         let fwd = proxy::Forward {
             path: forward_path,
             client: peer,
-            peer_trusted: self.trusted_proxies.iter().any(|c| c.contains(peer)),
+            peer_trusted: self.is_trusted_proxy(peer),
             prefix: route.strip_prefix.then_some(entry.prefix.as_str()),
             body_idle: self.body_idle,
             request_id,

@@ -313,6 +313,22 @@ async fn one_address_cannot_hold_more_than_its_connection_cap() {
     }
     assert!(ok, "the address never got a connection back");
     proxy.stop().await;
+
+    // A trusted proxy speaks for many clients and is not held to the cap.
+    let proxy = start_proxy_with(
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        &format!(
+            "[server.limits]\nmax_connections_per_ip = 2\n\n{}",
+            route("/api/", &up.url(), "")
+        ),
+    )
+    .await;
+    let held: Vec<_> =
+        futures_util::future::join_all((0..4).map(|_| tls_connect(proxy.addr, &[b"http/1.1"])))
+            .await;
+    assert_eq!(raw_get(proxy.addr, "/api/echo", "").await.status, 200);
+    drop(held);
+    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -473,5 +489,54 @@ async fn a_stripped_prefix_is_named_in_x_forwarded_prefix() {
     let seen = up.last().unwrap();
     assert_eq!(seen.path(), "/echo");
     assert_eq!(seen.header("x-forwarded-prefix"), Some("/api"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_request_whose_body_comes_later_leaves_the_connection_usable() {
+    // The head watch must not swallow a request body the router never read (a 404 here) when
+    // that body arrives after the head, as browsers send it.
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&route("/api/", &up.url(), "")).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    let host = format!("localhost:{}", proxy.addr.port());
+    conn.send(
+        format!("POST /nowhere HTTP/1.1\r\nHost: {host}\r\nContent-Length: 13\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let res = conn.read_response().await;
+    assert_eq!(res.status, 404);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.send(b"{\"late\":true}").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The same connection serves the next request, or has been closed cleanly; it never hangs.
+    let _ = tokio::time::timeout(
+        WAIT,
+        conn.stream
+            .write_all(format!("GET /api/echo HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()),
+    )
+    .await;
+    let mut got = conn.buffered().to_vec();
+    let mut buf = [0u8; 4096];
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match conn.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return "closed",
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&got).contains("\"uri\":\"/api/echo\"") {
+                        return "served";
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        outcome.is_ok(),
+        "the connection hung: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    eprintln!("OUTCOME {outcome:?}");
     proxy.stop().await;
 }
