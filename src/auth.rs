@@ -206,9 +206,10 @@ impl Auth {
             // No user: no session is looked up; coatcheck's own token replaces the client's.
             self.csrf()
                 .check(req.headers(), req.method(), route.csrf, upgrade)?;
-            let tokens = self.client_tokens.as_ref().ok_or_else(|| {
-                Error::Internal("auth = \"client\" needs [oidc]".into())
-            })?;
+            let tokens = self
+                .client_tokens
+                .as_ref()
+                .ok_or_else(|| Error::Internal("auth = \"client\" needs [oidc]".into()))?;
             fwd.authorization = Some(tokens.bearer(route).await?);
             return proxy::forward(upstream, route, req, fwd, &proxy::Plain).await;
         }

@@ -669,7 +669,8 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
                 format!("route[{}].auth", r.index),
                 "\"client\" needs an [oidc] section: its token endpoint, client_id and client_secret obtain the client-credentials token",
             );
-        } else if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some()) {
+        } else if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some())
+        {
             p.push(
                 format!("route[{}].auth", r.index),
                 if user_session {

@@ -306,44 +306,6 @@ async fn logging_in_again_ends_the_previous_session() {
 // In a real browser
 // ---------------------------------------------------------------------------------------------
 
-/// The SPA of a team that used to keep the API's tokens in `localStorage`: its login form posts
-/// with `fetch` and — old habit — stores whatever `access_token` the answer holds.
-const SPA: &str = r#"<!doctype html><meta charset="utf-8"><title>legacy SPA</title>
-<input id="username"><input id="password" type="password"><button id="login">Log in</button>
-<pre id="done"></pre>
-<script>
-document.querySelector('#login').onclick = async () => {
-  const h = { 'Content-Type': 'application/json', 'X-CSRF': '1' };
-  const r = await fetch('/auth/login', { method: 'POST', headers: h, body: JSON.stringify({
-    username: document.querySelector('#username').value,
-    password: document.querySelector('#password').value }) });
-  window.loginStatus = r.status;
-  window.loginAnswer = await r.json();
-  if (window.loginAnswer.access_token) localStorage.setItem('access_token', window.loginAnswer.access_token);
-  const a = await fetch('/api/me', { headers: { 'X-CSRF': '1' } });
-  window.apiStatus = a.status;
-  window.apiAnswer = await a.json();
-  document.querySelector('#done').textContent = 'yes';
-};
-</script>"#;
-
-/// Serves [`SPA`] for every request (plain HTTP/1.1, one request per connection).
-async fn serve_spa(listener: tokio::net::TcpListener) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    while let Ok((mut conn, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let _ = conn.read(&mut buf).await;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                SPA.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(SPA.as_bytes()).await;
-        });
-    }
-}
-
 #[tokio::test]
 async fn in_a_real_browser_the_page_never_holds_a_token() {
     let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -357,10 +319,8 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}"));
+    // The API serves the team's SPA at `/` too (see support::legacy_api::SPA).
     let api = LegacyApi::start().await;
-    let spa = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let spa_url = format!("http://{}", spa.local_addr().unwrap());
-    let spa_task = tokio::spawn(serve_spa(spa));
     // The browser's origin must be public_origin: a port known in advance.
     let port = bff::free_port();
     let certs = support::certs();
@@ -371,7 +331,7 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
          [capture]\nlogin_path = \"/auth/login\"\nrefresh_path = \"/auth/refresh\"\n\
          [[route]]\npath = \"/api/\"\nupstream = \"{api}\"\nauth = \"required\"\n\
          [[route]]\npath = \"/auth/\"\nupstream = \"{api}\"\nauth = \"none\"\n\
-         [[route]]\npath = \"/\"\nupstream = \"{spa_url}\"\nauth = \"none\"\n",
+         [[route]]\npath = \"/\"\nupstream = \"{api}\"\nauth = \"none\"\n",
         cert = certs.cert.display().to_string(),
         key = certs.key.display().to_string(),
         api = api.url(),
@@ -443,7 +403,6 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
     assert_eq!(cookie["secure"], true);
     assert_eq!(cookie["sameSite"], "Strict");
     running.shutdown();
-    spa_task.abort();
 }
 
 fn last_bearer_of(api: &LegacyApi) -> String {

@@ -11,6 +11,7 @@
 //! | `POST /auth/refresh` `{"refresh_token"}` | `200` with a **new pair** (same shape as the login, `user` included). Rotation: the presented token is spent. Presenting a spent token again is **reuse**: `401 {"error": "invalid_grant"}` and the whole family (every token descended from that login) is revoked, so the newest token dies too. Unknown or revoked token → `401 invalid_grant` |
 //! | `POST /auth/logout` `{"refresh_token"}` | `204`; the token's family is revoked (unknown token: `204` all the same, RFC 7009 §2.2 style) |
 //! | `GET` (any method) `/api/*` | needs `Authorization: Bearer <access token>`: signature (HS256 with the server's key) and `exp` (no leeway) are checked. Missing → `401` with `WWW-Authenticate: Bearer`; invalid or expired → `401` with `WWW-Authenticate: Bearer error="invalid_token"`. Valid → `200 {"claims": {...}, "method", "path"}` |
+//! | `GET /` | the team's single-page app: a login form that posts with `fetch` (with the `X-CSRF` header coatcheck asks for) and — old habit — stores whatever `access_token` the answer holds in `localStorage`, then calls `/api/me` |
 //! | anything else | `404 {"error": "not_found"}` |
 //!
 //! Access tokens are HS256 JWTs with `sub` (the user id), `name`, `roles`, `iat` and `exp`
@@ -344,6 +345,32 @@ fn verify(key: &[u8], token: &str) -> Result<Claims, String> {
 
 type Answer = Response<Full<Bytes>>;
 
+/// The single-page app served at `/`. After the login it shows what a script on the page can see:
+/// the login answer, `document.cookie` and `localStorage` (the browser test reads `window.*`).
+pub const SPA: &str = r#"<!doctype html><meta charset="utf-8"><title>legacy SPA</title>
+<h1>Legacy SPA</h1>
+<p><input id="username" placeholder="alice"> <input id="password" type="password" placeholder="alice-pw">
+<button id="login">Log in</button></p>
+<pre id="out"></pre><pre id="done"></pre>
+<script>
+document.querySelector('#login').onclick = async () => {
+  const h = { 'Content-Type': 'application/json', 'X-CSRF': '1' };
+  const r = await fetch('/auth/login', { method: 'POST', headers: h, body: JSON.stringify({
+    username: document.querySelector('#username').value,
+    password: document.querySelector('#password').value }) });
+  window.loginStatus = r.status;
+  window.loginAnswer = await r.json();
+  if (window.loginAnswer.access_token) localStorage.setItem('access_token', window.loginAnswer.access_token);
+  const a = await fetch('/api/me', { headers: { 'X-CSRF': '1' } });
+  window.apiStatus = a.status;
+  window.apiAnswer = await a.json();
+  document.querySelector('#out').textContent = JSON.stringify({
+    login: window.loginAnswer, api: window.apiAnswer,
+    document_cookie: document.cookie, local_storage: { ...localStorage } }, null, 2);
+  document.querySelector('#done').textContent = 'yes';
+};
+</script>"#;
+
 fn json_answer(status: StatusCode, body: &Value) -> Answer {
     let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
     *res.status_mut() = status;
@@ -396,6 +423,14 @@ async fn handle(st: &State, req: Request<Incoming>) -> Answer {
         (&Method::POST, "/auth/refresh") => refresh(st, &body),
         (&Method::POST, "/auth/logout") => logout(st, &body),
         (_, p) if p == "/api" || p.starts_with("/api/") => api(st, &parts),
+        (&Method::GET, "/") => {
+            let mut res = Response::new(Full::new(Bytes::from_static(SPA.as_bytes())));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            res
+        }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }
