@@ -101,6 +101,14 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             "  oidc            issuer {} client {}",
             o.issuer, o.client_id
         );
+    }
+    if let Some(c) = &config.capture {
+        println!(
+            "  capture         login {} refresh {} (route {})",
+            c.login_path, c.refresh_path, config.routes[c.route].path
+        );
+    }
+    if config.needs_sessions() {
         println!("  session store   {:?}", config.session.store);
     }
     for r in &config.routes {
