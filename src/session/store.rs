@@ -419,7 +419,9 @@ pub mod conformance {
 
     /// "First use wins", including under a race, and forgetting after the time to live.
     pub async fn once<S: OnceSet>(s: &S) {
-        let ttl = Duration::from_millis(300);
+        // Long enough that a loaded machine cannot let it lapse between two calls; the expiry is
+        // checked on its own key with a short one.
+        let ttl = Duration::from_secs(30);
         assert!(s.first_use("once-a", ttl).await.unwrap());
         assert!(
             !s.first_use("once-a", ttl).await.unwrap(),
@@ -434,9 +436,14 @@ pub mod conformance {
             s.first_use("once-b", ttl).await.unwrap(),
             "a forgotten key is new"
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(
-            s.first_use("once-a", ttl).await.unwrap(),
+            s.first_use("once-short", Duration::from_millis(300))
+                .await
+                .unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            s.first_use("once-short", ttl).await.unwrap(),
             "a key is forgotten after its time to live"
         );
         // Sixteen racing callers: exactly one wins.
@@ -454,7 +461,8 @@ pub mod conformance {
     /// announced.
     pub async fn lease<S: Lease + Events>(s: &S) {
         let mut events = s.subscribe();
-        let ttl = Duration::from_millis(400);
+        // Long enough that a loaded machine cannot let it lapse between two calls.
+        let ttl = Duration::from_secs(30);
         let t1 = s
             .acquire("lease-a", ttl)
             .await
@@ -480,9 +488,13 @@ pub mod conformance {
         assert!(released.is_ok(), "the release is announced");
         let t2 = s.acquire("lease-a", ttl).await.unwrap().expect("released");
         assert_ne!(t1, t2, "every holder gets its own token");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.acquire("lease-short", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .expect("free lease");
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(
-            s.acquire("lease-a", ttl).await.unwrap().is_some(),
+            s.acquire("lease-short", ttl).await.unwrap().is_some(),
             "an abandoned lease expires"
         );
         let wins = futures_util::future::join_all(
