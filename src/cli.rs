@@ -20,6 +20,9 @@ pub struct Cli {
     /// Log format (overrides `[log] format`).
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<CliLogFormat>,
+    /// Configuration file for `run` when no command is given (`coatcheck --config FILE`).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -59,7 +62,7 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run {
-        config: PathBuf::from("config.toml"),
+        config: cli.config.unwrap_or_else(|| PathBuf::from("config.toml")),
     }) {
         Command::Run { config } => run(&config, cli.log_format),
         Command::CheckConfig { config } => check_config(&config),

@@ -262,6 +262,20 @@ fn run_with_a_bad_config_exits_64_before_listening() {
     assert!(text(&out.stderr).contains("server.limits.header_read_timeout"));
 }
 
+#[test]
+fn the_config_option_works_without_the_word_run() {
+    let dir = workdir_with_certs();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad_duration.toml");
+    let out = coatcheck(&["--config", &fixture.display().to_string()], dir.path(), &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CONFIG),
+        "run is the default command and reads the named file: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("server.limits.header_read_timeout"));
+}
+
 fn random_key() -> String {
     use base64::Engine as _;
     let mut key = [0u8; 32];
