@@ -306,22 +306,25 @@ async fn logging_in_again_ends_the_previous_session() {
 // In a real browser
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn in_a_real_browser_the_page_never_holds_a_token() {
+/// coatcheck on a port known in advance (the browser's origin must be `public_origin`) in front
+/// of the legacy API, which serves the team's SPA at `/` too (see `support::legacy_api::SPA`).
+struct BrowserEnv {
+    api: LegacyApi,
+    running: coatcheck::app::Running,
+    port: u16,
+}
+
+async fn browser_env() -> BrowserEnv {
     let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         std::path::Path::new(&chromium).exists(),
-        "{chromium} not found: install it with `apt-get install -y chromium` (.ci/run does)"
+        "{chromium} not found: install it with `apt-get install -y chromium` (scripts/test does)"
     );
-    let e2e = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
-    let dir = e2e.clone();
-    tokio::task::spawn_blocking(move || support::idp::npm_ci_once(&dir))
+    tokio::task::spawn_blocking(|| support::idp::npm_ci_once(&e2e_dir()))
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}"));
-    // The API serves the team's SPA at `/` too (see support::legacy_api::SPA).
     let api = LegacyApi::start().await;
-    // The browser's origin must be public_origin: a port known in advance.
     let port = bff::free_port();
     let certs = support::certs();
     let text = format!(
@@ -341,10 +344,20 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
     let running = coatcheck::app::start(config)
         .await
         .expect("coatcheck starts");
+    BrowserEnv { api, running, port }
+}
+
+fn e2e_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+/// Runs `tests/e2e/<script>` against the app and returns its one-line JSON report.
+async fn browser_run(env: &BrowserEnv, script: &str) -> Value {
+    let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let run = tokio::process::Command::new("node")
-        .arg("capture.mjs")
-        .current_dir(&e2e)
-        .env("E2E_APP_URL", format!("https://localhost:{port}/"))
+        .arg(script)
+        .current_dir(e2e_dir())
+        .env("E2E_APP_URL", format!("https://localhost:{}/", env.port))
         .env("E2E_CHROMIUM", &chromium)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -354,7 +367,7 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
         .expect("the browser finished in time")
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = stdout
+    stdout
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
@@ -363,7 +376,14 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
                 "no report: {stdout}\n{}",
                 String::from_utf8_lossy(&out.stderr)
             )
-        });
+        })
+}
+
+#[tokio::test]
+async fn in_a_real_browser_the_page_never_holds_a_token() {
+    let env = browser_env().await;
+    let report = browser_run(&env, "capture.mjs").await;
+    let api = &env.api;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["login_status"], 200, "{report}");
     assert_eq!(
@@ -373,7 +393,7 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
     assert_eq!(report["api_status"], 200, "{report}");
     assert_eq!(report["api_answer"]["claims"]["sub"], "alice", "{report}");
     // What a script on the page can reach holds no token.
-    let bearer = last_bearer_of(&api);
+    let bearer = last_bearer_of(api);
     let token = bearer.strip_prefix("Bearer ").unwrap();
     let page_view = format!(
         "{} {} {} {}",
@@ -402,7 +422,18 @@ async fn in_a_real_browser_the_page_never_holds_a_token() {
     assert_eq!(cookie["httpOnly"], true);
     assert_eq!(cookie["secure"], true);
     assert_eq!(cookie["sameSite"], "Strict");
-    running.shutdown();
+    env.running.shutdown();
+}
+
+#[tokio::test]
+async fn in_a_real_browser_a_logout_in_one_tab_reaches_the_other_tabs_event_source() {
+    let env = browser_env().await;
+    let report = browser_run(&env, "events.mjs").await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["data"], "{\"reason\":\"logout\"}", "{report}");
+    let ms = report["latency_ms"].as_f64().unwrap();
+    assert!(ms < 1000.0, "the other tab heard it after {ms} ms");
+    env.running.shutdown();
 }
 
 fn last_bearer_of(api: &LegacyApi) -> String {

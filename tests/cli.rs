@@ -266,7 +266,11 @@ fn run_with_a_bad_config_exits_64_before_listening() {
 fn the_config_option_works_without_the_word_run() {
     let dir = workdir_with_certs();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad_duration.toml");
-    let out = coatcheck(&["--config", &fixture.display().to_string()], dir.path(), &[]);
+    let out = coatcheck(
+        &["--config", &fixture.display().to_string()],
+        dir.path(),
+        &[],
+    );
     assert_eq!(
         out.status.code(),
         Some(EXIT_CONFIG),
