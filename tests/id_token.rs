@@ -694,3 +694,107 @@ async fn discovery_and_the_jwks_are_refreshed_periodically() {
     let token = rp.es256(&rp.claims());
     rp.accepts(token).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Back-channel logout tokens (Back-Channel Logout 1.0 §2.4, §2.6)
+// ---------------------------------------------------------------------------------------------
+
+impl Rp {
+    /// Logs in with an ID token that carries the provider session `sid`.
+    async fn logged_in_with_sid(&mut self, sid: &str) {
+        let token = self.es256(&self.claims_with(json!({ "sid": sid })));
+        self.accepts(token).await;
+    }
+
+    /// A logout token's claims for provider session `sid` (and `sub` when given).
+    fn logout_claims(&self, sub: Option<&str>, sid: Option<&str>, jti: &str) -> Value {
+        let now = now();
+        let mut c = json!({
+            "iss": self.stub.issuer,
+            "aud": CLIENT_ID,
+            "iat": now,
+            "exp": now + 120,
+            "jti": jti,
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+        });
+        if let Some(s) = sub {
+            c["sub"] = json!(s);
+        }
+        if let Some(s) = sid {
+            c["sid"] = json!(s);
+        }
+        c
+    }
+
+    async fn post_logout_token(&self, claims: &Value) -> reqwest::Response {
+        let token = self.stub.keys.sign(
+            &json!({"alg": "ES256", "typ": "logout+jwt", "kid": KID_ES256}),
+            claims,
+        );
+        self.browser
+            .client
+            .post(self.browser.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("logout_token={token}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn session_status(&self) -> u16 {
+        self.browser
+            .api(Method::GET, "/bff/user")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+#[tokio::test]
+async fn a_logout_token_naming_only_a_sid_ends_that_provider_sessions_sessions() {
+    let mut rp = Rp::start(ES256_AND_RS256).await;
+    rp.logged_in_with_sid("sid-1").await;
+    assert_eq!(rp.session_status().await, 200);
+    let other = rp
+        .post_logout_token(&rp.logout_claims(None, Some("sid-2"), "j1"))
+        .await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(
+        rp.session_status().await,
+        200,
+        "another provider session: untouched"
+    );
+    let r = rp
+        .post_logout_token(&rp.logout_claims(None, Some("sid-1"), "j2"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["ended"], 1);
+    assert_eq!(rp.session_status().await, 401);
+}
+
+#[tokio::test]
+async fn a_replayed_logout_token_is_refused() {
+    let mut rp = Rp::start(ES256_AND_RS256).await;
+    rp.logged_in_with_sid("sid-1").await;
+    let claims = rp.logout_claims(Some("bob"), None, "once-only");
+    assert_eq!(rp.post_logout_token(&claims).await.status(), 200);
+    let again = rp.post_logout_token(&claims).await;
+    assert_eq!(again.status(), 400, "the same jti a second time");
+}
+
+#[tokio::test]
+async fn a_logout_token_without_exp_or_with_an_old_iat_is_refused() {
+    let mut rp = Rp::start(ES256_AND_RS256).await;
+    rp.logged_in_with_sid("sid-1").await;
+    let mut no_exp = rp.logout_claims(None, Some("sid-1"), "j-exp");
+    no_exp.as_object_mut().unwrap().remove("exp");
+    assert_eq!(rp.post_logout_token(&no_exp).await.status(), 400);
+    let mut old = rp.logout_claims(None, Some("sid-1"), "j-old");
+    old["iat"] = json!(now() - 3600);
+    old["exp"] = json!(now() + 3600);
+    assert_eq!(rp.post_logout_token(&old).await.status(), 400);
+    assert_eq!(rp.session_status().await, 200, "neither ended the session");
+}
