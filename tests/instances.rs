@@ -389,3 +389,62 @@ async fn a_logout_on_one_instance_is_pushed_to_an_event_stream_on_another() {
     assert!(seen.contains("\"reason\":\"logout\""), "{seen}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn a_store_that_refuses_writes_never_fails_a_read() {
+    // Instance B's Redis user may read and subscribe but not write: its idle-clock writes fail.
+    let redis = Redis::start();
+    redis
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "reader",
+            "on",
+            ">reader-pw",
+            "~*",
+            "&*",
+            "+@read",
+            "+@connection",
+            "+subscribe",
+            "+ping",
+            "+@scripting",
+            "+role",
+            "+client",
+            "+hello",
+            "+info",
+        ])
+        .unwrap();
+    let api = Upstream::start().await;
+    let idp = Idp::start(IdpOptions::default()).await;
+    let config = |url: &str| {
+        let opts = EnvOptions {
+            store: format!("kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"ro:\""),
+            session: "touch_interval = \"1s\"".into(),
+            start_idp: false,
+            ..Default::default()
+        };
+        support::proxy_config("", &bff::config_text(&opts, idp.port, &api.url()))
+    };
+    let writer = ProxyProcess::start(&config(&redis.url())).await;
+    let reader_url = redis.url().replace("redis://", "redis://reader:reader-pw@");
+    let reader = ProxyProcess::start(&config(&reader_url)).await;
+    support::wait_ready(writer.addr).await;
+    support::wait_ready(reader.addr).await;
+    let mut a = Browser::new(writer.addr);
+    assert_eq!(a.login("alice", "alice-pw").await.status(), 200);
+    let mut b = Browser::new(reader.addr);
+    b.cookies = a.cookies.clone();
+    // Past the touch interval: B's first read wants to write the idle clock, and cannot.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for i in 0..3 {
+        assert_eq!(
+            status(&b, &format!("/api/read/{i}")).await,
+            200,
+            "request {i}"
+        );
+    }
+    assert!(
+        reader.logs().contains("could not record session activity"),
+        "the failed write was logged"
+    );
+}
