@@ -15,8 +15,10 @@
 //! - [`listener`]: accepts connections, terminates TLS, serves HTTP/1.1 + HTTP/2, drains on shutdown.
 //! - [`tls`]: rustls server/client configuration and development certificates.
 //! - [`router`]: path normalization, route choice, coatcheck's own endpoints, errors → responses.
-//! - [`auth`]: login (OIDC), sessions, CSRF, per-route policy, token refresh.
-//! - [`session`]: the session ticket (cookie), its cache and its stores.
+//! - [`auth`]: the orchestrator — token issuers (OIDC, session capture, client credentials), CSRF,
+//!   per-route policy, single-flight refresh, the `/bff/*` endpoints (including `/bff/events`).
+//! - [`session`]: the session ticket (cookie), its cache (told by the store's event channel) and
+//!   the store kinds (`memory`, `embedded`, `redis`), each with a once-set, a lease and events.
 //! - [`proxy`]: rewrites a request for its upstream and streams the answer back.
 //! - [`upstream`]: pooled HTTP/1.1 + HTTP/2 clients per upstream.
 //!
