@@ -152,56 +152,103 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let name = valid_state.then(|| login_cookie_name(auth.cookie_name(), &state));
-    let bad = |reason: &str| Ok(failure(StatusCode::BAD_REQUEST, reason, name.as_deref()));
+    let outcome = match verified(auth, &req, &state, name.as_deref()).await? {
+        Ok(tx) => exchanged(auth, &req, tx).await?,
+        Err(refusal) => Err(refusal),
+    };
+    match outcome {
+        Ok(login) => start_session(auth, &req, login, name.as_deref().unwrap_or_default()).await,
+        Err(Refusal::Bad(reason)) => Ok(failure(StatusCode::BAD_REQUEST, &reason, name.as_deref())),
+        Err(Refusal::Unavailable) => Ok(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The identity provider is unavailable. Please try again shortly.",
+            name.as_deref(),
+        )),
+    }
+}
 
-    if let Some(error) = query_param(&req, "error") {
-        let description = query_param(&req, "error_description").unwrap_or_default();
+/// Why a callback is refused: the sign-in page's message (400), or the provider is unavailable.
+enum Refusal {
+    Bad(String),
+    Unavailable,
+}
+
+fn refuse<T>(reason: &str) -> Result<Result<T, Refusal>, Error> {
+    Ok(Err(Refusal::Bad(reason.to_owned())))
+}
+
+/// The provider's answer as it arrived: not an error, this browser's login (cookie, state, age),
+/// used once across every instance, from the provider that was asked (RFC 9207).
+async fn verified(
+    auth: &Auth,
+    req: &Request<Incoming>,
+    state: &str,
+    name: Option<&str>,
+) -> Result<Result<Transaction, Refusal>, Error> {
+    if let Some(error) = query_param(req, "error") {
+        let description = query_param(req, "error_description").unwrap_or_default();
         tracing::info!(error = %error.chars().take(64).collect::<String>(), "the identity provider refused the login");
-        return bad(&format!(
+        return refuse(&format!(
             "The identity provider answered: {} {}",
             error.chars().take(64).collect::<String>(),
             description.chars().take(256).collect::<String>()
         ));
     }
-    let Some(name) = name.as_deref() else {
-        return bad("The sign-in answer has no valid state.");
+    let Some(name) = name else {
+        return refuse("The sign-in answer has no valid state.");
     };
     let Some(cookie) = headers::cookie(req.headers(), name) else {
-        return bad(
+        return refuse(
             "This sign-in was not started in this browser, or it took too long. Please start again.",
         );
     };
     let Some(tx) = open_transaction(auth, name, cookie) else {
-        return bad("The sign-in cookie is not valid.");
+        return refuse("The sign-in cookie is not valid.");
     };
     if session::now().saturating_sub(tx.created_at) > LOGIN_TTL.as_secs() {
-        return bad("The sign-in took too long. Please start again.");
+        return refuse("The sign-in took too long. Please start again.");
     }
     if !secret::constant_time_eq(tx.state.expose().as_bytes(), state.as_bytes()) {
-        return bad("The sign-in answer does not match this browser's sign-in.");
+        return refuse("The sign-in answer does not match this browser's sign-in.");
     }
     // First use wins, on every instance at once: of several deliveries of the same answer racing
     // each other only one reaches the token endpoint.
     let once_key = format!("state:{}", secret::hex(&secret::sha256(state.as_bytes())));
     if !auth.once().first_use(&once_key, LOGIN_TTL).await? {
-        return bad("This sign-in answer was already used.");
+        return refuse("This sign-in answer was already used.");
     }
     let meta = auth.oidc()?.metadata()?;
     // RFC 9207 §2.4: `iss` must be the provider's issuer, byte for byte; a provider that
     // advertises the parameter always sends it, so its absence is a mix-up attempt.
-    match query_param(&req, "iss") {
+    match query_param(req, "iss") {
         Some(iss) if iss.as_bytes() != meta.issuer.as_bytes() => {
-            return bad("The sign-in answer comes from another identity provider.");
+            refuse("The sign-in answer comes from another identity provider.")
         }
         None if meta.authorization_response_iss_parameter_supported => {
-            return bad("The sign-in answer does not name its identity provider.");
+            refuse("The sign-in answer does not name its identity provider.")
         }
-        _ => {}
+        _ => Ok(Ok(tx)),
     }
-    let Some(code) = query_param(&req, "code").filter(|c| !c.is_empty()) else {
-        return bad("The sign-in answer has no code.");
+}
+
+/// A login whose code was exchanged and whose ID token passed every check.
+struct Exchanged {
+    tx: Transaction,
+    tokens: super::oidc::TokenResponse,
+    id_token: Secret,
+    claims: serde_json::Map<String, Value>,
+}
+
+/// Exchanges the code (RFC 7636 verifier) and validates the ID token against the login's nonce.
+async fn exchanged(
+    auth: &Auth,
+    req: &Request<Incoming>,
+    tx: Transaction,
+) -> Result<Result<Exchanged, Refusal>, Error> {
+    let Some(code) = query_param(req, "code").filter(|c| !c.is_empty()) else {
+        return refuse("The sign-in answer has no code.");
     };
-    let tokens = match auth
+    let mut tokens = match auth
         .oidc()?
         .exchange_code(&Secret::new(code), &tx.verifier)
         .await
@@ -209,36 +256,47 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
         Ok(t) => t,
         Err(e @ (OidcError::Unavailable(_) | OidcError::Invalid(_))) => {
             tracing::warn!(error = %e, "code exchange failed");
-            return Ok(failure(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The identity provider is unavailable. Please try again shortly.",
-                Some(name),
-            ));
+            return Ok(Err(Refusal::Unavailable));
         }
         Err(e) => {
             tracing::info!(error = %e, "code exchange refused");
-            return bad("The identity provider refused the sign-in code.");
+            return refuse("The identity provider refused the sign-in code.");
         }
     };
-    let Some(id_token) = tokens.id_token else {
-        return bad("The identity provider sent no ID token.");
+    let Some(id_token) = tokens.id_token.take() else {
+        return refuse("The identity provider sent no ID token.");
     };
-    let claims = match id_token::validate(
-        auth.oidc()?,
-        id_token.expose(),
-        Expected {
-            nonce: Some(tx.nonce.expose()),
-        },
-    )
-    .await
-    {
-        Ok(c) => c,
+    let expected = Expected {
+        nonce: Some(tx.nonce.expose()),
+    };
+    match id_token::validate(auth.oidc()?, id_token.expose(), expected).await {
+        Ok(claims) => Ok(Ok(Exchanged {
+            tx,
+            tokens,
+            id_token,
+            claims,
+        })),
         Err(Ok(e)) => {
             tracing::warn!(error = %e, "ID token refused at login");
-            return bad("The identity provider's ID token is not valid.");
+            refuse("The identity provider's ID token is not valid.")
         }
-        Err(Err(e)) => return Err(e),
-    };
+        Err(Err(e)) => Err(e),
+    }
+}
+
+/// A new session for a verified login (the browser's previous one ends), then the bounce page.
+async fn start_session(
+    auth: &Auth,
+    req: &Request<Incoming>,
+    login: Exchanged,
+    name: &str,
+) -> Result<Response<Body>, Error> {
+    let Exchanged {
+        tx,
+        tokens,
+        id_token,
+        claims,
+    } = login;
     let sub = claims
         .get("sub")
         .and_then(Value::as_str)
@@ -254,16 +312,15 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     if let Ok(Lookup::Live(old)) = auth.sessions.lookup(req.headers()).await {
         let _ = auth.sessions.delete(&old.handle, EndReason::Logout).await;
     }
-    let now = session::now();
     let data = SessionData {
-        iss: meta.issuer.clone(),
+        iss: auth.oidc()?.metadata()?.issuer.clone(),
         sub,
         claims: login_claims(claims),
         issuer: IssuerKind::Oidc,
         id_token: Some(id_token),
         access_token: tokens.access_token,
         access_expires_at: tokens.access_expires_at,
-        access_issued_at: now,
+        access_issued_at: session::now(),
         refresh_token: tokens.refresh_token,
     };
     let (value, created) = auth
