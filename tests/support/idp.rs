@@ -34,7 +34,7 @@ pub const USERS: &[(&str, &str, &[&str])] = &[
     ("admin", "admin-pw", &["admin", "user"]),
 ];
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(90);
 const NPM_CI_LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
 
 /// One OAuth client registered at the provider.
