@@ -101,6 +101,20 @@ pub struct Config {
     pub capture: Option<Capture>,
     pub csrf: Csrf,
     pub routes: Vec<Route>,
+    /// `[admin]`, when configured.
+    pub admin: Option<Admin>,
+}
+
+/// Shortest accepted `admin.token`, in characters: it guards ending anyone's sessions.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// `[admin]`: the operator listener. Plain HTTP: bind it to loopback or a private network.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz`, `/readyz` (and the session admin API) are served.
+    pub listen: SocketAddr,
+    /// Bearer token of the session admin API (`/sessions`); without it the API is off.
+    pub token: Option<Secret>,
 }
 
 /// Default `capture.access_token`: JSON Pointer (RFC 6901) to the access token in the login and
@@ -652,6 +666,7 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
     let needs =
         routes.iter().any(|r| r.auth != AuthMode::None) || oidc.is_some() || capture.is_some();
     let session = validate_session(raw.session, base, needs, p);
+    let admin = raw.admin.and_then(|a| validate_admin(a, &server, p));
     for r in &routes {
         let user_session = matches!(r.auth, AuthMode::Required | AuthMode::Optional);
         if r.auth != AuthMode::None && oidc.is_none() && !(user_session && capture.is_some()) {
@@ -674,7 +689,36 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         capture,
         csrf,
         routes,
+        admin,
     }
+}
+
+fn validate_admin(a: file::AdminFile, server: &Server, p: &mut Problems) -> Option<Admin> {
+    let listen = p.socket_addr("admin.listen", &a.listen)?;
+    // Port 0 (tests) picks a free port each time: never the same socket.
+    let public = [Some(server.listen), server.http_redirect_listen];
+    if listen.port() != 0 && public.contains(&Some(listen)) {
+        p.push(
+            "admin.listen",
+            format!("{listen} is already a public listener; the admin listener is plain HTTP and needs its own address (e.g. \"127.0.0.1:9100\")"),
+        );
+    }
+    let token = match a.token.as_deref().map(secret::resolve) {
+        None => None,
+        Some(Err(e)) => {
+            p.push("admin.token", e);
+            None
+        }
+        Some(Ok(t)) if t.expose().trim().chars().count() < MIN_ADMIN_TOKEN_CHARS => {
+            p.push(
+                "admin.token",
+                format!("is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; generate one with: openssl rand -hex 32"),
+            );
+            None
+        }
+        Some(Ok(t)) => Some(Secret::new(t.expose().trim().to_owned())),
+    };
+    Some(Admin { listen, token })
 }
 
 /// The route that serves `path`: the longest matching prefix on a segment boundary.

@@ -23,6 +23,7 @@ use super::oidc::OidcError;
 use super::refresh::login_claims;
 use crate::body::{self, Body, escape_html};
 use crate::error::Error;
+use crate::metrics::LoginResult;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use crate::session::store::{EndReason, OnceSet};
@@ -144,8 +145,26 @@ fn failure(status: StatusCode, reason: &str, cookie_to_clear: Option<&str>) -> R
     res
 }
 
-/// `GET /bff/callback?code=…&state=…`.
+/// `GET /bff/callback?code=…&state=…`, counted in `coatcheck_logins_total{result}`.
 pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let mut result = None;
+    let res = callback_inner(auth, req, &mut result).await;
+    let result = result.unwrap_or(match &res {
+        // Every other answer is the failure page for a callback that was not this browser's.
+        Ok(_) => LoginResult::InvalidRequest,
+        Err(Error::StoreUnavailable(_)) => LoginResult::StoreUnavailable,
+        Err(Error::IdpUnavailable { .. }) => LoginResult::IdpUnavailable,
+        Err(_) => LoginResult::InvalidRequest,
+    });
+    auth.metrics.login(result);
+    res
+}
+
+async fn callback_inner(
+    auth: &Auth,
+    req: Request<Incoming>,
+    result: &mut Option<LoginResult>,
+) -> Result<Response<Body>, Error> {
     let state = query_param(&req, "state").unwrap_or_default();
     let valid_state = state.len() >= STATE_PREFIX
         && state
@@ -155,6 +174,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     let bad = |reason: &str| Ok(failure(StatusCode::BAD_REQUEST, reason, name.as_deref()));
 
     if let Some(error) = query_param(&req, "error") {
+        *result = Some(LoginResult::Denied);
         let description = query_param(&req, "error_description").unwrap_or_default();
         tracing::info!(error = %error.chars().take(64).collect::<String>(), "the identity provider refused the login");
         return bad(&format!(
@@ -208,6 +228,11 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     {
         Ok(t) => t,
         Err(e @ (OidcError::Unavailable(_) | OidcError::Invalid(_))) => {
+            *result = Some(if super::refresh::is_timeout(&e) {
+                LoginResult::Timeout
+            } else {
+                LoginResult::IdpUnavailable
+            });
             tracing::warn!(error = %e, "code exchange failed");
             return Ok(failure(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -216,11 +241,13 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
             ));
         }
         Err(e) => {
+            *result = Some(LoginResult::InvalidGrant);
             tracing::info!(error = %e, "code exchange refused");
             return bad("The identity provider refused the sign-in code.");
         }
     };
     let Some(id_token) = tokens.id_token else {
+        *result = Some(LoginResult::InvalidToken);
         return bad("The identity provider sent no ID token.");
     };
     let claims = match id_token::validate(
@@ -234,6 +261,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
     {
         Ok(c) => c,
         Err(Ok(e)) => {
+            *result = Some(LoginResult::InvalidToken);
             tracing::warn!(error = %e, "ID token refused at login");
             return bad("The identity provider's ID token is not valid.");
         }
@@ -274,6 +302,7 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
             idp_sid.as_deref(),
         )
         .await?;
+    *result = Some(LoginResult::Ok);
     tracing::info!(session = %created.handle, "login complete; session created");
     Ok(bounce(
         &tx.return_url,
