@@ -101,7 +101,7 @@ impl Admin {
         match path {
             "/metrics" => {
                 get_only("GET")?;
-                Ok(self.metrics_answer())
+                Ok(self.metrics_answer().await)
             }
             "/healthz" => {
                 get_only("GET")?;
@@ -143,11 +143,12 @@ impl Admin {
         }
     }
 
-    fn metrics_answer(&self) -> Response<Body> {
+    async fn metrics_answer(&self) -> Response<Body> {
         if let Some(auth) = &self.auth {
+            let n = auth.cached_sessions().await;
             self.metrics
                 .sessions_active
-                .set(i64::try_from(auth.cached_sessions()).unwrap_or(i64::MAX));
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut res = Response::new(body::full(self.metrics.encode()));
         res.headers_mut().insert(

@@ -200,9 +200,9 @@ impl Auth {
             .is_some())
     }
 
-    /// Sessions held in this instance's cache (approximate).
-    pub(crate) fn cached_sessions(&self) -> u64 {
-        self.sessions.cached()
+    /// Sessions held in this instance's cache.
+    pub(crate) async fn cached_sessions(&self) -> u64 {
+        self.sessions.cached_now().await
     }
 
     /// The session cookie's name (login cookies are `<name>-login-…`).

@@ -442,97 +442,97 @@ impl Metrics {
         let r = &mut self.registry;
         r.register(
             "coatcheck_requests",
-            "Requests answered, by route (configured path, /bff/ or -) and status code.",
+            "Requests answered, by route (configured path, /bff/ or -) and status code",
             self.requests.clone(),
         );
         r.register(
             "coatcheck_request_duration_seconds",
-            "Time from a request's arrival to its response head, by route.",
+            "Time from a request's arrival to its response head, by route",
             self.request_duration.clone(),
         );
         r.register(
             "coatcheck_sessions_active",
-            "Sessions this instance holds in its cache (used within the cache TTL plus the outage grace).",
+            "Sessions this instance holds in its cache (used within the cache TTL plus the outage grace)",
             self.sessions_active.clone(),
         );
         r.register(
             "coatcheck_logins",
-            "Completed login attempts (callbacks and captured logins), by result.",
+            "Completed login attempts (callbacks and captured logins), by result",
             self.logins.clone(),
         );
         r.register(
             "coatcheck_refresh",
-            "Token refreshes, by result.",
+            "Token refreshes, by result",
             self.refreshes.clone(),
         );
         r.register(
             "coatcheck_refresh_waiters",
-            "Requests currently waiting for another request's token refresh.",
+            "Requests currently waiting for another request's token refresh",
             self.refresh_waiters.clone(),
         );
         r.register(
             "coatcheck_session_cache_hits",
-            "Session lookups served from this instance's cache.",
+            "Session lookups served from this instance's cache",
             self.cache_hits.clone(),
         );
         r.register(
             "coatcheck_session_cache_misses",
-            "Session lookups that read the session store.",
+            "Session lookups that read the session store",
             self.cache_misses.clone(),
         );
         r.register(
             "coatcheck_store_errors",
-            "Session store calls that failed (store unreachable or failing).",
+            "Session store calls that failed (store unreachable or failing)",
             self.store_errors.clone(),
         );
         r.register(
             "coatcheck_store_call_duration_seconds",
-            "Session store call latency, by operation.",
+            "Session store call latency, by operation",
             self.store_duration.clone(),
         );
         r.register(
             "coatcheck_backchannel_logout",
-            "Back-channel logout requests from the identity provider, by result.",
+            "Back-channel logout requests from the identity provider, by result",
             self.backchannel_logouts.clone(),
         );
         r.register(
             "coatcheck_config_reloads",
-            "Configuration reloads, by result.",
+            "Configuration reloads, by result",
             self.config_reloads.clone(),
         );
         r.register(
             "coatcheck_idp_request_duration_seconds",
-            "Identity provider call latency, by endpoint.",
+            "Identity provider call latency, by endpoint",
             self.idp_duration.clone(),
         );
         r.register(
             "coatcheck_idp_errors",
-            "Identity provider calls that failed (unreachable, timed out, 5xx or garbage), by endpoint.",
+            "Identity provider calls that failed (unreachable, timed out, 5xx or garbage), by endpoint",
             self.idp_errors.clone(),
         );
         r.register(
             "coatcheck_connections_open",
-            "Client connections currently open on the public listener (upgraded tunnels included).",
+            "Client connections currently open on the public listener (upgraded tunnels included)",
             self.connections_open.clone(),
         );
         r.register(
             "coatcheck_connections",
-            "Client connections accepted on the public listener.",
+            "Client connections accepted on the public listener",
             self.connections_total.clone(),
         );
         r.register(
             "coatcheck_upgrades",
-            "Protocol upgrades (WebSocket) tunnelled to an upstream.",
+            "Protocol upgrades (WebSocket) tunnelled to an upstream",
             self.upgrades_total.clone(),
         );
         r.register(
             "coatcheck_upgrades_open",
-            "Upgraded tunnels currently open.",
+            "Upgraded tunnels currently open",
             self.upgrades_open.clone(),
         );
         r.register(
             "coatcheck_admin_actions",
-            "Session admin API requests, by action (refused: missing or wrong token).",
+            "Session admin API requests, by action (refused: missing or wrong token)",
             self.admin_actions.clone(),
         );
         self
@@ -648,7 +648,7 @@ mod tests {
         for want in [
             "coatcheck_requests_total{route=\"/api/\",status=\"200\"} 1",
             "coatcheck_requests_total{route=\"-\",status=\"404\"} 1",
-            "coatcheck_request_duration_seconds_bucket{route=\"/api/\",le=\"0.005\"} 1",
+            "coatcheck_request_duration_seconds_bucket{le=\"0.005\",route=\"/api/\"} 1",
             "coatcheck_request_duration_seconds_count{route=\"/\"} 0",
             "coatcheck_logins_total{result=\"ok\"} 1",
             "coatcheck_logins_total{result=\"idp_unavailable\"} 0",
@@ -675,15 +675,15 @@ mod tests {
         m.request(i, 200, Duration::from_secs(60));
         let text = m.encode();
         assert!(
-            text.contains("coatcheck_request_duration_seconds_bucket{route=\"/\",le=\"0.0025\"} 1"),
+            text.contains("coatcheck_request_duration_seconds_bucket{le=\"0.0025\",route=\"/\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("coatcheck_request_duration_seconds_bucket{route=\"/\",le=\"30.0\"} 1"),
+            text.contains("coatcheck_request_duration_seconds_bucket{le=\"30.0\",route=\"/\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("coatcheck_request_duration_seconds_bucket{route=\"/\",le=\"+Inf\"} 2"),
+            text.contains("coatcheck_request_duration_seconds_bucket{le=\"+Inf\",route=\"/\"} 2"),
             "{text}"
         );
         assert!(

@@ -568,6 +568,12 @@ impl Sessions {
         self.cache.entry_count()
     }
 
+    /// Sessions held in the cache, after the cache's pending bookkeeping (for metrics scrapes).
+    pub async fn cached_now(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+
     /// The `Set-Cookie` header value for `value`.
     pub fn set_cookie(&self, value: &Secret) -> HeaderValue {
         self.cookie.set(value)
