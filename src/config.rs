@@ -1633,6 +1633,54 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_listener_needs_its_own_address_and_a_long_enough_token() {
+        let route =
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n";
+        let ok = Config::from_toml(
+            &base(&format!(
+                "{route}[admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"0123456789abcdef-admin\"\n"
+            )),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let admin = ok.admin.expect("[admin] configured");
+        assert_eq!(admin.listen.port(), 9100);
+        assert_eq!(admin.token.unwrap().expose(), "0123456789abcdef-admin");
+        let without = Config::from_toml(&base(route), Path::new("t.toml")).unwrap();
+        assert!(without.admin.is_none());
+        for (admin, key) in [
+            ("listen = \"9100\"\n", "admin.listen"),
+            (
+                "listen = \"127.0.0.1:9100\"\ntoken = \"tiny-tok\"\n",
+                "admin.token",
+            ),
+            ("listen = \"127.0.0.1:9100\"\ntoken = \"\"\n", "admin.token"),
+            (
+                "listen = \"127.0.0.1:9100\"\ntoken = \"env:COATCHECK_TEST_UNSET_ADMIN_TOKEN\"\n",
+                "admin.token",
+            ),
+            ("token = \"0123456789abcdef-admin\"\n", "admin"),
+            ("listen = \"127.0.0.1:9100\"\nport = 1\n", "admin.port"),
+        ] {
+            let p = problems(&base(&format!("{route}[admin]\n{admin}")));
+            assert_eq!(p.len(), 1, "{admin}: {p:?}");
+            assert!(p[0].key.starts_with(key), "{admin}: {p:?}");
+            assert!(
+                !p[0].reason.contains("tiny-tok"),
+                "the token is never quoted: {p:?}"
+            );
+        }
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\npublic_origin = \"https://localhost:8443\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{route}[admin]\nlisten = \"127.0.0.1:8443\"\n",
+            tmp_cert().0,
+            tmp_cert().1
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "admin.listen");
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_path() {
         let p = problems(&base("[server.limits]\nmax_headr_bytes = 1\n"));
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();

@@ -181,6 +181,7 @@ mod tests {
                 401,
                 "session_expired",
             ),
+            (Error::AdminUnauthorized, 401, "unauthenticated"),
             (Error::Forbidden("x".into()), 403, "forbidden"),
             (Error::Csrf("x".into()), 403, "csrf"),
             (Error::NotFound, 404, "not_found"),
