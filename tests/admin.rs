@@ -487,3 +487,38 @@ async fn an_operator_ends_one_session_by_its_id() {
         .unwrap();
     assert_eq!(get.status(), 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_counted_by_result_a_provider_outage_and_a_stray_callback() {
+    let env = env("").await;
+    let alice = env.logged_in("alice").await;
+    // A callback this browser never started a login for.
+    let r = env
+        .browser()
+        .request(
+            Method::GET,
+            "/bff/callback?code=x&state=0123456789abcdef0123",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    env.idp().set_outage("down").await;
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    // Due but still valid: the refresh fails, the current token serves.
+    assert_eq!(get_api(&alice, "/api/during").await, 200);
+    env.idp().set_outage("off").await;
+
+    let text = scrape(&env).await;
+    assert_eq!(must(&text, "coatcheck_logins_total{result=\"ok\"}"), 1.0);
+    assert_eq!(
+        must(&text, "coatcheck_logins_total{result=\"invalid_request\"}"),
+        1.0
+    );
+    let failed = must(&text, "coatcheck_refresh_total{result=\"idp_unavailable\"}")
+        + must(&text, "coatcheck_refresh_total{result=\"timeout\"}");
+    assert_eq!(failed, 1.0, "one failed refresh\n{text}");
+    assert_eq!(must(&text, "coatcheck_refresh_total{result=\"ok\"}"), 0.0);
+    assert!(must(&text, "coatcheck_idp_errors_total{endpoint=\"token\"}") >= 1.0);
+    assert_eq!(must(&text, "coatcheck_store_errors_total"), 0.0);
+}
