@@ -522,3 +522,64 @@ async fn failures_are_counted_by_result_a_provider_outage_and_a_stray_callback()
     assert!(must(&text, "coatcheck_idp_errors_total{endpoint=\"token\"}") >= 1.0);
     assert_eq!(must(&text, "coatcheck_store_errors_total"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_is_counted_as_an_upgrade_and_an_open_connection_until_it_closes() {
+    let up = support::upstream::Upstream::start().await;
+    let proxy = support::start_proxy(&format!(
+        "[[route]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"none\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let scrape = || async move {
+        admin_client()
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let mut ws = support::RawConn::connect(proxy.addr).await;
+    ws.send(
+        format!(
+            "GET /api/ws HTTP/1.1\r\nHost: localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            proxy.addr.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(ws.read_head().await.0, 101);
+    ws.send(b"ping").await;
+    assert_eq!(ws.read_exact(4).await, b"ping");
+    let open = scrape().await;
+    assert_eq!(must(&open, "coatcheck_upgrades_total"), 1.0);
+    assert_eq!(must(&open, "coatcheck_upgrades_open"), 1.0);
+    assert_eq!(must(&open, "coatcheck_connections_open"), 1.0);
+    assert_eq!(
+        must(
+            &open,
+            "coatcheck_requests_total{route=\"/api/\",status=\"101\"}"
+        ),
+        1.0
+    );
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let text = scrape().await;
+        if must(&text, "coatcheck_upgrades_open") == 0.0
+            && must(&text, "coatcheck_connections_open") == 0.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel is still counted as open\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stop().await;
+}
