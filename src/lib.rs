@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! listener ─▶ tls ─▶ router ─▶ auth (session, oidc, csrf, policy, refresh) ─▶ proxy ─▶ upstream
+//! admin (plain HTTP) ─▶ router (readiness), auth (session admin API)
 //! ```
 //!
 //! A module uses the ones to its right and the leaves; it never reaches back left.
