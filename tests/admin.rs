@@ -583,3 +583,64 @@ async fn an_open_websocket_is_counted_as_an_upgrade_and_an_open_connection_until
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_subjects_sessions_on_one_instance_ends_them_on_every_instance() {
+    let redis = support::redis::RedisServer::start();
+    let api = support::upstream::Upstream::start().await;
+    let idp_port = bff::free_port();
+    let opts = EnvOptions {
+        store: format!(
+            "kind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"admin:\"",
+            redis.url()
+        ),
+        extra: format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"),
+        ..Default::default()
+    };
+    let text = bff::config_text(&opts, idp_port, &api.url());
+    let one = support::start_proxy(&text).await;
+    let two = support::start_proxy(&text).await;
+    let _idp = support::idp::Idp::start(support::idp::IdpOptions {
+        port: idp_port,
+        ..Default::default()
+    })
+    .await;
+    support::wait_ready(one.addr).await;
+    support::wait_ready(two.addr).await;
+
+    let mut alice = Browser::new(one.addr);
+    assert_eq!(alice.login("alice", "alice-pw").await.status(), 200);
+    let sub = user(&alice).await["sub"].as_str().unwrap().to_owned();
+    let mut on_two = Browser::new(two.addr);
+    on_two.cookies = alice.cookies.clone();
+    // Now cached on the second instance too.
+    assert_eq!(get_api(&on_two, "/api/x").await, 200);
+    assert_eq!(get_api(&on_two, "/api/x").await, 200);
+
+    let r = admin_client()
+        .delete(format!(
+            "http://{}/sessions?sub={}",
+            one.admin_addr.unwrap(),
+            bff::urlencode(&sub)
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["revoked"], 1);
+    // The other instance is told (DESIGN §6: within 100 ms); allow a loaded machine a second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = get_api(&on_two, "/api/x").await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second instance still serves the ended session ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get_api(&alice, "/api/x").await, 401);
+}
