@@ -53,6 +53,7 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The admin endpoints over the running router (readiness) and auth (sessions).
     pub fn new(
         config: &AdminConfig,
         metrics: Arc<Metrics>,

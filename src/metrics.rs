@@ -136,9 +136,13 @@ label_enum! {
 label_enum! {
     /// `endpoint` of the identity provider call metrics.
     IdpEndpoint {
+        /// `/.well-known/openid-configuration`.
         Discovery => "discovery",
+        /// `jwks_uri`.
         Jwks => "jwks",
+        /// `token_endpoint` (code exchange and refresh).
         Token => "token",
+        /// `revocation_endpoint`.
         Revocation => "revocation",
     }
 }
@@ -175,6 +179,7 @@ pub struct AtomicHistogram {
 }
 
 impl AtomicHistogram {
+    /// A histogram with these bucket upper bounds (seconds, ascending; `+Inf` is added).
     pub fn new(bounds: &'static [f64]) -> Self {
         AtomicHistogram {
             bounds,
@@ -371,24 +376,43 @@ pub struct Metrics {
     registry: Registry,
     /// `route` label values: the configured routes in file order, then `/bff/`, then `-`.
     routes: Vec<String>,
+    /// `coatcheck_requests_total{route,status}`.
     pub requests: RequestCounts,
+    /// `coatcheck_request_duration_seconds{route}`.
     pub request_duration: ByLabel<AtomicHistogram>,
+    /// `coatcheck_sessions_active`: set at scrape time from the session cache.
     pub sessions_active: Gauge,
+    /// `coatcheck_logins_total{result}`, indexed by [`LoginResult`].
     pub logins: ByLabel<Counter>,
+    /// `coatcheck_refresh_total{result}`, indexed by [`RefreshResult`].
     pub refreshes: ByLabel<Counter>,
+    /// `coatcheck_refresh_waiters`.
     pub refresh_waiters: Gauge,
+    /// `coatcheck_session_cache_hits_total`.
     pub cache_hits: Counter,
+    /// `coatcheck_session_cache_misses_total`.
     pub cache_misses: Counter,
+    /// `coatcheck_store_errors_total`.
     pub store_errors: Counter,
+    /// `coatcheck_store_call_duration_seconds{op}`, indexed by [`StoreOp`].
     pub store_duration: ByLabel<AtomicHistogram>,
+    /// `coatcheck_backchannel_logout_total{result}`, indexed by [`BackchannelResult`].
     pub backchannel_logouts: ByLabel<Counter>,
+    /// `coatcheck_config_reloads_total{result}`, indexed by [`ReloadResult`].
     pub config_reloads: ByLabel<Counter>,
+    /// `coatcheck_idp_request_duration_seconds{endpoint}`, indexed by [`IdpEndpoint`].
     pub idp_duration: ByLabel<AtomicHistogram>,
+    /// `coatcheck_idp_errors_total{endpoint}`, indexed by [`IdpEndpoint`].
     pub idp_errors: ByLabel<Counter>,
+    /// `coatcheck_connections_open`.
     pub connections_open: Gauge,
+    /// `coatcheck_connections_total`.
     pub connections_total: Counter,
+    /// `coatcheck_upgrades_total`.
     pub upgrades_total: Counter,
+    /// `coatcheck_upgrades_open`.
     pub upgrades_open: Gauge,
+    /// `coatcheck_admin_actions_total{action}` ([`ADMIN_ACTIONS`]).
     pub admin_actions: ByLabel<Counter>,
 }
 
@@ -553,18 +577,22 @@ impl Metrics {
         self.request_duration.at(route).observe(elapsed);
     }
 
+    /// Counts one login by its result.
     pub fn login(&self, result: LoginResult) {
         self.logins.at(result as usize).inc();
     }
 
+    /// Counts one refresh by its result.
     pub fn refresh(&self, result: RefreshResult) {
         self.refreshes.at(result as usize).inc();
     }
 
+    /// Counts one back-channel logout request by its result.
     pub fn backchannel_logout(&self, result: BackchannelResult) {
         self.backchannel_logouts.at(result as usize).inc();
     }
 
+    /// Counts one configuration reload by its result.
     pub fn config_reload(&self, result: ReloadResult) {
         self.config_reloads.at(result as usize).inc();
     }
@@ -620,6 +648,7 @@ impl fmt::Debug for Metrics {
 pub struct Open(Gauge);
 
 impl Open {
+    /// Raises `gauge` by one until the returned guard is dropped.
     pub fn new(gauge: &Gauge) -> Open {
         gauge.inc();
         Open(gauge.clone())

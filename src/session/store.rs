@@ -313,6 +313,7 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Wraps `store`; its calls are recorded in `metrics`.
     pub fn new(store: AnyStore, metrics: Arc<Metrics>) -> Backend {
         Backend { store, metrics }
     }
