@@ -9,8 +9,10 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, Admin};
 use crate::auth::Auth;
 use crate::config::{Config, Problem};
+use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::{listener, tls};
 
@@ -63,6 +65,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The bound plain-HTTP redirect address, if configured.
     pub redirect_addr: Option<SocketAddr>,
+    /// The bound plain-HTTP admin address (`[admin] listen`), if configured.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -91,14 +95,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server_tls = tls::server_config(&config.server.tls.cert, &config.server.tls.key)?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let metrics = Arc::new(Metrics::new(
+        &config
+            .routes
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect::<Vec<_>>(),
+    ));
     let auth = if config.oidc.is_some() || config.capture.is_some() {
-        let auth = Arc::new(Auth::new(&config).map_err(StartError::Setup)?);
+        let auth = Arc::new(Auth::new(&config, metrics.clone()).map_err(StartError::Setup)?);
         auth.spawn_background(&shutdown);
         Some(auth)
     } else {
         None
     };
-    let router = Arc::new(Router::new(&config, auth)?);
+    let router = Arc::new(Router::new(&config, auth.clone(), metrics.clone())?);
 
     let https = listener::bind("server.listen", config.server.listen)
         .await
@@ -115,14 +126,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
     };
     let redirect_addr = redirect.as_ref().and_then(|l| l.local_addr().ok());
+    let admin = match &config.admin {
+        Some(a) => Some((
+            listener::bind("admin.listen", a.listen)
+                .await
+                .map_err(StartError::Bind)?,
+            Arc::new(Admin::new(a, metrics.clone(), router.clone(), auth)),
+        )),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
     tasks.spawn(listener::serve_tls(
         https,
         server_tls,
         router,
         config.server.limits.clone(),
+        metrics,
         shutdown.clone(),
     ));
+    if let Some((l, a)) = admin {
+        tasks.spawn(admin::serve(l, a, shutdown.clone()));
+    }
     if let Some(l) = redirect {
         tasks.spawn(listener::serve_redirect(
             l,
@@ -131,10 +156,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             shutdown.clone(),
         ));
     }
-    tracing::info!(%addr, routes = config.routes.len(), "coatcheck listening");
+    tracing::info!(%addr, admin = ?admin_addr, routes = config.routes.len(), "coatcheck listening");
     Ok(Running {
         addr,
         redirect_addr,
+        admin_addr,
         shutdown,
         tasks,
     })

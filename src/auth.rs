@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::body::Body;
 use crate::config::{AuthMode, Config, CsrfMode, Route};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::proxy::{self, Forward, headers};
+use crate::session::store::{EndReason, Record};
 use crate::session::{Lookup, Session, Sessions, store};
 use crate::upstream::Upstream;
 
@@ -74,14 +76,17 @@ pub struct Auth {
     client_tokens: Option<client::ClientTokens<oidc::Provider>>,
     csrf_header: HeaderName,
     public_origin: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Auth {
-    /// Builds the provider client, opens the session store. No network yet.
-    pub fn new(config: &Config) -> Result<Auth, String> {
+    /// Builds the provider client, opens the session store. No network yet. Logins, refreshes,
+    /// provider calls, cache and store activity are counted in `metrics`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Auth, String> {
         let oidc = match &config.oidc {
             Some(o) => Some(Arc::new(
-                oidc::Provider::new(o, &config.server.public_origin).map_err(|e| e.to_string())?,
+                oidc::Provider::new(o, &config.server.public_origin, metrics.clone())
+                    .map_err(|e| e.to_string())?,
             )),
             None => None,
         };
@@ -96,8 +101,10 @@ impl Auth {
             return Err("neither [oidc] nor [capture] is configured".into());
         }
         let issuers = Arc::new(issuer::Issuers { oidc, capture });
-        let sessions =
-            Arc::new(Sessions::new(&config.session).map_err(|e| format!("session.store: {e}"))?);
+        let sessions = Arc::new(
+            Sessions::with_metrics(&config.session, metrics.clone())
+                .map_err(|e| format!("session.store: {e}"))?,
+        );
         Ok(Auth {
             refresher: refresh::Refresher::new(
                 issuers.clone(),
@@ -107,6 +114,7 @@ impl Auth {
                     (None, Some(c)) => c.login_path.clone(),
                     _ => LOGIN_PATH.to_owned(),
                 },
+                metrics.clone(),
             ),
             client_tokens: match (&issuers.oidc, &config.oidc) {
                 (Some(p), Some(o)) => Some(client::ClientTokens::new(p.clone(), &config.routes, o)),
@@ -116,6 +124,7 @@ impl Auth {
             sessions,
             csrf_header: config.csrf.header.clone(),
             public_origin: config.server.public_origin.clone(),
+            metrics,
         })
     }
 
@@ -171,6 +180,38 @@ impl Auth {
     pub async fn ready(&self) -> Result<(), String> {
         self.issuers.ready()?;
         self.sessions.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// The issuer sessions of OIDC logins carry (`iss` of [`crate::session::subject_key`]):
+    /// the provider's issuer exactly as configured (discovery must match it byte for byte).
+    pub(crate) fn oidc_issuer(&self) -> Option<&str> {
+        self.issuers.oidc.as_ref().map(|p| p.cfg.issuer_id.as_str())
+    }
+
+    /// The live sessions of a subject (by its [`crate::session::subject_key`]).
+    pub(crate) async fn subject_sessions(&self, subject: &str) -> Result<Vec<Record>, Error> {
+        self.sessions.list(subject).await
+    }
+
+    /// Ends every session of a subject on every instance; how many ended.
+    pub(crate) async fn revoke_subject(&self, subject: &str) -> Result<usize, Error> {
+        self.sessions
+            .delete_subject(subject, EndReason::Revoked)
+            .await
+    }
+
+    /// Ends one session (by its public handle) on every instance; whether it existed.
+    pub(crate) async fn revoke_session(&self, handle: &str) -> Result<bool, Error> {
+        Ok(self
+            .sessions
+            .delete(handle, EndReason::Revoked)
+            .await?
+            .is_some())
+    }
+
+    /// Sessions held in this instance's cache.
+    pub(crate) async fn cached_sessions(&self) -> u64 {
+        self.sessions.cached_now().await
     }
 
     /// The session cookie's name (login cookies are `<name>-login-…`).

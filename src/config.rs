@@ -101,6 +101,20 @@ pub struct Config {
     pub capture: Option<Capture>,
     pub csrf: Csrf,
     pub routes: Vec<Route>,
+    /// `[admin]`, when configured.
+    pub admin: Option<Admin>,
+}
+
+/// Shortest accepted `admin.token`, in characters: it guards ending anyone's sessions.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// `[admin]`: the operator listener. Plain HTTP: bind it to loopback or a private network.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz`, `/readyz` (and the session admin API) are served.
+    pub listen: SocketAddr,
+    /// Bearer token of the session admin API (`/sessions`); without it the API is off.
+    pub token: Option<Secret>,
 }
 
 /// Default `capture.access_token`: JSON Pointer (RFC 6901) to the access token in the login and
@@ -662,6 +676,7 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         || oidc.is_some()
         || capture.is_some();
     let session = validate_session(raw.session, base, needs, p);
+    let admin = raw.admin.and_then(|a| validate_admin(a, &server, p));
     for r in &routes {
         let user_session = matches!(r.auth, AuthMode::Required | AuthMode::Optional);
         if r.auth == AuthMode::Client && oidc.is_none() {
@@ -690,7 +705,36 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         capture,
         csrf,
         routes,
+        admin,
     }
+}
+
+fn validate_admin(a: file::AdminFile, server: &Server, p: &mut Problems) -> Option<Admin> {
+    let listen = p.socket_addr("admin.listen", &a.listen)?;
+    // Port 0 (tests) picks a free port each time: never the same socket.
+    let public = [Some(server.listen), server.http_redirect_listen];
+    if listen.port() != 0 && public.contains(&Some(listen)) {
+        p.push(
+            "admin.listen",
+            format!("{listen} is already a public listener; the admin listener is plain HTTP and needs its own address (e.g. \"127.0.0.1:9100\")"),
+        );
+    }
+    let token = match a.token.as_deref().map(secret::resolve) {
+        None => None,
+        Some(Err(e)) => {
+            p.push("admin.token", e);
+            None
+        }
+        Some(Ok(t)) if t.expose().trim().chars().count() < MIN_ADMIN_TOKEN_CHARS => {
+            p.push(
+                "admin.token",
+                format!("is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; generate one with: openssl rand -hex 32"),
+            );
+            None
+        }
+        Some(Ok(t)) => Some(Secret::new(t.expose().trim().to_owned())),
+    };
+    Some(Admin { listen, token })
 }
 
 /// The route that serves `path`: the longest matching prefix on a segment boundary.
@@ -1653,6 +1697,54 @@ mod tests {
         assert_eq!(c.server.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(c.routes[0].timeout, DEFAULT_ROUTE_TIMEOUT);
         assert_eq!(c.server.public_origin, "https://localhost:8443");
+    }
+
+    #[test]
+    fn the_admin_listener_needs_its_own_address_and_a_long_enough_token() {
+        let route =
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n";
+        let ok = Config::from_toml(
+            &base(&format!(
+                "{route}[admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"0123456789abcdef-admin\"\n"
+            )),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let admin = ok.admin.expect("[admin] configured");
+        assert_eq!(admin.listen.port(), 9100);
+        assert_eq!(admin.token.unwrap().expose(), "0123456789abcdef-admin");
+        let without = Config::from_toml(&base(route), Path::new("t.toml")).unwrap();
+        assert!(without.admin.is_none());
+        for (admin, key) in [
+            ("listen = \"9100\"\n", "admin.listen"),
+            (
+                "listen = \"127.0.0.1:9100\"\ntoken = \"tiny-tok\"\n",
+                "admin.token",
+            ),
+            ("listen = \"127.0.0.1:9100\"\ntoken = \"\"\n", "admin.token"),
+            (
+                "listen = \"127.0.0.1:9100\"\ntoken = \"env:COATCHECK_TEST_UNSET_ADMIN_TOKEN\"\n",
+                "admin.token",
+            ),
+            ("token = \"0123456789abcdef-admin\"\n", "admin"),
+            ("listen = \"127.0.0.1:9100\"\nport = 1\n", "admin.port"),
+        ] {
+            let p = problems(&base(&format!("{route}[admin]\n{admin}")));
+            assert_eq!(p.len(), 1, "{admin}: {p:?}");
+            assert!(p[0].key.starts_with(key), "{admin}: {p:?}");
+            assert!(
+                !p[0].reason.contains("tiny-tok"),
+                "the token is never quoted: {p:?}"
+            );
+        }
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\npublic_origin = \"https://localhost:8443\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{route}[admin]\nlisten = \"127.0.0.1:8443\"\n",
+            tmp_cert().0,
+            tmp_cert().1
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "admin.listen");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum Error {
         /// Where the browser should go to log in.
         login_url: String,
     },
+    /// An admin API request without the right `admin.token` (`Authorization: Bearer`).
+    #[error("a valid admin token is required (Authorization: Bearer <admin.token>)")]
+    AdminUnauthorized,
     /// The session existed but has ended (timeout, refresh token rejected by the provider).
     #[error("the session has ended; log in again")]
     SessionExpired {
@@ -93,7 +96,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::BadRequest(_) => "bad_request",
-            Error::Unauthenticated { .. } => "unauthenticated",
+            Error::Unauthenticated { .. } | Error::AdminUnauthorized => "unauthenticated",
             Error::SessionExpired { .. } => "session_expired",
             Error::Forbidden(_) => "forbidden",
             Error::Csrf(_) => "csrf",
@@ -116,7 +119,9 @@ impl Error {
         use http::StatusCode as S;
         match self {
             Error::BadRequest(_) => S::BAD_REQUEST,
-            Error::Unauthenticated { .. } | Error::SessionExpired { .. } => S::UNAUTHORIZED,
+            Error::Unauthenticated { .. }
+            | Error::SessionExpired { .. }
+            | Error::AdminUnauthorized => S::UNAUTHORIZED,
             Error::Forbidden(_) | Error::Csrf(_) => S::FORBIDDEN,
             Error::NotFound => S::NOT_FOUND,
             Error::MethodNotAllowed { .. } => S::METHOD_NOT_ALLOWED,
@@ -176,6 +181,7 @@ mod tests {
                 401,
                 "session_expired",
             ),
+            (Error::AdminUnauthorized, 401, "unauthenticated"),
             (Error::Forbidden("x".into()), 403, "forbidden"),
             (Error::Csrf("x".into()), 403, "csrf"),
             (Error::NotFound, 404, "not_found"),

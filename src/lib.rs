@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! listener ─▶ tls ─▶ router ─▶ auth (session, oidc, csrf, policy, refresh) ─▶ proxy ─▶ upstream
+//! admin (plain HTTP) ─▶ router (readiness), auth (session admin API)
 //! ```
 //!
 //! A module uses the ones to its right and the leaves; it never reaches back left.
@@ -21,10 +22,13 @@
 //!   the store kinds (`memory`, `embedded`, `redis`), each with a once-set, a lease and events.
 //! - [`proxy`]: rewrites a request for its upstream and streams the answer back.
 //! - [`upstream`]: pooled HTTP/1.1 + HTTP/2 clients per upstream.
+//! - [`admin`]: the operator listener (plain HTTP): `/metrics`, health, the session admin API.
 //!
 //! Leaves: [`config`] (file shape and validated truth), [`error`] (taxonomy → status),
-//! [`secret`] (values that never print), [`body`] (shared body types), [`telemetry`] (logs).
+//! [`secret`] (values that never print), [`body`] (shared body types), [`telemetry`] (logs),
+//! [`metrics`] (counters and histograms, pre-resolved per route; Prometheus exposition).
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod body;
@@ -32,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod secret;

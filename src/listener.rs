@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Watch, Watched};
 use crate::config::Limits;
+use crate::metrics::{Metrics, Open};
 use crate::proxy::ConnectionSlot;
 use crate::router::Router;
 
@@ -51,6 +52,7 @@ pub async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     router: Arc<Router>,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -92,9 +94,12 @@ pub async fn serve_tls(
         let idle_timeout = limits.idle_timeout;
         let write_stall = limits.body_idle_timeout;
         let max_header_bytes = limits.max_header_bytes;
+        metrics.connections_total.inc();
         let slot = ConnectionSlot {
-            hold: Arc::new((permit, ip_guard)),
+            // The connection counts as open until it and every tunnel made from it have ended.
+            hold: Arc::new((permit, ip_guard, Open::new(&metrics.connections_open))),
             closing: closing.clone(),
+            tunnels_open: metrics.upgrades_open.clone(),
         };
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

@@ -182,6 +182,8 @@ pub(crate) struct ConnectionSlot {
     pub(crate) hold: Arc<dyn std::any::Any + Send + Sync>,
     /// Cancelled when the shutdown grace period has ended.
     pub(crate) closing: CancellationToken,
+    /// `coatcheck_upgrades_open`: held up while a tunnel made from this connection is open.
+    pub(crate) tunnels_open: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Splits a client request, refusing a declared body over the route's limit up front and taking
@@ -332,6 +334,9 @@ async fn tunnel(
         .map_or_else(CancellationToken::new, |s| s.closing.clone());
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
+            let _open = slot
+                .as_ref()
+                .map(|s| crate::metrics::Open::new(&s.tunnels_open));
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
             tokio::select! {

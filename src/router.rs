@@ -20,6 +20,7 @@ use crate::auth::{self, Auth};
 use crate::body::{self, Body};
 use crate::config::{AuthMode, Cidr, Config, Route, UnderscoreHeaders};
 use crate::error::Error;
+use crate::metrics::{BFF_ROUTE, Metrics, NO_ROUTE};
 use crate::proxy::{self, headers};
 use crate::telemetry::{AccessLog, AccessRecord, Logged};
 use crate::tls::TlsError;
@@ -34,6 +35,8 @@ pub struct RouteEntry {
     prefix_segments: usize,
     pub name: Arc<str>,
     pub upstream: Upstream,
+    /// Index of the route's metric handles ([`Metrics::route_index`]).
+    metric: usize,
 }
 
 /// The request router.
@@ -46,6 +49,10 @@ pub struct Router {
     hsts: Option<HeaderValue>,
     body_idle: Duration,
     login_limit: ratelimit::RateLimiter,
+    metrics: Arc<Metrics>,
+    /// Metric indexes of the `/bff/` and `-` (no route) labels.
+    bff_metric: usize,
+    no_route_metric: usize,
 }
 
 /// Methods refused on every route (405): `TRACE`/`TRACK` echo the request (cookies included) back
@@ -57,7 +64,11 @@ static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-t
 
 impl Router {
     /// Builds the route table (longest prefix first) and the upstream clients.
-    pub fn new(config: &Config, auth: Option<Arc<Auth>>) -> Result<Router, TlsError> {
+    pub fn new(
+        config: &Config,
+        auth: Option<Arc<Auth>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Router, TlsError> {
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
             let prefix = r.path.trim_end_matches('/').to_owned();
@@ -66,6 +77,7 @@ impl Router {
                 prefix,
                 name: Arc::from(r.path.as_str()),
                 upstream: Upstream::new(&r.upstream, r.ca.as_deref(), "route.ca")?,
+                metric: metrics.route_index(&r.path),
                 config: r.clone(),
             });
         }
@@ -81,6 +93,9 @@ impl Router {
             login_limit: ratelimit::RateLimiter::per_minute(
                 config.server.limits.login_requests_per_minute,
             ),
+            bff_metric: metrics.route_index(BFF_ROUTE),
+            no_route_metric: metrics.route_index(NO_ROUTE),
+            metrics,
         })
     }
 
@@ -108,6 +123,7 @@ impl Router {
             path: truncate(req.uri().path(), 512).to_owned(),
             status: 0,
             route: None,
+            route_metric: self.no_route_metric,
             upstream: None,
             request_id: request_id.clone(),
             client,
@@ -134,6 +150,7 @@ impl Router {
             path: "(header block over the limit)".to_owned(),
             status: 0,
             route: None,
+            route_metric: self.no_route_metric,
             upstream: None,
             request_id,
             client: peer,
@@ -188,6 +205,12 @@ impl Router {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         record.status = res.status().as_u16();
+        // Time to the response head: a long stream (SSE, download) or a tunnel does not skew it.
+        self.metrics
+            .request(record.route_metric, record.status, record.start.elapsed());
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            self.metrics.upgrades_total.inc();
+        }
         res.map(|b| Logged::new(b, AccessLog::new(record)))
     }
 
@@ -234,7 +257,8 @@ impl Router {
         if let Some(auth) = &self.auth
             && auth::is_bff_path(&path.matched)
         {
-            record.route = Some(Arc::from("/bff/"));
+            record.route = Some(Arc::from(BFF_ROUTE));
+            record.route_metric = self.bff_metric;
             if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
                 self.login_limit.check(client)?;
             }
@@ -250,6 +274,7 @@ impl Router {
         }
         let entry = self.route_for(&path.matched).ok_or(Error::NotFound)?;
         record.route = Some(entry.name.clone());
+        record.route_metric = entry.metric;
         record.upstream = Some(entry.upstream.name.clone());
         let route = &entry.config;
         if path.separator && !route.allow_encoded_slashes {
@@ -422,8 +447,8 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
         .sum::<usize>()
 }
 
-/// Turns an error into coatcheck's JSON answer (DESIGN §5).
-fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
+/// Turns an error into coatcheck's JSON answer (DESIGN §5); the admin listener's too.
+pub(crate) fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
     let mut value = json!({"error": e.code(), "message": e.public_message()});
     match e {
         Error::Unauthenticated { login_url } | Error::SessionExpired { login_url, .. } => {
@@ -455,7 +480,7 @@ fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
                 h.append(header::SET_COOKIE, auth.clear_session_cookie());
             }
         }
-        Error::Unauthenticated { .. } => {
+        Error::Unauthenticated { .. } | Error::AdminUnauthorized => {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         _ => {}

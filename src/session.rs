@@ -24,9 +24,10 @@ use tokio::sync::watch;
 
 use crate::config::{self, StoreKind};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
-use store::{AnyStore, EndReason, Event, Events, Record, Store, StoreError};
+use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
 use ticket::{CookieSpec, Keys, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
@@ -128,7 +129,8 @@ pub enum Lookup {
 pub struct Sessions {
     keys: Keys,
     pub cookie: CookieSpec,
-    store: Arc<AnyStore>,
+    store: Arc<Backend>,
+    metrics: Arc<Metrics>,
     cache: moka::future::Cache<[u8; 16], Arc<Session>>,
     /// Sessions ended recently (here or on another instance): a load that raced the end must not
     /// put them back in the cache.
@@ -169,8 +171,16 @@ fn handle_bytes(handle: &str) -> Option<[u8; 16]> {
 }
 
 impl Sessions {
-    /// Opens the configured store and builds the cache.
+    /// Opens the configured store and builds the cache, with metrics of its own.
     pub fn new(cfg: &config::Session) -> Result<Sessions, StoreError> {
+        Self::with_metrics(cfg, Arc::new(Metrics::default()))
+    }
+
+    /// Opens the configured store and builds the cache; cache and store activity go to `metrics`.
+    pub fn with_metrics(
+        cfg: &config::Session,
+        metrics: Arc<Metrics>,
+    ) -> Result<Sessions, StoreError> {
         let store = match &cfg.store {
             StoreKind::Memory => AnyStore::Memory(store::memory::MemoryStore::default()),
             StoreKind::Embedded { path } => {
@@ -187,7 +197,8 @@ impl Sessions {
                 same_site: cfg.same_site,
                 max_age: cfg.persistent.then_some(cfg.absolute_timeout.as_secs()),
             },
-            store: Arc::new(store),
+            store: Arc::new(Backend::new(store, metrics.clone())),
+            metrics,
             cache: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
                 .time_to_live(keep)
@@ -217,7 +228,7 @@ impl Sessions {
     }
 
     /// The store's once-set, lease and event channel (for `auth`).
-    pub fn backend(&self) -> &Arc<AnyStore> {
+    pub fn backend(&self) -> &Arc<Backend> {
         &self.store
     }
 
@@ -241,10 +252,12 @@ impl Sessions {
                 if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < self.cache_ttl =>
             {
                 s.last_seen.fetch_max(now, Ordering::Relaxed);
+                self.metrics.cache_hits.inc();
                 return Ok(Lookup::Live(s));
             }
             other => other,
         };
+        self.metrics.cache_misses.inc();
         match self.load(&ticket, key, now).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
@@ -620,6 +633,12 @@ impl Sessions {
         self.cache.entry_count()
     }
 
+    /// Sessions held in the cache, after the cache's pending bookkeeping (for metrics scrapes).
+    pub async fn cached_now(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+
     /// The `Set-Cookie` header value for `value`.
     pub fn set_cookie(&self, value: &Secret) -> HeaderValue {
         self.cookie.set(value)
@@ -754,7 +773,7 @@ mod tests {
     async fn the_store_record_holds_no_token_in_clear() {
         let s = Sessions::new(&cfg()).unwrap();
         let (_, created) = s.create(data(), None, None).await.unwrap();
-        let AnyStore::Memory(m) = s.store.as_ref() else {
+        let AnyStore::Memory(m) = s.store.inner() else {
             unreachable!()
         };
         let rec = m.load(&created.handle, now()).await.unwrap().unwrap();

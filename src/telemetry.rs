@@ -40,6 +40,8 @@ pub struct AccessRecord {
     pub path: String,
     pub status: u16,
     pub route: Option<Arc<str>>,
+    /// The route's index among the metrics' `route` labels ([`crate::metrics::Metrics::route_index`]).
+    pub route_metric: usize,
     pub upstream: Option<Arc<str>>,
     pub request_id: HeaderValue,
     pub client: IpAddr,

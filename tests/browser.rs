@@ -72,6 +72,7 @@ impl BrowserEnv {
                     let proxy = TestProxy {
                         addr: running.addr,
                         redirect_addr: running.redirect_addr,
+                        admin_addr: running.admin_addr,
                         running: Some(running),
                     };
                     break (format!("https://localhost:{port}"), proxy);

@@ -355,6 +355,7 @@ impl crate::proxy::Phases for LoginPhases<'_> {
         {
             tracing::warn!(session = %old.handle, error = %e, "could not end the previous session");
         }
+        self.auth.metrics.login(crate::metrics::LoginResult::Ok);
         tracing::info!(session = %created.handle, "logged in (capture)");
         self.capture.strip(&mut answer);
         let body = serde_json::to_vec(&answer).map_err(Error::internal)?;

@@ -13,8 +13,9 @@ use super::{Auth, id_token, login};
 use crate::body::{self, Body};
 use crate::config::CsrfMode;
 use crate::error::Error;
+use crate::metrics::BackchannelResult;
 use crate::secret::{self, Secret};
-use crate::session::store::{EndReason, OnceSet};
+use crate::session::store::{EndReason, OnceSet, Record};
 use crate::session::{self, Lookup, Session, subject_key};
 
 /// How long logout waits for the provider to revoke the refresh token.
@@ -161,10 +162,17 @@ async fn logout_post(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bod
 async fn sessions(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     csrf(auth, &req)?;
     let s = auth.require_session(&req).await?;
-    let mut list: Vec<Value> = auth
-        .sessions
-        .list(&s.subject)
-        .await?
+    let records = auth.sessions.list(&s.subject).await?;
+    Ok(body::json(
+        StatusCode::OK,
+        &session_list(records, Some(&s.handle)),
+    ))
+}
+
+/// `{"sessions": [...]}`, newest first: the answer of `GET /bff/sessions` (and of the admin API's
+/// `GET /sessions`, where no session is the caller's `current` one).
+pub(crate) fn session_list(records: Vec<Record>, current: Option<&str>) -> Value {
+    let mut list: Vec<Value> = records
         .into_iter()
         .map(|r| {
             json!({
@@ -174,12 +182,12 @@ async fn sessions(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>,
                 "expires_at": rfc3339(r.absolute_expires_at),
                 "idle_expires_at": rfc3339(r.expires_at()),
                 "user_agent": r.user_agent,
-                "current": r.handle == s.handle,
+                "current": current == Some(r.handle.as_str()),
             })
         })
         .collect();
     list.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
-    Ok(body::json(StatusCode::OK, &json!({"sessions": list})))
+    json!({"sessions": list})
 }
 
 async fn delete_session(
@@ -295,8 +303,26 @@ async fn event_stream(
         .await;
 }
 
-/// OpenID Connect Back-Channel Logout 1.0 §2.5–2.8: the provider posts `logout_token`.
+/// OpenID Connect Back-Channel Logout 1.0 §2.5–2.8: the provider posts `logout_token`. Counted in
+/// `coatcheck_backchannel_logout_total{result}`.
 async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let mut result = None;
+    let res = backchannel_logout_inner(auth, req, &mut result).await;
+    let result = result.unwrap_or(match &res {
+        Ok(_) => BackchannelResult::Ok,
+        Err(Error::StoreUnavailable(_)) => BackchannelResult::StoreUnavailable,
+        Err(Error::IdpUnavailable { .. }) => BackchannelResult::IdpUnavailable,
+        Err(_) => BackchannelResult::BadRequest,
+    });
+    auth.metrics.backchannel_logout(result);
+    res
+}
+
+async fn backchannel_logout_inner(
+    auth: &Auth,
+    req: Request<Incoming>,
+    result: &mut Option<BackchannelResult>,
+) -> Result<Response<Body>, Error> {
     let body = Limited::new(req.into_body(), MAX_LOGOUT_BODY)
         .collect()
         .await
@@ -310,7 +336,10 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
         .ok_or_else(|| Error::BadRequest("logout_token is missing".into()))?;
     let claims = match id_token::validate_logout_token(auth.oidc()?, token.expose()).await {
         Ok(c) => c,
-        Err(Ok(e)) => return Err(Error::BadRequest(e.to_string())),
+        Err(Ok(e)) => {
+            *result = Some(BackchannelResult::InvalidToken);
+            return Err(Error::BadRequest(e.to_string()));
+        }
         Err(Err(e)) => return Err(e),
     };
     let iss = claims
@@ -336,6 +365,7 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
         .first_use(&once_key, Duration::from_secs(valid_for))
         .await?
     {
+        *result = Some(BackchannelResult::Replayed);
         return Err(Error::BadRequest(
             "this logout token was already used".into(),
         ));
@@ -353,7 +383,10 @@ async fn backchannel_logout(auth: &Auth, req: Request<Incoming>) -> Result<Respo
                 .delete_idp_session(&subject_key("sid", sid), EndReason::Backchannel)
                 .await?
         }
-        (None, None) => return Err(Error::BadRequest("neither sub nor sid".into())),
+        (None, None) => {
+            *result = Some(BackchannelResult::InvalidToken);
+            return Err(Error::BadRequest("neither sub nor sid".into()));
+        }
     };
     tracing::info!(sessions = ended, at = session::now(), "back-channel logout");
     Ok(body::json(StatusCode::OK, &json!({"ended": ended})))

@@ -23,6 +23,7 @@ use super::oidc::OidcError;
 use super::refresh::login_claims;
 use crate::body::{self, Body, escape_html};
 use crate::error::Error;
+use crate::metrics::LoginResult;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use crate::session::store::{EndReason, OnceSet};
@@ -152,29 +153,54 @@ pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bo
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let name = valid_state.then(|| login_cookie_name(auth.cookie_name(), &state));
-    let outcome = match verified(auth, &req, &state, name.as_deref()).await? {
-        Ok(tx) => exchanged(auth, &req, tx).await?,
-        Err(refusal) => Err(refusal),
+    let outcome = match verified(auth, &req, &state, name.as_deref()).await {
+        Ok(Ok(tx)) => exchanged(auth, &req, tx).await,
+        Ok(Err(refusal)) => Ok(Err(refusal)),
+        Err(e) => Err(e),
     };
-    match outcome {
-        Ok(login) => start_session(auth, &req, login, name.as_deref().unwrap_or_default()).await,
-        Err(Refusal::Bad(reason)) => Ok(failure(StatusCode::BAD_REQUEST, &reason, name.as_deref())),
-        Err(Refusal::Unavailable) => Ok(failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The identity provider is unavailable. Please try again shortly.",
-            name.as_deref(),
-        )),
-    }
+    let (res, result) = match outcome {
+        Ok(Ok(login)) => {
+            let res = start_session(auth, &req, login, name.as_deref().unwrap_or_default()).await;
+            (res, LoginResult::Ok)
+        }
+        Ok(Err(Refusal::Bad(reason, result))) => (
+            Ok(failure(StatusCode::BAD_REQUEST, &reason, name.as_deref())),
+            result,
+        ),
+        Ok(Err(Refusal::Unavailable(result))) => (
+            Ok(failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The identity provider is unavailable. Please try again shortly.",
+                name.as_deref(),
+            )),
+            result,
+        ),
+        Err(e) => (Err(e), LoginResult::InvalidRequest),
+    };
+    // `coatcheck_logins_total{result}`: errors by the side that failed.
+    let result = match &res {
+        Err(Error::StoreUnavailable(_)) => LoginResult::StoreUnavailable,
+        Err(Error::IdpUnavailable { .. }) => LoginResult::IdpUnavailable,
+        Err(_) if result == LoginResult::Ok => LoginResult::InvalidRequest,
+        _ => result,
+    };
+    auth.metrics.login(result);
+    res
 }
 
-/// Why a callback is refused: the sign-in page's message (400), or the provider is unavailable.
+/// Why a callback is refused: the sign-in page's message (400), or the provider is unavailable;
+/// with the result it counts as.
 enum Refusal {
-    Bad(String),
-    Unavailable,
+    Bad(String, LoginResult),
+    Unavailable(LoginResult),
 }
 
 fn refuse<T>(reason: &str) -> Result<Result<T, Refusal>, Error> {
-    Ok(Err(Refusal::Bad(reason.to_owned())))
+    refuse_as(reason, LoginResult::InvalidRequest)
+}
+
+fn refuse_as<T>(reason: &str, result: LoginResult) -> Result<Result<T, Refusal>, Error> {
+    Ok(Err(Refusal::Bad(reason.to_owned(), result)))
 }
 
 /// The provider's answer as it arrived: not an error, this browser's login (cookie, state, age),
@@ -188,11 +214,14 @@ async fn verified(
     if let Some(error) = query_param(req, "error") {
         let description = query_param(req, "error_description").unwrap_or_default();
         tracing::info!(error = %error.chars().take(64).collect::<String>(), "the identity provider refused the login");
-        return refuse(&format!(
-            "The identity provider answered: {} {}",
-            error.chars().take(64).collect::<String>(),
-            description.chars().take(256).collect::<String>()
-        ));
+        return refuse_as(
+            &format!(
+                "The identity provider answered: {} {}",
+                error.chars().take(64).collect::<String>(),
+                description.chars().take(256).collect::<String>()
+            ),
+            LoginResult::Denied,
+        );
     }
     let Some(name) = name else {
         return refuse("The sign-in answer has no valid state.");
@@ -256,15 +285,26 @@ async fn exchanged(
         Ok(t) => t,
         Err(e @ (OidcError::Unavailable(_) | OidcError::Invalid(_))) => {
             tracing::warn!(error = %e, "code exchange failed");
-            return Ok(Err(Refusal::Unavailable));
+            let result = if super::refresh::is_timeout(&e) {
+                LoginResult::Timeout
+            } else {
+                LoginResult::IdpUnavailable
+            };
+            return Ok(Err(Refusal::Unavailable(result)));
         }
         Err(e) => {
             tracing::info!(error = %e, "code exchange refused");
-            return refuse("The identity provider refused the sign-in code.");
+            return refuse_as(
+                "The identity provider refused the sign-in code.",
+                LoginResult::InvalidGrant,
+            );
         }
     };
     let Some(id_token) = tokens.id_token.take() else {
-        return refuse("The identity provider sent no ID token.");
+        return refuse_as(
+            "The identity provider sent no ID token.",
+            LoginResult::InvalidToken,
+        );
     };
     let expected = Expected {
         nonce: Some(tx.nonce.expose()),
@@ -278,7 +318,10 @@ async fn exchanged(
         })),
         Err(Ok(e)) => {
             tracing::warn!(error = %e, "ID token refused at login");
-            refuse("The identity provider's ID token is not valid.")
+            refuse_as(
+                "The identity provider's ID token is not valid.",
+                LoginResult::InvalidToken,
+            )
         }
         Err(Err(e)) => Err(e),
     }

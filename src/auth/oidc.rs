@@ -16,6 +16,7 @@ use url::Url;
 
 use crate::config::{self, ClientAuth};
 use crate::error::{BoxError, Error};
+use crate::metrics::{IdpEndpoint, Metrics};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
 
@@ -117,11 +118,16 @@ pub struct Provider {
     jwks: RwLock<Option<Arc<Jwks>>>,
     refetch: tokio::sync::Mutex<()>,
     last_error: Mutex<Option<String>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Provider {
     /// Builds the client (no network yet).
-    pub fn new(cfg: &config::Oidc, public_origin: &str) -> Result<Provider, TlsError> {
+    pub fn new(
+        cfg: &config::Oidc,
+        public_origin: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Provider, TlsError> {
         let tls = tls::client_config(
             tls::root_store("oidc.ca", cfg.ca.as_deref())?,
             &[b"http/1.1"],
@@ -147,6 +153,7 @@ impl Provider {
             jwks: RwLock::new(None),
             refetch: tokio::sync::Mutex::new(()),
             last_error: Mutex::new(Some("discovery has not completed yet".into())),
+            metrics,
         })
     }
 
@@ -228,7 +235,7 @@ impl Provider {
     pub async fn discover(&self) -> Result<(), OidcError> {
         let issuer = self.cfg.issuer.as_str().trim_end_matches('/');
         let url = format!("{issuer}/.well-known/openid-configuration");
-        let meta: Metadata = self.get_json(&url).await?;
+        let meta: Metadata = self.get_json(IdpEndpoint::Discovery, &url).await?;
         // OpenID Connect Discovery §4.3: the document's issuer must be exactly the configured one,
         // byte for byte (no trailing-slash or case folding).
         if meta.issuer != self.cfg.issuer_id {
@@ -271,7 +278,7 @@ impl Provider {
     }
 
     async fn fetch_jwks(&self, url: &Url) -> Result<Jwks, OidcError> {
-        let set: JwkSet = self.get_json(url.as_str()).await?;
+        let set: JwkSet = self.get_json(IdpEndpoint::Jwks, url.as_str()).await?;
         let mut keys = HashMap::new();
         let mut anonymous = Vec::new();
         for jwk in set.keys {
@@ -435,6 +442,17 @@ impl Provider {
             ("token", refresh_token.expose().clone()),
             ("token_type_hint", "refresh_token".to_owned()),
         ];
+        let start = Instant::now();
+        let r = self.revoke_call(endpoint, form).await;
+        self.record(IdpEndpoint::Revocation, start, &r);
+        r
+    }
+
+    async fn revoke_call(
+        &self,
+        endpoint: &Url,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<(), OidcError> {
         let res = self
             .authenticated_post(endpoint, form)
             .send()
@@ -452,6 +470,13 @@ impl Provider {
                 status: res.status().as_u16(),
             })
         }
+    }
+
+    /// Counts one provider call: its latency, and a failure unless the provider answered (an
+    /// OAuth error is an answer).
+    fn record<T>(&self, endpoint: IdpEndpoint, start: Instant, r: &Result<T, OidcError>) {
+        let failed = matches!(r, Err(OidcError::Unavailable(_) | OidcError::Invalid(_)));
+        self.metrics.idp_call(endpoint, start.elapsed(), failed);
     }
 
     /// The RP-initiated logout URL (OpenID Connect RP-Initiated Logout 1.0 §2), if supported.
@@ -510,6 +535,17 @@ impl Provider {
         endpoint: &Url,
         form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse, OidcError> {
+        let start = Instant::now();
+        let r = self.token_call(endpoint, form).await;
+        self.record(IdpEndpoint::Token, start, &r);
+        r
+    }
+
+    async fn token_call(
+        &self,
+        endpoint: &Url,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<TokenResponse, OidcError> {
         let res = self
             .authenticated_post(endpoint, form)
             .send()
@@ -536,7 +572,21 @@ impl Provider {
         validate_token_response(raw)
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: IdpEndpoint,
+        url: &str,
+    ) -> Result<T, OidcError> {
+        let start = Instant::now();
+        let r = self.get_json_call(url).await;
+        self.record(endpoint, start, &r);
+        r
+    }
+
+    async fn get_json_call<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<T, OidcError> {
         let res = self
             .http
             .get(url)

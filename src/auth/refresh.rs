@@ -15,7 +15,6 @@
 //!   not: the current access token is used while valid, then 503 with `Retry-After`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -23,8 +22,9 @@ use serde_json::Value;
 use super::issuer::{Issuer, IssuerError, Issuers};
 use crate::config;
 use crate::error::Error;
+use crate::metrics::{Metrics, Open, RefreshResult};
 use crate::secret;
-use crate::session::store::{AnyStore, EndReason, Event, Events, Lease, OnceSet, StoreError};
+use crate::session::store::{Backend, EndReason, Event, Events, Lease, OnceSet, StoreError};
 use crate::session::{self, Session, Sessions};
 
 /// A waiter re-reads the store at least this often, even without hearing the lease's release.
@@ -32,16 +32,6 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// `Retry-After` seconds when the provider is unavailable.
 pub const RETRY_AFTER_SECS: u64 = 5;
-
-/// Refresh counters, written to the log (Prometheus comes later).
-#[derive(Default)]
-pub struct Metrics {
-    pub refreshes: AtomicU64,
-    pub ended_sessions: AtomicU64,
-    pub provider_failures: AtomicU64,
-    pub waiters: AtomicU64,
-    pub grace_hits: AtomicU64,
-}
 
 /// What the lease holder found.
 enum Step {
@@ -57,12 +47,12 @@ pub struct Refresher {
     issuers: Arc<Issuers>,
     sessions: Arc<Sessions>,
     /// The lease, the spent-token set and the release announcements.
-    backend: Arc<AnyStore>,
+    backend: Arc<Backend>,
     wait: Duration,
     grace: Duration,
     /// How long a refresh lease lives if its holder dies: long enough for the provider calls.
     lease_ttl: Duration,
-    pub metrics: Metrics,
+    metrics: Arc<Metrics>,
     /// The `login_url` of a 401 `session_expired`.
     login_url: String,
 }
@@ -73,6 +63,7 @@ impl Refresher {
         sessions: Arc<Sessions>,
         oidc: Option<&config::Oidc>,
         login_url: String,
+        metrics: Arc<Metrics>,
     ) -> Refresher {
         let timeout = oidc.map_or(config::DEFAULT_IDP_TIMEOUT, |o| o.timeout);
         Refresher {
@@ -82,7 +73,7 @@ impl Refresher {
             wait: oidc.map_or(config::DEFAULT_REFRESH_WAIT, |o| o.refresh_wait),
             grace: oidc.map_or(config::DEFAULT_ROTATION_GRACE, |o| o.rotation_grace),
             lease_ttl: timeout * 2 + Duration::from_secs(2),
-            metrics: Metrics::default(),
+            metrics,
             login_url,
         }
     }
@@ -152,14 +143,16 @@ impl Refresher {
             }
             // Someone else holds the lease (here or on another instance): wait for its release,
             // then take its result from the store.
-            self.metrics.waiters.fetch_add(1, Ordering::Relaxed);
             let until = deadline.min(Instant::now() + WAIT_POLL);
-            wait_release(&mut released, &key, until).await;
-            self.metrics.waiters.fetch_sub(1, Ordering::Relaxed);
+            {
+                let _waiting = Open::new(&self.metrics.refresh_waiters);
+                wait_release(&mut released, &key, until).await;
+            }
             match self.sessions.reload(&seen).await {
                 Ok(Some(current))
                     if current.version != seen.version && (rejected || !self.due(&current)) =>
                 {
+                    self.metrics.refresh(RefreshResult::Shared);
                     return Ok(current);
                 }
                 Ok(Some(_)) => {}
@@ -180,6 +173,7 @@ impl Refresher {
         rejected: bool,
         e: StoreError,
     ) -> Result<Arc<Session>, Error> {
+        self.metrics.refresh(RefreshResult::StoreUnavailable);
         tracing::warn!(target: "coatcheck::refresh", session = %seen.handle, error = %e, "refresh postponed; session store unavailable");
         if !rejected && seen.token_valid() {
             return Ok(seen);
@@ -188,6 +182,7 @@ impl Refresher {
     }
 
     fn gave_up_waiting(&self, seen: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {
+        self.metrics.refresh(RefreshResult::WaitTimeout);
         if !rejected && seen.token_valid() {
             return Ok(seen);
         }
@@ -205,6 +200,7 @@ impl Refresher {
         };
         let now = session::now();
         if current.version != seen.version && (rejected || !self.due(&current)) {
+            self.metrics.refresh(RefreshResult::Shared);
             return Ok(Step::Done(current));
         }
         if !rejected && !self.due(&current) {
@@ -214,7 +210,8 @@ impl Refresher {
             return if current.token_valid() && !rejected {
                 Ok(Step::Done(current))
             } else {
-                self.end(&current, "no refresh token").await
+                self.end(&current, "no refresh token", RefreshResult::NoRefreshToken)
+                    .await
             };
         };
         let spent = format!(
@@ -224,20 +221,18 @@ impl Refresher {
         match self.backend.first_use(&spent, self.grace).await {
             Ok(true) => {}
             // Presented moments ago by a request whose result is not in the store yet.
-            Ok(false) => {
-                self.metrics.grace_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Step::Wait);
-            }
+            Ok(false) => return Ok(Step::Wait),
             Err(e) => return self.store_blip(current, rejected, e).map(Step::Done),
         }
-        self.metrics.refreshes.fetch_add(1, Ordering::Relaxed);
         let issued = match self.issuers.get(current.data.issuer) {
             Ok(issuer) => issuer.refresh(&current.data, &refresh_token, now).await,
             Err(e) => Err(e),
         };
         let data = match issued {
             Ok(data) => data,
-            Err(IssuerError::Refused(why)) => return self.end(&current, &why).await,
+            Err(IssuerError::Refused(why)) => {
+                return self.end(&current, &why, RefreshResult::InvalidGrant).await;
+            }
             Err(e @ IssuerError::Unavailable(_)) => {
                 // The issuer did not take the token: it may be presented again.
                 if let Err(e) = self.backend.forget(&spent).await {
@@ -248,29 +243,24 @@ impl Refresher {
         };
         match self.sessions.update(&current, data).await? {
             Some(updated) => {
-                tracing::info!(
-                    target: "coatcheck::refresh",
-                    session = %updated.handle,
-                    refreshes = self.metrics.refreshes.load(Ordering::Relaxed),
-                    ended = self.metrics.ended_sessions.load(Ordering::Relaxed),
-                    provider_failures = self.metrics.provider_failures.load(Ordering::Relaxed),
-                    waiters = self.metrics.waiters.load(Ordering::Relaxed),
-                    "access token refreshed"
-                );
+                self.metrics.refresh(RefreshResult::Ok);
+                tracing::info!(target: "coatcheck::refresh", session = %updated.handle, "access token refreshed");
                 Ok(Step::Done(updated))
             }
             // Another instance won the compare-and-set: its result is in the store.
-            None => self
-                .sessions
-                .reload(&current)
-                .await?
-                .map(Step::Done)
-                .ok_or_else(|| self.expired()),
+            None => {
+                self.metrics.refresh(RefreshResult::Shared);
+                self.sessions
+                    .reload(&current)
+                    .await?
+                    .map(Step::Done)
+                    .ok_or_else(|| self.expired())
+            }
         }
     }
 
-    async fn end(&self, s: &Session, why: &str) -> Result<Step, Error> {
-        self.metrics.ended_sessions.fetch_add(1, Ordering::Relaxed);
+    async fn end(&self, s: &Session, why: &str, result: RefreshResult) -> Result<Step, Error> {
+        self.metrics.refresh(result);
         tracing::info!(target: "coatcheck::refresh", session = %s.handle, reason = why, "refresh refused; session ended");
         self.sessions.delete(&s.handle, EndReason::Revoked).await?;
         Err(self.expired())
@@ -282,10 +272,12 @@ impl Refresher {
         e: IssuerError,
         rejected: bool,
     ) -> Result<Arc<Session>, Error> {
-        self.metrics
-            .provider_failures
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "coatcheck::refresh", session = %current.handle, error = %e, failures = self.metrics.provider_failures.load(Ordering::Relaxed), "refresh failed; identity provider unavailable");
+        self.metrics.refresh(if is_timeout(&e) {
+            RefreshResult::Timeout
+        } else {
+            RefreshResult::IdpUnavailable
+        });
+        tracing::warn!(target: "coatcheck::refresh", session = %current.handle, error = %e, "refresh failed; identity provider unavailable");
         if !rejected && current.token_valid() {
             return Ok(current);
         }
@@ -294,6 +286,20 @@ impl Refresher {
             retry_after: RETRY_AFTER_SECS,
         })
     }
+}
+
+/// Whether an error (or one of its sources) is an HTTP client timeout.
+pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Waits until `key`'s lease is announced released, or until `until`.

@@ -18,6 +18,16 @@ pub struct ConfigFile {
     pub csrf: CsrfFile,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
+    pub admin: Option<AdminFile>,
+}
+
+/// `[admin]`: the operator listener (metrics, health, session admin API).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: String,
+    /// A secret (inline, `env:NAME`, `file:PATH`); enables the session admin API.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,11 +19,13 @@ pub mod memory;
 pub mod redis;
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BoxError, Error};
+use crate::metrics::{Metrics, StoreOp};
 
 /// One stored session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +302,121 @@ impl Events for AnyStore {
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
         dispatch!(self, s => s.subscribe())
+    }
+}
+
+/// The configured store as coatcheck uses it: every call timed and its failures counted
+/// (`coatcheck_store_call_duration_seconds{op}`, `coatcheck_store_errors_total`).
+pub struct Backend {
+    store: AnyStore,
+    metrics: Arc<Metrics>,
+}
+
+impl Backend {
+    /// Wraps `store`; its calls are recorded in `metrics`.
+    pub fn new(store: AnyStore, metrics: Arc<Metrics>) -> Backend {
+        Backend { store, metrics }
+    }
+
+    /// The store itself, untimed.
+    pub fn inner(&self) -> &AnyStore {
+        &self.store
+    }
+
+    async fn timed<T>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = Instant::now();
+        let r = call.await;
+        self.metrics.store_call(
+            op,
+            start.elapsed(),
+            matches!(r, Err(StoreError::Unavailable(_))),
+        );
+        r
+    }
+}
+
+impl Store for Backend {
+    async fn create(&self, record: Record) -> Result<(), StoreError> {
+        self.timed(StoreOp::Create, self.store.create(record)).await
+    }
+    async fn load(&self, handle: &str, now: u64) -> Result<Option<Record>, StoreError> {
+        self.timed(StoreOp::Load, self.store.load(handle, now))
+            .await
+    }
+    async fn save(&self, record: Record, expected_version: u64) -> Result<bool, StoreError> {
+        self.timed(StoreOp::Save, self.store.save(record, expected_version))
+            .await
+    }
+    async fn touch(
+        &self,
+        handle: &str,
+        last_seen: u64,
+        idle_expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.timed(
+            StoreOp::Touch,
+            self.store.touch(handle, last_seen, idle_expires_at),
+        )
+        .await
+    }
+    async fn delete(&self, handle: &str) -> Result<Option<Record>, StoreError> {
+        self.timed(StoreOp::Delete, self.store.delete(handle)).await
+    }
+    async fn delete_idp_session(&self, idp_sid: &str) -> Result<Vec<String>, StoreError> {
+        self.timed(
+            StoreOp::DeleteIdpSession,
+            self.store.delete_idp_session(idp_sid),
+        )
+        .await
+    }
+    async fn delete_subject(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+        self.timed(StoreOp::DeleteSubject, self.store.delete_subject(subject))
+            .await
+    }
+    async fn list_subject(&self, subject: &str, now: u64) -> Result<Vec<Record>, StoreError> {
+        self.timed(StoreOp::ListSubject, self.store.list_subject(subject, now))
+            .await
+    }
+    async fn sweep(&self, now: u64) -> Result<usize, StoreError> {
+        self.timed(StoreOp::Sweep, self.store.sweep(now)).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(StoreOp::Ping, self.store.ping()).await
+    }
+}
+
+impl OnceSet for Backend {
+    async fn first_use(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.timed(StoreOp::FirstUse, self.store.first_use(key, ttl))
+            .await
+    }
+    async fn forget(&self, key: &str) -> Result<(), StoreError> {
+        self.timed(StoreOp::Forget, self.store.forget(key)).await
+    }
+}
+
+impl Lease for Backend {
+    async fn acquire(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        self.timed(StoreOp::Acquire, self.store.acquire(key, ttl))
+            .await
+    }
+    async fn release(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        self.timed(StoreOp::Release, self.store.release(key, token))
+            .await
+    }
+}
+
+impl Events for Backend {
+    async fn publish(&self, event: &Event) -> Result<(), StoreError> {
+        self.timed(StoreOp::Publish, self.store.publish(event))
+            .await
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.store.subscribe()
     }
 }
 

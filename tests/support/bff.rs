@@ -32,6 +32,8 @@ pub struct EnvOptions {
     pub idp: IdpOptions,
     /// Start the provider (false: point coatcheck at a port where nothing listens yet).
     pub start_idp: bool,
+    /// Extra top-level tables appended to the configuration (e.g. `[admin]`).
+    pub extra: String,
 }
 
 impl Default for EnvOptions {
@@ -44,6 +46,7 @@ impl Default for EnvOptions {
             store: "kind = \"memory\"".into(),
             idp: IdpOptions::default(),
             start_idp: true,
+            extra: String::new(),
         }
     }
 }
@@ -68,11 +71,12 @@ pub fn config_text(opts: &EnvOptions, idp_port: u16, api: &str) -> String {
          [[route]]\npath = \"/app/\"\nupstream = \"{api}\"\nauth = \"required\"\nlogin_redirect = true\ncsrf = \"unsafe-methods\"\n\n\
          [[route]]\npath = \"/maybe/\"\nupstream = \"{api}\"\nauth = \"optional\"\n\n\
          [[route]]\npath = \"/admin/\"\nupstream = \"{api}\"\nauth = \"required\"\nroles = [\"admin\"]\n\n\
-         [[route]]\npath = \"/\"\nupstream = \"{api}\"\nauth = \"none\"\n",
+         [[route]]\npath = \"/\"\nupstream = \"{api}\"\nauth = \"none\"\n\n{extra}\n",
         session = opts.session,
         store = opts.store,
         oidc = opts.oidc,
         routes = opts.routes.replace("{api}", api),
+        extra = opts.extra,
         api = api,
     )
 }

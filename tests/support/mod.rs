@@ -152,6 +152,8 @@ pub fn proxy_config(server_extra: &str, extra: &str) -> String {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub redirect_addr: Option<SocketAddr>,
+    /// The plain-HTTP admin listener, with `[admin]` in the config.
+    pub admin_addr: Option<SocketAddr>,
     pub running: Option<Running>,
 }
 
@@ -173,6 +175,7 @@ pub async fn start_proxy_with(server_extra: &str, extra: &str) -> TestProxy {
     TestProxy {
         addr: running.addr,
         redirect_addr: running.redirect_addr,
+        admin_addr: running.admin_addr,
         running: Some(running),
     }
 }
