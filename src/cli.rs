@@ -172,6 +172,7 @@ fn run(path: &std::path::Path, log_format: Option<CliLogFormat>) -> ExitCode {
             }
         };
         let token = running.shutdown_token();
+        tokio::spawn(reload_on_hangup(running.reloader(), token.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown signal received; draining");
@@ -181,6 +182,33 @@ fn run(path: &std::path::Path, log_format: Option<CliLogFormat>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// `SIGHUP` (`kill -HUP`): reload the configuration file and the certificate, one at a time.
+async fn reload_on_hangup(
+    reloader: app::ReloadHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload needs a restart");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tracing::info!("SIGHUP received; reloading the configuration");
+        let reloader = reloader.clone();
+        // File reads and key parsing: off the request threads.
+        if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload()).await {
+            tracing::error!(error = %e, "reload failed");
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -45,7 +45,8 @@ pub struct Router {
     underscore_headers: UnderscoreHeaders,
     hsts: Option<HeaderValue>,
     body_idle: Duration,
-    login_limit: ratelimit::RateLimiter,
+    /// Shared by the routers of successive reloads: a reload does not refill anyone's bucket.
+    login_limit: Arc<ratelimit::RateLimiter>,
 }
 
 /// Methods refused on every route (405): `TRACE`/`TRACK` echo the request (cookies included) back
@@ -78,10 +79,17 @@ impl Router {
             underscore_headers: config.server.underscore_headers,
             hsts: config.server.hsts.clone(),
             body_idle: config.server.limits.body_idle_timeout,
-            login_limit: ratelimit::RateLimiter::per_minute(
+            login_limit: Arc::new(ratelimit::RateLimiter::per_minute(
                 config.server.limits.login_requests_per_minute,
-            ),
+            )),
         })
+    }
+
+    /// This router with the login rate limiter of `running` (whose limit a reload keeps: it is
+    /// one of `server.limits`), so the buckets carry over.
+    pub(crate) fn keeping_login_limit_of(mut self, running: &Router) -> Router {
+        self.login_limit = running.login_limit.clone();
+        self
     }
 
     /// Whether `peer` is one of `server.trusted_proxies` (it speaks for many clients).
