@@ -287,9 +287,15 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// A configuration; `server` holds more `[server]` keys (a `listen` there replaces the default).
     fn config(server: &str, rest: &str) -> Config {
+        let listen = if server.starts_with("listen") {
+            ""
+        } else {
+            "listen = \"127.0.0.1:8443\"\n"
+        };
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:8443\"\npublic_origin = \"https://localhost:8443\"\n{server}\n\
+            "[server]\n{listen}public_origin = \"https://localhost:8443\"\n{server}\n\
              [server.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\n{rest}\n"
         );
         Config::from_toml(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"))
@@ -302,7 +308,7 @@ mod tests {
     fn routes_log_level_and_csrf_reload_without_a_restart() {
         let running = config("", ROUTE);
         let mut next = config(
-            "hsts = false\ntrusted_proxies = [\"10.0.0.0/8\"]",
+            "hsts = \"off\"\ntrusted_proxies = [\"10.0.0.0/8\"]",
             "[log]\nlevel = \"debug\"\n[csrf]\nheader = \"x-other\"\n\
              [[route]]\npath = \"/v2/\"\nupstream = \"http://127.0.0.1:9002\"\nauth = \"none\"\n",
         );
@@ -348,7 +354,7 @@ mod tests {
             .replace("MDEy", "QUJD")
             .replace(
                 "[session]\n",
-                "[session]\nstore = { kind = \"embedded\" }\ncache = { ttl = \"5s\" }\n",
+                "[session]\nstore = { kind = \"memory\" }\ncache = { ttl = \"5s\" }\n",
             );
         let mut next = config("", &format!("{text}{ROUTE}"));
         assert_eq!(
@@ -368,7 +374,7 @@ mod tests {
             "",
             &format!("{SESSIONS}{}", ROUTE.replace("none", "bearer")),
         );
-        assert_eq!(keep_running(&running, &mut next), ["oidc"]);
+        assert_eq!(keep_running(&running, &mut next), ["session.keys", "oidc"]);
         let refused = unservable(&next, false).expect("refused");
         assert_eq!(refused.key, "route[0].auth");
         assert!(refused.reason.contains("[oidc]"), "{refused}");
