@@ -324,3 +324,51 @@ async fn a_reloaded_log_level_takes_effect() {
     assert_eq!(proc.count_logs("/api/quiet"), 0, "{}", proc.logs());
     assert_eq!(upstream.seen().len(), 2);
 }
+
+/// `[oidc]` (a provider nobody answers for: no request here needs it) and one `required` route.
+fn with_login(csrf_header: &str, upstream: &Upstream) -> String {
+    proxy_config(
+        "",
+        &format!(
+            "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"coatcheck\"\nclient_secret = \"s\"\n\
+             [session]\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
+             store = {{ kind = \"memory\" }}\n[csrf]\nheader = \"{csrf_header}\"\n\
+             [[route]]\npath = \"/app/\"\nupstream = \"{}\"\n",
+            upstream.url()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_reloaded_csrf_header_applies_to_routes_with_a_login() {
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("reload-csrf");
+    let path = dir.join("config.toml");
+    std::fs::write(&path, with_login("x-csrf", &upstream)).unwrap();
+    let running = start_from(&path).await;
+    let client = http1_client(running.addr);
+    let url = format!("https://localhost:{}/app/x", running.addr.port());
+    let status = |header: &'static str| {
+        let req = client.get(&url).header(header, "1");
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Past the CSRF check a request without a session is 401; stopped by it, 403.
+    assert_eq!(
+        (status("x-csrf").await, status("x-other").await),
+        (401, 403)
+    );
+
+    std::fs::write(&path, with_login("x-other", &upstream)).unwrap();
+    assert_eq!(
+        running.reloader().reload(),
+        ReloadOutcome::Applied {
+            needs_restart: vec![]
+        }
+    );
+    assert_eq!(
+        (status("x-csrf").await, status("x-other").await),
+        (403, 401)
+    );
+    assert!(upstream.seen().is_empty());
+    running.shutdown();
+}
