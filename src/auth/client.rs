@@ -347,6 +347,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_token_of_a_grant_set_still_in_use_and_adds_new_sets() {
+        let fake = Fake::new(300, Duration::ZERO);
+        let before = config(TWO_ROUTES);
+        let t = tokens(&fake, &before);
+        let a = t.bearer(&before.routes[0]).await.unwrap();
+        // Route /a/ keeps its scopes under another path; /c/ goes; /d/ asks for a new set.
+        let after = config(
+            "[[route]]\npath = \"/moved/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nscopes = [\"api\", \"read\"]\n\
+             [[route]]\npath = \"/d/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nscopes = [\"new\"]\n",
+        );
+        let r = t.reconfigured(&after.routes);
+        assert_eq!(r.caches.len(), 2);
+        assert_eq!(r.bearer(&after.routes[0]).await.unwrap(), a);
+        assert_eq!(
+            fake.grants.load(Ordering::SeqCst),
+            1,
+            "no new grant for a kept set"
+        );
+        assert_ne!(r.bearer(&after.routes[1]).await.unwrap(), a);
+        assert!(
+            r.bearer(&before.routes[2]).await.is_err(),
+            "a dropped set fails closed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn routes_with_the_same_set_share_a_token_and_other_sets_get_their_own() {
         let fake = Fake::new(300, Duration::ZERO);
         let c = config(TWO_ROUTES);
