@@ -4,7 +4,9 @@
 //! - session cache hit: [`Sessions::lookup`] of a cached session (cookie parse, verify, moka get);
 //! - header rewrite: hop-by-hop stripping, forwarding headers and removal of coatcheck's cookies
 //!   on a browser-like request head;
-//! - AEAD open: AES-256-GCM open of a session record with tokens of the test provider's sizes.
+//! - AEAD open: AES-256-GCM open of a session record with tokens of the test provider's sizes;
+//! - router per request: what the listener does to get the router of a request, before reload
+//!   (`Arc::clone`) and with it (`ArcSwap::load_full`, the swap point of a reload).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -137,6 +139,16 @@ fn micro(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         )
+    });
+
+    // The listener's per-request step; the cost does not depend on what the Arc holds.
+    let shared = std::sync::Arc::new(session_config());
+    c.bench_function("router_per_request_arc_clone", |b| {
+        b.iter(|| black_box(std::sync::Arc::clone(black_box(&shared))))
+    });
+    let swap = arc_swap::ArcSwap::new(shared.clone());
+    c.bench_function("router_per_request_arcswap_load_full", |b| {
+        b.iter(|| black_box(black_box(&swap).load_full()))
     });
 
     let key = ticket.record_key();

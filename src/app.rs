@@ -82,6 +82,7 @@ pub struct ReloadHandle(Arc<Reloader>);
 impl ReloadHandle {
     /// Re-reads the configuration file and the TLS certificate and key, and applies what may
     /// change at run time (see [`reload`]); a file that does not validate changes nothing.
+    /// Blocks on file reads: a server calls it from `spawn_blocking` (as the `SIGHUP` handler does).
     pub fn reload(&self) -> ReloadOutcome {
         self.0.reload()
     }
