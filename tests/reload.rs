@@ -7,7 +7,6 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use coatcheck::app::{ReloadOutcome, Running};
 use coatcheck::config::Config;
@@ -318,9 +317,11 @@ async fn a_reloaded_log_level_takes_effect() {
         &format!("https://localhost:{}/api/quiet", proc.addr.port()),
     )
     .await;
-    // The line would be written when the body ended, before the client had it; a margin for the
-    // pipe all the same.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An access line is written when the body ends, before the client has it all; a line logged
+    // after the answer (a refused reload, at `error`) comes behind it in the pipe.
+    std::fs::write(proc.config_path(), "[server\n").unwrap();
+    proc.signal("HUP");
+    assert!(proc.wait_for_log("reload refused").await, "{}", proc.logs());
     assert_eq!(proc.count_logs("/api/quiet"), 0, "{}", proc.logs());
     assert_eq!(upstream.seen().len(), 2);
 }
