@@ -8,6 +8,8 @@
 //! - metrics per request: what metrics add to one proxied request with a cache hit — the
 //!   (route, status) counter, the duration histogram and the cache-hit counter, on handles
 //!   resolved at start-up — against the same loop without them (`metrics_off`).
+//! - router per request: what the listener does to get the router of a request, before reload
+//!   (`Arc::clone`) and with it (`ArcSwap::load_full`, the swap point of a reload).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -23,6 +25,8 @@ use coatcheck::session::ticket::{Keys, Ticket};
 use coatcheck::session::{Lookup, SessionData, Sessions, now};
 
 const COOKIE: &str = "__Host-coatcheck";
+/// `session.cache.ttl` of the benchmark's sessions.
+const TTL: Duration = Duration::from_secs(3600);
 
 fn session_config() -> config::Session {
     config::Session {
@@ -35,7 +39,7 @@ fn session_config() -> config::Session {
         keys: vec![Secret::new(vec![7u8; 32])],
         store: StoreKind::Memory,
         cache_capacity: 1000,
-        cache_ttl: Duration::from_secs(3600),
+        cache_ttl: TTL,
     }
 }
 
@@ -112,7 +116,7 @@ fn micro(c: &mut Criterion) {
         .unwrap();
     let req = browser_request(cookie.expose());
     assert!(matches!(
-        rt.block_on(sessions.lookup(&req)).unwrap(),
+        rt.block_on(sessions.lookup(&req, TTL)).unwrap(),
         Lookup::Live(_)
     ));
     c.bench_function("session_cache_hit", |b| {
@@ -120,7 +124,7 @@ fn micro(c: &mut Criterion) {
             rt.block_on(async {
                 let t = Instant::now();
                 for _ in 0..iters {
-                    black_box(sessions.lookup(black_box(&req)).await.unwrap());
+                    black_box(sessions.lookup(black_box(&req), TTL).await.unwrap());
                 }
                 t.elapsed()
             })
@@ -155,6 +159,16 @@ fn micro(c: &mut Criterion) {
     });
     c.bench_function("metrics_per_request_off", |b| {
         b.iter(|| black_box(black_box(start).elapsed()))
+    });
+
+    // The listener's per-request step; the cost does not depend on what the Arc holds.
+    let shared = std::sync::Arc::new(session_config());
+    c.bench_function("router_per_request_arc_clone", |b| {
+        b.iter(|| black_box(std::sync::Arc::clone(black_box(&shared))))
+    });
+    let swap = arc_swap::ArcSwap::new(shared.clone());
+    c.bench_function("router_per_request_arcswap_load_full", |b| {
+        b.iter(|| black_box(black_box(&swap).load_full()))
     });
 
     let key = ticket.record_key();

@@ -283,7 +283,10 @@ async fn lookup(o: &Opts) -> Value {
     for c in &picked {
         let h = cookie_headers(c);
         let t = Instant::now();
-        let r = sessions.lookup(&h).await.expect("lookup");
+        let r = sessions
+            .lookup(&h, Duration::from_secs(3600))
+            .await
+            .expect("lookup");
         lat_us.push(t.elapsed().as_secs_f64() * 1e6);
         match r {
             Lookup::Live(_) => live += 1,
@@ -324,7 +327,9 @@ async fn cachemem(o: &Opts) -> Value {
     // Let moka finish its pending maintenance (evictions with capacity 0).
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = sessions.lookup(&HeaderMap::new()).await;
+        let _ = sessions
+            .lookup(&HeaderMap::new(), Duration::from_secs(3600))
+            .await;
     }
     let after = rss_kib("VmRSS:");
     json!({

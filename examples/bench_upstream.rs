@@ -191,7 +191,9 @@ fn main() {
                 eprintln!("bench_upstream: --tls needs --cert and --key");
                 std::process::exit(64);
             };
-            let cfg = coatcheck::tls::server_config(cert, key).expect("TLS certificate and key");
+            let cert =
+                coatcheck::tls::ServerCert::load(cert, key).expect("TLS certificate and key");
+            let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
             let l = TcpListener::bind(addr).await.expect("bind --tls");
             eprintln!("bench_upstream: https://{}", l.local_addr().expect("addr"));
             tasks.push(tokio::spawn(serve(

@@ -47,7 +47,8 @@ const MAX_PARAM: usize = 1024;
 /// The admin endpoints.
 pub struct Admin {
     metrics: Arc<Metrics>,
-    router: Arc<Router>,
+    /// The running router (swapped by a reload).
+    router: Arc<arc_swap::ArcSwap<Router>>,
     auth: Option<Arc<Auth>>,
     token: Option<Secret>,
 }
@@ -57,7 +58,7 @@ impl Admin {
     pub fn new(
         config: &AdminConfig,
         metrics: Arc<Metrics>,
-        router: Arc<Router>,
+        router: Arc<arc_swap::ArcSwap<Router>>,
         auth: Option<Arc<Auth>>,
     ) -> Admin {
         Admin {
@@ -110,7 +111,7 @@ impl Admin {
             }
             "/readyz" => {
                 get_only("GET")?;
-                Ok(match self.router.ready().await {
+                Ok(match self.router.load_full().ready().await {
                     Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
                     Err(why) => {
                         tracing::warn!(reason = %why, "not ready");

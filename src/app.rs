@@ -2,10 +2,15 @@
 //!
 //! [`check`] validates what can be validated offline (for `check-config`); [`start`] binds the
 //! listeners and returns a [`Running`] handle that tests and `main` use alike.
+//!
+//! - [`reload`]: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
+
+pub(crate) mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +20,8 @@ use crate::config::{Config, Problem};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::{listener, tls};
+use reload::Reloader;
+pub use reload::{ReloadCounts, ReloadOutcome};
 
 /// Why coatcheck could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +39,7 @@ pub enum StartError {
 pub fn check(config: &Config) -> Vec<Problem> {
     tls::install_provider();
     let mut problems = Vec::new();
-    if let Err(e) = tls::server_config(&config.server.tls.cert, &config.server.tls.key) {
+    if let Err(e) = tls::ServerCert::load(&config.server.tls.cert, &config.server.tls.key) {
         problems.push(Problem {
             key: "server.tls".into(),
             reason: e.to_string(),
@@ -69,9 +76,33 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    reloader: Arc<Reloader>,
+}
+
+/// Reloads a running coatcheck; outlives [`Running::wait`] (the `SIGHUP` handler holds one).
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Reloader>);
+
+impl ReloadHandle {
+    /// Re-reads the configuration file and the TLS certificate and key, and applies what may
+    /// change at run time (see [`reload`]); a file that does not validate changes nothing.
+    /// Blocks on file reads: a server calls it from `spawn_blocking` (as the `SIGHUP` handler does).
+    pub fn reload(&self) -> ReloadOutcome {
+        self.0.reload()
+    }
+
+    /// Reloads so far, by result.
+    pub fn counts(&self) -> &ReloadCounts {
+        &self.0.counts
+    }
 }
 
 impl Running {
+    /// A handle that reloads the configuration ([`ReloadHandle::reload`]).
+    pub fn reloader(&self) -> ReloadHandle {
+        ReloadHandle(self.reloader.clone())
+    }
+
     /// Starts a graceful shutdown: stop accepting, let in-flight requests finish within the grace.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
@@ -91,8 +122,11 @@ impl Running {
 /// Builds every part and binds the listeners.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     tls::install_provider();
-    let config = Arc::new(config);
-    let server_tls = tls::server_config(&config.server.tls.cert, &config.server.tls.key)?;
+    let cert = Arc::new(tls::ServerCert::load(
+        &config.server.tls.cert,
+        &config.server.tls.key,
+    )?);
+    let server_tls = tls::server_config(cert.clone())?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let metrics = Arc::new(Metrics::new(
@@ -109,7 +143,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     } else {
         None
     };
-    let router = Arc::new(Router::new(&config, auth.clone(), metrics.clone())?);
+    let routers = Arc::new(ArcSwap::from_pointee(Router::new(
+        &config,
+        auth.clone(),
+        metrics.clone(),
+    )?));
 
     let https = listener::bind("server.listen", config.server.listen)
         .await
@@ -131,7 +169,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             listener::bind("admin.listen", a.listen)
                 .await
                 .map_err(StartError::Bind)?,
-            Arc::new(Admin::new(a, metrics.clone(), router.clone(), auth)),
+            Arc::new(Admin::new(
+                a,
+                metrics.clone(),
+                routers.clone(),
+                auth.clone(),
+            )),
         )),
         None => None,
     };
@@ -140,9 +183,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.spawn(listener::serve_tls(
         https,
         server_tls,
-        router,
+        routers.clone(),
         config.server.limits.clone(),
-        metrics,
+        metrics.clone(),
         shutdown.clone(),
     ));
     if let Some((l, a)) = admin {
@@ -163,5 +206,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_addr,
         shutdown,
         tasks,
+        reloader: Arc::new(Reloader::new(config, auth, routers, cert, metrics)),
     })
 }

@@ -68,15 +68,21 @@ pub const LOGIN_PATH: &str = "/bff/login";
 /// provider, which also issues the machine tokens cached by [`client::ClientTokens`]), the session
 /// records ([`Sessions`] over a [`store::Store`]), the once-set and refresh lease
 /// ([`store::OnceSet`], [`store::Lease`]) and the event channel ([`store::Events`]).
+///
+/// The stateful parts (issuers, sessions and store, refresher, machine-token caches) are built
+/// once; a reload makes a new `Auth` over the same parts with the new file's per-request settings
+/// ([`Auth::reconfigured`]), held by the new router.
 pub struct Auth {
     issuers: Arc<issuer::Issuers>,
     sessions: Arc<Sessions>,
-    refresher: refresh::Refresher,
+    refresher: Arc<refresh::Refresher>,
     /// Machine tokens for `auth = "client"` routes (they need `[oidc]`).
     client_tokens: Option<client::ClientTokens<oidc::Provider>>,
     csrf_header: HeaderName,
     public_origin: String,
     metrics: Arc<Metrics>,
+    /// `session.cache.ttl`.
+    cache_ttl: std::time::Duration,
 }
 
 impl Auth {
@@ -106,7 +112,7 @@ impl Auth {
                 .map_err(|e| format!("session.store: {e}"))?,
         );
         Ok(Auth {
-            refresher: refresh::Refresher::new(
+            refresher: Arc::new(refresh::Refresher::new(
                 issuers.clone(),
                 sessions.clone(),
                 config.oidc.as_ref(),
@@ -115,7 +121,7 @@ impl Auth {
                     _ => LOGIN_PATH.to_owned(),
                 },
                 metrics.clone(),
-            ),
+            )),
             client_tokens: match (&issuers.oidc, &config.oidc) {
                 (Some(p), Some(o)) => Some(client::ClientTokens::new(p.clone(), &config.routes, o)),
                 _ => None,
@@ -125,7 +131,33 @@ impl Auth {
             csrf_header: config.csrf.header.clone(),
             public_origin: config.server.public_origin.clone(),
             metrics,
+            cache_ttl: config.session.cache_ttl,
         })
+    }
+
+    /// The same issuers, sessions, store and refresher with `config`'s per-request settings: the
+    /// CSRF header, `session.cache.ttl`, and the machine-token grant sets of its routes (a grant
+    /// set already in use keeps its cached token). Everything else in `config` is the running one's
+    /// (the reload keeps keys that need a restart).
+    pub(crate) fn reconfigured(&self, config: &Config) -> Auth {
+        Auth {
+            issuers: self.issuers.clone(),
+            sessions: self.sessions.clone(),
+            refresher: self.refresher.clone(),
+            client_tokens: self
+                .client_tokens
+                .as_ref()
+                .map(|t| t.reconfigured(&config.routes)),
+            csrf_header: config.csrf.header.clone(),
+            public_origin: self.public_origin.clone(),
+            metrics: self.metrics.clone(),
+            cache_ttl: config.session.cache_ttl,
+        }
+    }
+
+    /// Looks up the request's session (through the cache, `session.cache.ttl`).
+    async fn lookup(&self, headers: &http::HeaderMap) -> Result<Lookup, Error> {
+        self.sessions.lookup(headers, self.cache_ttl).await
     }
 
     /// Starts what runs beside the requests until `shutdown`: provider discovery (retried until
@@ -258,11 +290,11 @@ impl Auth {
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)
         {
-            Ok(()) => self.sessions.lookup(req.headers()).await?,
+            Ok(()) => self.lookup(req.headers()).await?,
             // A navigation cannot carry the CSRF header. Without a session it is sent to log in
             // all the same: nothing is forwarded, so there is nothing to forge.
             Err(e) if route.login_redirect && policy::is_navigation(req.headers()) => {
-                match self.sessions.lookup(req.headers()).await? {
+                match self.lookup(req.headers()).await? {
                     Lookup::Live(_) => return Err(e),
                     other => other,
                 }
@@ -316,7 +348,7 @@ impl Auth {
         let capture = self.capture().ok_or(Error::NotFound)?;
         self.csrf()
             .check(req.headers(), req.method(), CsrfMode::All, false)?;
-        let previous = match self.sessions.lookup(req.headers()).await {
+        let previous = match self.lookup(req.headers()).await {
             Ok(Lookup::Live(s)) => Some(s),
             _ => None,
         };
@@ -421,7 +453,7 @@ impl Auth {
 
     /// The live session of a request, or 401.
     pub async fn require_session(&self, req: &Request<Incoming>) -> Result<Arc<Session>, Error> {
-        match self.sessions.lookup(req.headers()).await? {
+        match self.lookup(req.headers()).await? {
             Lookup::Live(s) => Ok(s),
             Lookup::Ended => Err(Error::SessionExpired {
                 login_url: self.login_path().into(),

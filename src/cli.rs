@@ -164,6 +164,8 @@ fn run(path: &std::path::Path, log_format: Option<CliLogFormat>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before anything listens: a SIGHUP that came earlier would end the process (its default).
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let running = match app::start(config).await {
             Ok(r) => r,
             Err(e) => {
@@ -172,6 +174,16 @@ fn run(path: &std::path::Path, log_format: Option<CliLogFormat>) -> ExitCode {
             }
         };
         let token = running.shutdown_token();
+        match hangup {
+            Ok(hup) => drop(tokio::spawn(reload_on_hangup(
+                hup,
+                running.reloader(),
+                token.clone(),
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading needs a restart")
+            }
+        }
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown signal received; draining");
@@ -181,6 +193,26 @@ fn run(path: &std::path::Path, log_format: Option<CliLogFormat>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// `SIGHUP` (`kill -HUP`): reload the configuration file and the certificate, one at a time.
+async fn reload_on_hangup(
+    mut hup: tokio::signal::unix::Signal,
+    reloader: app::ReloadHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tracing::info!("SIGHUP received; reloading the configuration");
+        let reloader = reloader.clone();
+        // File reads and key parsing: off the request threads.
+        if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload()).await {
+            tracing::error!(error = %e, "reload failed");
+        }
+    }
 }
 
 async fn wait_for_signal() {

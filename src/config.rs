@@ -126,7 +126,7 @@ pub const DEFAULT_CAPTURE_REFRESH_TOKEN: &str = "/refresh_token";
 pub const DEFAULT_CAPTURE_REFRESH_BEFORE: Duration = Duration::from_secs(10);
 
 /// `[capture]`: sessions made from an existing API's own JSON login.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Capture {
     /// A POST here (through its route) that answers 2xx JSON with the tokens starts a session.
     pub login_path: String,
@@ -216,7 +216,7 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
@@ -295,7 +295,7 @@ pub enum ClientAuth {
     Post,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Oidc {
     pub issuer: Url,
     pub client_id: String,

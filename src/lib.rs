@@ -12,7 +12,7 @@
 //! A module uses the ones to its right and the leaves; it never reaches back left.
 //!
 //! - [`cli`]: the command line (`run`, `check-config`, `dev-cert`).
-//! - [`app`]: the composition root; wires every module, starts and stops.
+//! - [`app`]: the composition root; wires every module, starts, reloads (`SIGHUP`) and stops.
 //! - [`listener`]: accepts connections, terminates TLS, serves HTTP/1.1 + HTTP/2, drains on shutdown.
 //! - [`tls`]: rustls server/client configuration and development certificates.
 //! - [`router`]: path normalization, route choice, coatcheck's own endpoints, errors → responses.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -47,10 +48,13 @@ const OVERSIZED_STAND_IN: &[u8] =
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves HTTPS on `listener` until `shutdown` fires, then drains within `limits.shutdown_grace`.
+///
+/// `routers` is the swap point of a reload: every request is handled by the router current when it
+/// arrived (one `ArcSwap` load), and finishes on it even if a reload swaps in another meanwhile.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    router: Arc<Router>,
+    routers: Arc<ArcSwap<Router>>,
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -80,7 +84,7 @@ pub async fn serve_tls(
             _ = shutdown.cancelled() => break,
         };
         // A trusted proxy speaks for many clients: it is not held to one client's cap.
-        let cap = !router.is_trusted_proxy(remote.ip());
+        let cap = !routers.load().is_trusted_proxy(remote.ip());
         let Some(ip_guard) = per_ip.enter(remote.ip(), cap) else {
             tracing::debug!(%remote, "too many connections from this address; closed");
             continue;
@@ -88,7 +92,7 @@ pub async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let builder = builder.clone();
-        let router = router.clone();
+        let routers = routers.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = limits.header_read_timeout;
         let idle_timeout = limits.idle_timeout;
@@ -129,7 +133,7 @@ pub async fn serve_tls(
             ));
             let client = remote.ip();
             let svc = service_fn(move |mut req: Request<Incoming>| {
-                let router = router.clone();
+                let router = routers.load_full();
                 let guard = InFlight::new(activity.clone());
                 req.extensions_mut().insert(slot.clone());
                 let activity = activity.clone();

@@ -48,7 +48,8 @@ pub struct Router {
     underscore_headers: UnderscoreHeaders,
     hsts: Option<HeaderValue>,
     body_idle: Duration,
-    login_limit: ratelimit::RateLimiter,
+    /// Shared by the routers of successive reloads: a reload does not refill anyone's bucket.
+    login_limit: Arc<ratelimit::RateLimiter>,
     metrics: Arc<Metrics>,
     /// Metric indexes of the `/bff/` and `-` (no route) labels.
     bff_metric: usize,
@@ -90,13 +91,20 @@ impl Router {
             underscore_headers: config.server.underscore_headers,
             hsts: config.server.hsts.clone(),
             body_idle: config.server.limits.body_idle_timeout,
-            login_limit: ratelimit::RateLimiter::per_minute(
+            login_limit: Arc::new(ratelimit::RateLimiter::per_minute(
                 config.server.limits.login_requests_per_minute,
-            ),
+            )),
             bff_metric: metrics.route_index(BFF_ROUTE),
             no_route_metric: metrics.route_index(NO_ROUTE),
             metrics,
         })
+    }
+
+    /// This router with the login rate limiter of `running` (whose limit a reload keeps: it is
+    /// one of `server.limits`), so the buckets carry over.
+    pub(crate) fn keeping_login_limit_of(mut self, running: &Router) -> Router {
+        self.login_limit = running.login_limit.clone();
+        self
     }
 
     /// Whether `peer` is one of `server.trusted_proxies` (it speaks for many clients).

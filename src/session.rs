@@ -141,7 +141,6 @@ pub struct Sessions {
     watchers: std::sync::Mutex<HashMap<[u8; 16], watch::Sender<Option<EndReason>>>>,
     /// Open `/bff/events` streams on this instance.
     streams: AtomicUsize,
-    cache_ttl: Duration,
     pub idle: Duration,
     pub absolute: Duration,
     touch_interval: Duration,
@@ -189,6 +188,8 @@ impl Sessions {
             StoreKind::Redis(settings) => AnyStore::Redis(store::redis::RedisStore::new(settings)?),
         };
         // Entries stay in memory past their freshness so they can be served during a store outage.
+        // (`session.cache.ttl` may change on reload: a longer one than at start-up is still
+        // evicted at start-up's ttl plus the grace, which costs a store read, never a logout.)
         let keep = cfg.cache_ttl + OUTAGE_GRACE;
         Ok(Sessions {
             keys: Keys::new(&cfg.keys),
@@ -210,7 +211,6 @@ impl Sessions {
             told: AtomicBool::new(true),
             watchers: std::sync::Mutex::default(),
             streams: AtomicUsize::new(0),
-            cache_ttl: cfg.cache_ttl,
             idle: cfg.idle_timeout,
             absolute: cfg.absolute_timeout,
             touch_interval: cfg.touch_interval,
@@ -232,8 +232,9 @@ impl Sessions {
         &self.store
     }
 
-    /// Looks up the session named by the request's cookie.
-    pub async fn lookup(&self, headers: &HeaderMap) -> Result<Lookup, Error> {
+    /// Looks up the session named by the request's cookie; a cached copy read from the store less
+    /// than `cache_ttl` ago (`session.cache.ttl`, reloadable, so passed in) is served as it is.
+    pub async fn lookup(&self, headers: &HeaderMap, cache_ttl: Duration) -> Result<Lookup, Error> {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Ok(Lookup::None);
         };
@@ -248,9 +249,7 @@ impl Sessions {
                 return Ok(Lookup::Ended);
             }
             // The hot path: a fresh copy on an instance that hears every event.
-            Some(s)
-                if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < self.cache_ttl =>
-            {
+            Some(s) if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < cache_ttl => {
                 s.last_seen.fetch_max(now, Ordering::Relaxed);
                 self.metrics.cache_hits.inc();
                 return Ok(Lookup::Live(s));
@@ -262,7 +261,7 @@ impl Sessions {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
-                Some(s) if s.read_at.elapsed() < self.cache_ttl + OUTAGE_GRACE => {
+                Some(s) if s.read_at.elapsed() < cache_ttl + OUTAGE_GRACE => {
                     tracing::warn!(session = %s.handle, error = %e, "session store unavailable; serving the cached session");
                     s.last_seen.fetch_max(now, Ordering::Relaxed);
                     Ok(Lookup::Live(s))
@@ -719,6 +718,8 @@ impl Session {
 mod tests {
     use super::*;
 
+    const TTL: Duration = Duration::from_secs(30);
+
     fn cfg() -> config::Session {
         config::Session {
             cookie_name: "__Host-coatcheck".into(),
@@ -762,7 +763,7 @@ mod tests {
     async fn a_created_session_is_found_by_its_cookie_and_carries_the_bearer() {
         let s = Sessions::new(&cfg()).unwrap();
         let (value, created) = s.create(data(), None, None).await.unwrap();
-        let Lookup::Live(found) = s.lookup(&cookie_headers(&value)).await.unwrap() else {
+        let Lookup::Live(found) = s.lookup(&cookie_headers(&value), TTL).await.unwrap() else {
             panic!("not found")
         };
         assert_eq!(found.handle, created.handle);
@@ -790,7 +791,7 @@ mod tests {
         let (value, created) = s.create(data(), None, None).await.unwrap();
         s.delete(&created.handle, EndReason::Logout).await.unwrap();
         assert!(matches!(
-            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Ended
         ));
     }
@@ -818,7 +819,7 @@ mod tests {
         // Another instance deleted the record and announced it; this cache still holds it.
         s.store.delete(&created.handle).await.unwrap();
         assert!(matches!(
-            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Live(_)
         ));
         s.apply(Event::Ended {
@@ -827,7 +828,7 @@ mod tests {
         })
         .await;
         assert!(matches!(
-            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Ended
         ));
     }
@@ -839,7 +840,7 @@ mod tests {
         s.cache.invalidate_all();
         // The end is announced while a request is between its store read and its cache insert.
         s.forget_ended(&created.handle, EndReason::Logout).await;
-        let Lookup::Ended = s.lookup(&cookie_headers(&value)).await.unwrap() else {
+        let Lookup::Ended = s.lookup(&cookie_headers(&value), TTL).await.unwrap() else {
             panic!("a session ended meanwhile must not be served or cached");
         };
         assert!(
@@ -858,7 +859,7 @@ mod tests {
         s.store.delete(&created.handle).await.unwrap();
         assert!(
             matches!(
-                s.lookup(&cookie_headers(&value)).await.unwrap(),
+                s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
                 Lookup::Ended
             ),
             "a cache that may have missed events is not trusted"
@@ -869,7 +870,7 @@ mod tests {
         assert_eq!(s.cached(), 0, "resuming flushes the cache");
         s.store.delete(&created.handle).await.unwrap();
         assert!(matches!(
-            s.lookup(&cookie_headers(&value)).await.unwrap(),
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Ended
         ));
     }

@@ -6,29 +6,59 @@
 //! `Authorization` and query strings (which carry authorization codes) do not reach the log.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{HeaderValue, Method};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::body::{Watch, Watched};
 use crate::config::LogFormat;
 
+/// The level filter of the installed subscriber, for `[log] level` on reload; `None` when `RUST_LOG`
+/// chose the filter (it wins over the file) or another subscriber was installed first (tests).
+static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 pub fn init(level: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     use std::io::IsTerminal;
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_wins = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
+    let (filter, handle) = reload::Layer::new(filter);
     // Colour only for a person at a terminal; log files and collectors get plain text.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
     };
+    if installed.is_ok() && !env_wins {
+        let _ = LEVEL.set(handle);
+    }
+}
+
+/// What became of a new `[log] level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    Applied,
+    /// `RUST_LOG` is set (or the subscriber is not coatcheck's): the level stays.
+    Overridden,
+}
+
+/// Applies a new `[log] level` (a filter directive, already validated) to the running subscriber.
+pub fn set_level(level: &str) -> Result<LevelChange, String> {
+    let Some(handle) = LEVEL.get() else {
+        return Ok(LevelChange::Overridden);
+    };
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    handle.reload(filter).map_err(|e| e.to_string())?;
+    Ok(LevelChange::Applied)
 }
 
 /// What the access log line says about one request; filled in as the request travels.

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::RootCertStore;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -74,22 +77,54 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The listener's certificate and key: one swap point read at every TLS handshake, so a reload
+/// ([`ServerCert::reload`]) applies to new connections while open ones keep the certificate they
+/// were made with.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ServerCert {
+    /// Reads and checks the certificate chain and its private key.
+    pub fn load(cert: &Path, key: &Path) -> Result<ServerCert, TlsError> {
+        Ok(ServerCert {
+            current: ArcSwap::from_pointee(certified_key(cert, key)?),
+        })
+    }
+
+    /// From now on, new handshakes get `other`'s certificate.
+    pub fn replace_with(&self, other: ServerCert) {
+        self.current.store(other.current.into_inner());
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let certs = load_certs("server.tls.cert", cert)?;
     let key_der = load_key(key)?;
+    CertifiedKey::from_der(certs, key_der, &provider()).map_err(|e| TlsError::File {
+        key: "server.tls.key",
+        path: key.to_owned(),
+        reason: format!(
+            "does not match the certificate in {} or is unsupported: {e}",
+            cert.display()
+        ),
+    })
+}
+
+/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`, the certificate
+/// from `cert` (read per handshake).
+pub fn server_config(cert: Arc<ServerCert>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| TlsError::File {
-            key: "server.tls.key",
-            path: key.to_owned(),
-            reason: format!(
-                "does not match the certificate in {} or is unsupported: {e}",
-                cert.display()
-            ),
-        })?;
+        .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -232,7 +267,7 @@ mod tests {
         install_provider();
         let dir = std::env::temp_dir().join(format!("coatcheck-devcert-{}", std::process::id()));
         let files = generate_dev_certs(&dir, &["localhost".into(), "127.0.0.1".into()]).unwrap();
-        server_config(&files.cert, &files.key).unwrap();
+        server_config(Arc::new(ServerCert::load(&files.cert, &files.key).unwrap())).unwrap();
         assert_eq!(load_certs("x", &files.cert).unwrap().len(), 2);
         root_store("x", Some(&files.ca_cert)).unwrap();
         std::fs::remove_dir_all(dir).ok();
@@ -244,7 +279,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let files = generate_dev_certs(&dir, &["localhost".into()]).unwrap();
         std::fs::write(&files.key, "not a key").unwrap();
-        let err = server_config(&files.cert, &files.key)
+        let err = ServerCert::load(&files.cert, &files.key)
             .unwrap_err()
             .to_string();
         assert!(

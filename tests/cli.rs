@@ -415,7 +415,7 @@ fn dev_cert_writes_a_ca_and_a_server_certificate() {
     }
     // The files make a working server configuration, and the chain holds leaf + CA.
     coatcheck::tls::install_provider();
-    coatcheck::tls::server_config(&certs.join("localhost.crt"), &certs.join("localhost.key"))
+    coatcheck::tls::ServerCert::load(&certs.join("localhost.crt"), &certs.join("localhost.key"))
         .expect("dev-cert output loads");
     assert_eq!(
         coatcheck::tls::load_certs("t", &certs.join("localhost.crt"))

@@ -91,7 +91,8 @@ struct Flight {
 /// The machine tokens of every `auth = "client"` route.
 pub struct ClientTokens<G> {
     issuer: Arc<G>,
-    caches: HashMap<GrantSet, Cache>,
+    /// Shared with the `ClientTokens` of a reloaded configuration, so a token outlives a reload.
+    caches: HashMap<GrantSet, Arc<Cache>>,
     refresh_before: Duration,
     /// How long a request without a valid token waits for a grant in flight.
     wait: Duration,
@@ -103,11 +104,9 @@ impl<G: ClientGrant> ClientTokens<G> {
         let mut caches = HashMap::new();
         for r in routes.iter().filter(|r| r.auth == AuthMode::Client) {
             let set = GrantSet::of(r);
-            caches.entry(set.clone()).or_insert_with(|| Cache {
-                set,
-                token: RwLock::new(None),
-                flight: tokio::sync::Mutex::new(Flight::default()),
-            });
+            caches
+                .entry(set.clone())
+                .or_insert_with(|| Arc::new(Cache::new(set)));
         }
         ClientTokens {
             issuer,
@@ -117,13 +116,33 @@ impl<G: ClientGrant> ClientTokens<G> {
         }
     }
 
+    /// The caches of `routes` (after a reload): a grant set already cached keeps its token; a new
+    /// one starts empty; one no route asks for any more is dropped.
+    pub fn reconfigured(&self, routes: &[Route]) -> ClientTokens<G> {
+        let mut caches = HashMap::new();
+        for r in routes.iter().filter(|r| r.auth == AuthMode::Client) {
+            let set = GrantSet::of(r);
+            let cache = match self.caches.get(&set) {
+                Some(c) => c.clone(),
+                None => Arc::new(Cache::new(set.clone())),
+            };
+            caches.entry(set).or_insert(cache);
+        }
+        ClientTokens {
+            issuer: self.issuer.clone(),
+            caches,
+            refresh_before: self.refresh_before,
+            wait: self.wait,
+        }
+    }
+
     /// The `Authorization` value for a request to `route`. The hot path is a map lookup, a read
     /// lock and one comparison.
     pub async fn bearer(&self, route: &Route) -> Result<HeaderValue, Error> {
-        // Only a route added after start-up could miss (the caches are fixed then): fail closed.
+        // The caches are made from the same routes the router holds: a miss is a bug. Fail closed.
         let cache = self.caches.get(&GrantSet::of(route)).ok_or_else(|| {
             Error::internal(format!(
-                "route[{}] has no client-credentials cache; restart to apply new scopes or audience",
+                "route[{}] has no client-credentials cache",
                 route.index
             ))
         })?;
@@ -201,6 +220,14 @@ impl<G: ClientGrant> ClientTokens<G> {
 }
 
 impl Cache {
+    fn new(set: GrantSet) -> Cache {
+        Cache {
+            set,
+            token: RwLock::new(None),
+            flight: tokio::sync::Mutex::new(Flight::default()),
+        }
+    }
+
     fn current(&self) -> Option<Arc<Token>> {
         self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -317,6 +344,32 @@ mod tests {
             assert!(v.is_sensitive());
         }
         assert_eq!(fake.grants.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_token_of_a_grant_set_still_in_use_and_adds_new_sets() {
+        let fake = Fake::new(300, Duration::ZERO);
+        let before = config(TWO_ROUTES);
+        let t = tokens(&fake, &before);
+        let a = t.bearer(&before.routes[0]).await.unwrap();
+        // Route /a/ keeps its scopes under another path; /c/ goes; /d/ asks for a new set.
+        let after = config(
+            "[[route]]\npath = \"/moved/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nscopes = [\"api\", \"read\"]\n\
+             [[route]]\npath = \"/d/\"\nupstream = \"http://127.0.0.1:1\"\nauth = \"client\"\nscopes = [\"new\"]\n",
+        );
+        let r = t.reconfigured(&after.routes);
+        assert_eq!(r.caches.len(), 2);
+        assert_eq!(r.bearer(&after.routes[0]).await.unwrap(), a);
+        assert_eq!(
+            fake.grants.load(Ordering::SeqCst),
+            1,
+            "no new grant for a kept set"
+        );
+        assert_ne!(r.bearer(&after.routes[1]).await.unwrap(), a);
+        assert!(
+            r.bearer(&before.routes[2]).await.is_err(),
+            "a dropped set fails closed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

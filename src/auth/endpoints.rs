@@ -118,7 +118,7 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
     let sid = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .find(|(k, _)| k == "sid")
         .map(|(_, v)| v.into_owned());
-    let session = match auth.sessions.lookup(req.headers()).await? {
+    let session = match auth.lookup(req.headers()).await? {
         Lookup::Live(s) => s,
         // Nothing to end: go where a logout would have gone (forgetting a dead ticket).
         Lookup::Ended => {
@@ -149,7 +149,7 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
 
 async fn logout_post(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     csrf(auth, &req)?;
-    let next = match auth.sessions.lookup(req.headers()).await? {
+    let next = match auth.lookup(req.headers()).await? {
         Lookup::Live(s) => end_session(auth, &s).await?,
         _ => auth.post_logout_redirect().to_owned(),
     };

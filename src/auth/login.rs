@@ -94,7 +94,7 @@ pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>
     let challenge = URL_SAFE_NO_PAD.encode(secret::sha256(verifier.as_bytes()));
     let location = auth.oidc()?.authorize_url(&state, &nonce, &challenge)?;
     let name = login_cookie_name(auth.cookie_name(), &state);
-    let previous = match auth.sessions.lookup(req.headers()).await {
+    let previous = match auth.lookup(req.headers()).await {
         Ok(Lookup::Live(s)) => Some(s.handle.clone()),
         _ => None,
     };
@@ -352,7 +352,7 @@ async fn start_session(
     if let Some(previous) = &tx.previous {
         let _ = auth.sessions.delete(previous, EndReason::Logout).await;
     }
-    if let Ok(Lookup::Live(old)) = auth.sessions.lookup(req.headers()).await {
+    if let Ok(Lookup::Live(old)) = auth.lookup(req.headers()).await {
         let _ = auth.sessions.delete(&old.handle, EndReason::Logout).await;
     }
     let data = SessionData {

@@ -623,7 +623,7 @@ impl ProxyProcess {
         rss_kib(self.pid).unwrap_or(0)
     }
 
-    /// Sends a signal by name (`TERM`, `INT`).
+    /// Sends a signal by name (`TERM`, `INT`, `HUP`).
     pub fn signal(&self, name: &str) {
         let ok = std::process::Command::new("kill")
             .arg(format!("-{name}"))
@@ -640,6 +640,33 @@ impl ProxyProcess {
             .await
             .ok()
             .map(|r| r.expect("wait for coatcheck"))
+    }
+
+    /// The configuration file the process was started with (rewrite it, then `signal("HUP")`).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.join("config.toml")
+    }
+
+    /// Waits (bounded by [`WAIT`]) until a log line contains `needle`; `false` if none did.
+    pub async fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if self.logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_logs(&self, needle: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// Everything the process logged so far.

@@ -117,7 +117,9 @@ impl Upstream {
     pub async fn start_tls() -> Upstream {
         let certs = super::certs();
         coatcheck::tls::install_provider();
-        let cfg = coatcheck::tls::server_config(&certs.cert, &certs.key).expect("test certs load");
+        let cert =
+            coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
+        let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
         Self::spawn(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
     }
 
