@@ -373,3 +373,30 @@ async fn a_reloaded_csrf_header_applies_to_routes_with_a_login() {
     assert!(upstream.seen().is_empty());
     running.shutdown();
 }
+
+#[tokio::test]
+async fn reloads_are_counted_in_the_metrics_by_result() {
+    let a = Upstream::start().await;
+    let dir = TempDir::new("reload-metrics");
+    let path = dir.join("config.toml");
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&path, proxy_config("", &format!("{}{admin}", route(&a)))).unwrap();
+    let running = start_from(&path).await;
+    let reloader = running.reloader();
+    assert!(matches!(reloader.reload(), ReloadOutcome::Applied { .. }));
+    std::fs::write(&path, "[[route]\n").unwrap();
+    assert!(matches!(reloader.reload(), ReloadOutcome::Rejected(_)));
+    let admin_addr = running.admin_addr.expect("the admin listener is bound");
+    let text = reqwest::get(format!("http://{admin_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "coatcheck_config_reloads_total{result=\"ok\"} 1",
+        "coatcheck_config_reloads_total{result=\"error\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} in:\n{text}");
+    }
+}
