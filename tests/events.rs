@@ -6,34 +6,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bff::{Browser, Env, EnvOptions, ORIGIN};
-use futures_util::StreamExt;
+use bff::{Env, EnvOptions, ORIGIN};
 use reqwest::Method;
 
-/// Opens the event stream as `EventSource` would (no CSRF header: Origin and Fetch Metadata).
-async fn open(b: &Browser) -> reqwest::Response {
-    b.request(Method::GET, "/bff/events")
-        .header("accept", "text/event-stream")
-        .header("sec-fetch-site", "same-origin")
-        .send()
-        .await
-        .unwrap()
-}
-
-/// Reads the stream until `needle` shows up; the text read so far, or `None` after `within`.
-async fn read_until(r: reqwest::Response, needle: &str, within: Duration) -> Option<String> {
-    let mut body = r.bytes_stream();
-    let mut seen = String::new();
-    let deadline = Instant::now() + within;
-    while !seen.contains(needle) {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match tokio::time::timeout(left, body.next()).await {
-            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-            _ => return None,
-        }
-    }
-    Some(seen)
-}
+use bff::{open_events as open, read_events_until as read_until};
 
 #[tokio::test]
 async fn a_logout_in_another_tab_is_pushed_to_the_event_stream_at_once() {

@@ -353,28 +353,16 @@ async fn an_instance_started_without_redis_reports_not_ready_and_connects_when_i
 
 #[tokio::test]
 async fn a_logout_on_one_instance_is_pushed_to_an_event_stream_on_another() {
-    use futures_util::StreamExt;
     let n = nodes(2, 60, 0).await;
     let a = n.logged_in(0, "alice").await;
     let b = n.on(1, &a);
-    let stream = a
-        .request(Method::GET, "/bff/events")
-        .header("sec-fetch-site", "same-origin")
-        .send()
-        .await
-        .unwrap();
+    let stream = bff::open_events(&a).await;
     assert_eq!(stream.status(), 200);
-    let reader = tokio::spawn(async move {
-        let mut body = stream.bytes_stream();
-        let mut seen = String::new();
-        while !seen.contains("event: session-ended") {
-            match tokio::time::timeout(Duration::from_secs(5), body.next()).await {
-                Ok(Some(Ok(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
-                _ => break,
-            }
-        }
-        seen
-    });
+    let reader = tokio::spawn(bff::read_events_until(
+        stream,
+        "event: session-ended",
+        Duration::from_secs(5),
+    ));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
     assert_eq!(
@@ -385,7 +373,7 @@ async fn a_logout_on_one_instance_is_pushed_to_an_event_stream_on_another() {
             .status(),
         200
     );
-    let seen = reader.await.unwrap();
+    let seen = reader.await.unwrap().expect("the event arrives");
     assert!(seen.contains("\"reason\":\"logout\""), "{seen}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
 }

@@ -275,6 +275,35 @@ pub async fn burst(browsers: &[&Browser], n: usize) -> Vec<u16> {
     statuses
 }
 
+/// Opens the event stream as `EventSource` would (no CSRF header: Origin and Fetch Metadata).
+pub async fn open_events(b: &Browser) -> reqwest::Response {
+    b.request(reqwest::Method::GET, "/bff/events")
+        .header("accept", "text/event-stream")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Reads the stream until `needle` shows up; the text read so far, or `None` after `within`.
+pub async fn read_events_until(
+    r: reqwest::Response,
+    needle: &str,
+    within: std::time::Duration,
+) -> Option<String> {
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + within;
+    while !seen.contains(needle) {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        match tokio::time::timeout(left, futures_util::StreamExt::next(&mut body)).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => return None,
+        }
+    }
+    Some(seen)
+}
+
 pub fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
