@@ -469,3 +469,61 @@ async fn an_api_outage_during_refresh_keeps_the_session() {
     assert_eq!(user.status(), 200, "the session still exists");
     drop(proxy);
 }
+
+#[tokio::test]
+async fn beside_oidc_each_session_is_refreshed_by_the_issuer_that_made_it() {
+    let legacy = LegacyApi::start().await;
+    let env = bff::Env::start(bff::EnvOptions {
+        access_token_ttl: 4,
+        routes: format!(
+            "[[route]]\npath = \"/auth/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+            legacy.url()
+        ),
+        extra: "[capture]\nlogin_path = \"/auth/login\"\nrefresh_path = \"/auth/refresh\"\n\
+                refresh_before_expiry = \"2s\"\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    let oidc_user = env.logged_in("bob").await;
+    let mut captured = Browser::new(env.proxy.addr);
+    let r = captured
+        .api(Method::POST, "/auth/login")
+        .json(&json!({"username": "alice", "password": "alice-pw"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    captured.absorb(r.headers());
+    for b in [&oidc_user, &captured] {
+        assert_eq!(
+            b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+            200
+        );
+    }
+    env.idp().reset_stats().await;
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    for b in [&oidc_user, &captured] {
+        assert_eq!(
+            b.api(Method::GET, "/api/y").send().await.unwrap().status(),
+            200
+        );
+    }
+    let idp_refreshes = env.idp().stats().await["token_requests"]["refresh_token"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        idp_refreshes, 1,
+        "the OIDC session refreshed at the provider"
+    );
+    assert_eq!(legacy.counts().refreshes, 1, "the captured one at the API");
+    let user: Value = captured
+        .api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(user["sub"], "alice");
+}
