@@ -527,3 +527,24 @@ async fn beside_oidc_each_session_is_refreshed_by_the_issuer_that_made_it() {
         .unwrap();
     assert_eq!(user["sub"], "alice");
 }
+
+#[tokio::test]
+async fn a_login_answer_without_tokens_at_the_pointers_passes_through_and_makes_no_session() {
+    let env = env_with(
+        LegacyOptions::default(),
+        "access_token = \"/session/token\"",
+    )
+    .await;
+    let mut b = Browser::new(env.proxy.addr);
+    let s = login(&env, &mut b, "alice").await;
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        s.body["user"]["name"], "Alice Liddell",
+        "the answer is the API's, untouched"
+    );
+    assert!(b.session_cookie().is_none(), "no session");
+    assert_eq!(
+        b.api(Method::GET, "/api/x").send().await.unwrap().status(),
+        401
+    );
+}
