@@ -23,13 +23,25 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-/// A free loopback port (bound and released; good enough for tests that must know a port first).
+/// A free loopback port for a server that must know its port before it listens (bound and
+/// released). Picked below Linux's ephemeral range (32768–60999), so that no outgoing connection of
+/// any test can be holding it as its local port by the time the server binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOW: usize = 20_000;
+    const SPAN: usize = 12_000;
+    // Spread concurrent test processes apart; walk from there until a port binds.
+    let seed = std::process::id() as usize * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
+    for _ in 0..SPAN {
+        let port = (LOW + (seed + NEXT.fetch_add(1, Ordering::Relaxed) * 7) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Upper bound for any single network wait in a test.
