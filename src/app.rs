@@ -92,8 +92,8 @@ impl ReloadHandle {
     }
 
     /// Reloads so far, by result.
-    pub fn counts(&self) -> &ReloadCounts {
-        &self.0.counts
+    pub fn counts(&self) -> ReloadCounts {
+        self.0.counts()
     }
 }
 

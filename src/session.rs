@@ -319,12 +319,18 @@ impl Sessions {
         Some(session)
     }
 
-    /// Drops a session from this instance's cache, remembers that it ended, and tells the
-    /// streams that wait for it.
+    /// Drops a session from this instance's cache and remembers that it ended (a load racing the
+    /// end will not put it back).
+    async fn evict_ended(&self, handle: &str) -> Option<[u8; 16]> {
+        let k = handle_bytes(handle)?;
+        self.ended.insert(k, ());
+        self.cache.invalidate(&k).await;
+        Some(k)
+    }
+
+    /// [`Sessions::evict_ended`], and tells the streams that wait for the session.
     async fn forget_ended(&self, handle: &str, reason: EndReason) {
-        if let Some(k) = handle_bytes(handle) {
-            self.ended.insert(k, ());
-            self.cache.invalidate(&k).await;
+        if let Some(k) = self.evict_ended(handle).await {
             let waiting = self.lock_watchers().remove(&k);
             if let Some(tx) = waiting {
                 let _ = tx.send(Some(reason));
@@ -572,10 +578,7 @@ impl Sessions {
     /// Ends one session: deleted from the store, dropped from every instance's cache.
     pub async fn delete(&self, handle: &str, reason: EndReason) -> Result<Option<Record>, Error> {
         // The cache first: a request racing the delete must not be served meanwhile.
-        if let Some(k) = handle_bytes(handle) {
-            self.ended.insert(k, ());
-            self.cache.invalidate(&k).await;
-        }
+        self.evict_ended(handle).await;
         let gone = self.store.delete(handle).await?;
         self.announce_ended(std::slice::from_ref(&handle.to_owned()), reason)
             .await;

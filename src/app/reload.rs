@@ -9,7 +9,6 @@
 //! A file that does not validate changes nothing. Keys that need a restart ([`keep_running`]) keep
 //! their running value and are reported.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -31,22 +30,22 @@ pub enum ReloadOutcome {
     Rejected(Vec<Problem>),
 }
 
-/// Reloads so far, by result (for `coatcheck_config_reloads_total{result}`).
-#[derive(Debug, Default)]
+/// Reloads so far, by result: what `coatcheck_config_reloads_total{result}` counts.
+#[derive(Debug, Clone, Copy)]
 pub struct ReloadCounts {
-    ok: AtomicU64,
-    error: AtomicU64,
+    ok: u64,
+    error: u64,
 }
 
 impl ReloadCounts {
     /// Reloads that applied the file (possibly with keys that need a restart).
     pub fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
+        self.ok
     }
 
     /// Reloads refused because the file did not validate.
     pub fn error(&self) -> u64 {
-        self.error.load(Ordering::Relaxed)
+        self.error
     }
 }
 
@@ -56,7 +55,6 @@ pub(crate) struct Reloader {
     running: Mutex<(Config, Option<Arc<Auth>>)>,
     routers: Arc<ArcSwap<Router>>,
     cert: Arc<tls::ServerCert>,
-    pub(crate) counts: ReloadCounts,
     /// `coatcheck_config_reloads_total{result}`, and the routers' request metrics.
     metrics: Arc<Metrics>,
 }
@@ -73,8 +71,16 @@ impl Reloader {
             running: Mutex::new((config, auth)),
             routers,
             cert,
-            counts: ReloadCounts::default(),
             metrics,
+        }
+    }
+
+    /// Reloads so far, read from the metrics that count them.
+    pub(crate) fn counts(&self) -> ReloadCounts {
+        let count = |r: ReloadResult| self.metrics.config_reloads.at(r as usize).get();
+        ReloadCounts {
+            ok: count(ReloadResult::Ok),
+            error: count(ReloadResult::Error),
         }
     }
 
@@ -84,7 +90,6 @@ impl Reloader {
         let file = running.0.source.display().to_string();
         match self.apply(&mut running) {
             Ok(needs_restart) => {
-                self.counts.ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.config_reload(ReloadResult::Ok);
                 for key in &needs_restart {
                     tracing::warn!(
@@ -100,7 +105,6 @@ impl Reloader {
                 ReloadOutcome::Applied { needs_restart }
             }
             Err(problems) => {
-                self.counts.error.fetch_add(1, Ordering::Relaxed);
                 self.metrics.config_reload(ReloadResult::Error);
                 for p in &problems {
                     tracing::error!(file, key = %p.key, "{p}");
