@@ -35,6 +35,7 @@ use crate::config::{AuthMode, Config, CsrfMode, Route};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Forward, headers};
+use crate::secret::Secret;
 use crate::session::store::{EndReason, Record};
 use crate::session::{Lookup, Session, Sessions, store};
 use crate::upstream::Upstream;
@@ -153,6 +154,11 @@ impl Auth {
             metrics: self.metrics.clone(),
             cache_ttl: config.session.cache_ttl,
         }
+    }
+
+    /// Puts a reloaded `session.keys` in force (rotation: the first key signs from now on).
+    pub(crate) fn set_session_keys(&self, keys: &[Secret<Vec<u8>>]) {
+        self.sessions.set_keys(keys);
     }
 
     /// Looks up the request's session (through the cache, `session.cache.ttl`).

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, header};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -127,7 +128,8 @@ pub enum Lookup {
 
 /// The session manager: ticket, cache and store.
 pub struct Sessions {
-    keys: Keys,
+    /// Swapped whole when a reload adds or retires a key (`session.keys`).
+    keys: ArcSwap<Keys>,
     pub cookie: CookieSpec,
     store: Arc<Backend>,
     metrics: Arc<Metrics>,
@@ -192,7 +194,7 @@ impl Sessions {
         // evicted at start-up's ttl plus the grace, which costs a store read, never a logout.)
         let keep = cfg.cache_ttl + OUTAGE_GRACE;
         Ok(Sessions {
-            keys: Keys::new(&cfg.keys),
+            keys: ArcSwap::from_pointee(Keys::new(&cfg.keys)),
             cookie: CookieSpec {
                 name: cfg.cookie_name.clone(),
                 same_site: cfg.same_site,
@@ -217,9 +219,15 @@ impl Sessions {
         })
     }
 
-    /// The keys (login cookies use them too).
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// The keys in force (login cookies use them too).
+    pub fn keys(&self) -> arc_swap::Guard<Arc<Keys>> {
+        self.keys.load()
+    }
+
+    /// Puts a new `session.keys` in force (reload): the first signs new tickets and login cookies
+    /// from now on; cookies signed under a key no longer listed stop verifying.
+    pub fn set_keys(&self, configured: &[Secret<Vec<u8>>]) {
+        self.keys.store(Arc::new(Keys::new(configured)));
     }
 
     /// Whether the store answers.
@@ -238,7 +246,7 @@ impl Sessions {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Ok(Lookup::None);
         };
-        let Some(ticket) = Ticket::verify(value, &self.keys) else {
+        let Some(ticket) = Ticket::verify(value, &self.keys.load()) else {
             return Ok(Lookup::None);
         };
         let key = ticket.handle_bytes();
@@ -476,7 +484,7 @@ impl Sessions {
             .remember(Session::from_parts(record, data, Secret::new(key)))
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
-        Ok((ticket.encode(&self.keys), session))
+        Ok((ticket.encode(&self.keys.load()), session))
     }
 
     /// Replaces a session's data if nobody else changed it since `current` was read

@@ -2,6 +2,8 @@
 //! configuration file and the TLS certificate and key; new requests and handshakes get them, open
 //! connections keep working; a bad file changes nothing; keys that need a restart are reported.
 
+#[path = "support/bff.rs"]
+mod bff;
 mod support;
 
 use std::path::Path;
@@ -399,4 +401,72 @@ async fn reloads_are_counted_in_the_metrics_by_result() {
     ] {
         assert!(text.contains(series), "{series} in:\n{text}");
     }
+}
+
+/// `[oidc]` at the real provider, a memory store, `keys` as `session.keys` and one required route.
+fn with_keys(keys: &[&str], idp: &support::idp::Idp, upstream: &Upstream) -> String {
+    let keys = keys.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>();
+    proxy_config(
+        "",
+        &format!(
+            "[oidc]\nissuer = \"{}\"\nclient_id = \"coatcheck\"\nclient_secret = \"coatcheck-secret\"\n\
+             [session]\nkeys = [{}]\nstore = {{ kind = \"memory\" }}\n\
+             [[route]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+            idp.issuer,
+            keys.join(", "),
+            upstream.url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_key_added_by_reload_signs_new_sessions_and_the_old_one_keeps_verifying() {
+    const OLD: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const NEW: &str = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=";
+    let idp = support::idp::Idp::start(support::idp::IdpOptions::default()).await;
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("reload-keys");
+    let path = dir.join("config.toml");
+    std::fs::write(&path, with_keys(&[OLD], &idp, &upstream)).unwrap();
+    let running = start_from(&path).await;
+    support::wait_ready(running.addr).await;
+    let login = |name: &'static str| async move {
+        let mut b = bff::Browser::new(running.addr);
+        let r = b.login(name, &format!("{name}-pw")).await;
+        assert_eq!(r.status(), 200, "login as {name}");
+        b
+    };
+    let status = |b: &bff::Browser| {
+        let req = b.api(reqwest::Method::GET, "/api/me");
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let before = login("alice").await;
+    assert_eq!(status(&before).await, 200);
+
+    // Rotation step 1: the new key first, the old one still listed.
+    std::fs::write(&path, with_keys(&[NEW, OLD], &idp, &upstream)).unwrap();
+    assert_eq!(
+        running.reloader().reload(),
+        ReloadOutcome::Applied {
+            needs_restart: vec![]
+        }
+    );
+    assert_eq!(status(&before).await, 200, "the old key still verifies");
+    let after = login("bob").await;
+    assert_eq!(status(&after).await, 200);
+
+    // Step 2: the old key retired. Only a ticket signed with the new key still verifies, which
+    // proves that the login after the first reload was signed with it.
+    std::fs::write(&path, with_keys(&[NEW], &idp, &upstream)).unwrap();
+    assert!(matches!(
+        running.reloader().reload(),
+        ReloadOutcome::Applied { .. }
+    ));
+    assert_eq!(status(&before).await, 401, "signed with the retired key");
+    assert_eq!(
+        status(&after).await,
+        200,
+        "signed with the key added by reload"
+    );
+    running.shutdown();
 }

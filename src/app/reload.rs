@@ -17,6 +17,7 @@ use crate::auth::Auth;
 use crate::config::{AuthMode, Config, Problem};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::router::Router;
+use crate::secret::Secret;
 use crate::telemetry::{self, LevelChange};
 use crate::tls;
 
@@ -160,6 +161,11 @@ impl Reloader {
         if next.log.level != config.log.level {
             apply_level(&next.log.level);
         }
+        if let Some(auth) = &next_auth
+            && next.session.keys != config.session.keys
+        {
+            rotate_keys(auth, &config.session.keys, &next.session.keys);
+        }
         *config = next;
         *auth = next_auth;
         Ok(needs_restart)
@@ -204,6 +210,24 @@ fn capture_moved(running: &Config, next: &Config) -> Option<Problem> {
             "{now} is the [capture] route's upstream ({was} at start-up): changing it needs a restart"
         ),
     })
+}
+
+/// Puts a new `session.keys` in force and says what it means for the cookies already out.
+fn rotate_keys(auth: &Auth, was: &[Secret<Vec<u8>>], now: &[Secret<Vec<u8>>]) {
+    auth.set_session_keys(now);
+    let retired = was.iter().filter(|k| !now.contains(k)).count();
+    let current_changed = was.first() != now.first();
+    tracing::info!(
+        keys = now.len(),
+        current_changed,
+        "session.keys changed: new tickets and login cookies are signed with the first key"
+    );
+    if retired > 0 {
+        tracing::warn!(
+            retired,
+            "session.keys: cookies signed with a key no longer listed stop verifying (those users log in again)"
+        );
+    }
 }
 
 fn apply_level(level: &str) {
@@ -259,15 +283,22 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
         "session.touch_interval",
         s.touch_interval == n.touch_interval,
     );
-    keep("session.keys", s.keys == n.keys);
+    // Keys rotate by reload once sessions exist (the first signs, the rest still verify); a
+    // process started without any needs a restart to start using sessions.
+    let keys_reload = !s.keys.is_empty() && !n.keys.is_empty();
+    keep("session.keys", keys_reload || s.keys == n.keys);
     keep("session.store", s.store == n.store);
     keep(
         "session.cache.capacity",
         s.cache_capacity == n.cache_capacity,
     );
     let cache_ttl = n.cache_ttl;
+    let keys = std::mem::take(&mut n.keys);
     *n = s.clone();
     n.cache_ttl = cache_ttl;
+    if keys_reload {
+        n.keys = keys;
+    }
 
     keep("oidc", running.oidc == next.oidc);
     next.oidc.clone_from(&running.oidc);
@@ -360,7 +391,7 @@ mod tests {
         client_secret = \"s\"\n[session]\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n";
 
     #[test]
-    fn session_keys_store_and_oidc_need_a_restart_but_the_cache_ttl_reloads() {
+    fn the_store_and_oidc_need_a_restart_but_session_keys_and_the_cache_ttl_reload() {
         let running = config("", &format!("{SESSIONS}{ROUTE}"));
         let text = SESSIONS
             .replace("client_id = \"a\"", "client_id = \"b\"")
@@ -370,12 +401,10 @@ mod tests {
                 "[session]\nstore = { kind = \"memory\" }\ncache = { ttl = \"5s\" }\n",
             );
         let mut next = config("", &format!("{text}{ROUTE}"));
-        assert_eq!(
-            keep_running(&running, &mut next),
-            ["session.keys", "session.store", "oidc"]
-        );
+        assert_eq!(keep_running(&running, &mut next), ["session.store", "oidc"]);
         assert_eq!(next.oidc, running.oidc);
-        assert!(next.session.keys == running.session.keys);
+        assert!(next.session.keys != running.session.keys);
+        assert_eq!(next.session.keys.len(), 1);
         assert_eq!(next.session.store, running.session.store);
         assert_eq!(next.session.cache_ttl, std::time::Duration::from_secs(5));
     }
