@@ -1,4 +1,6 @@
-//! The command line: `run` (default), `check-config`, `dev-cert`.
+//! The command line: `run` (default), `check-config`, `dev-cert`, `sessions`.
+
+mod sessions;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +58,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
         hosts: Vec<String>,
     },
+    /// List or end users' sessions through the admin API of a running coatcheck (`[admin]`).
+    Sessions(sessions::SessionsArgs),
 }
 
 /// Entry point used by `main`.
@@ -67,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(&config, cli.log_format),
         Command::CheckConfig { config } => check_config(&config),
         Command::DevCert { out, hosts } => dev_cert(&out, &hosts),
+        Command::Sessions(args) => sessions::run(args),
     }
 }
 

@@ -644,3 +644,70 @@ async fn ending_a_subjects_sessions_on_one_instance_ends_them_on_every_instance(
     }
     assert_eq!(get_api(&alice, "/api/x").await, 401);
 }
+
+/// Runs `coatcheck sessions --admin URL ARGS…` with `token` in `COATCHECK_ADMIN_TOKEN`.
+async fn cli(env: &Env, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coatcheck"))
+        .args(["sessions", "--admin", &admin_url(env, "")])
+        .args(args)
+        .env("COATCHECK_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .expect("coatcheck sessions runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_command_lists_and_ends_sessions_through_the_admin_api() {
+    let env = env_with_token().await;
+    let laptop = env.logged_in("alice").await;
+    let phone = env.logged_in("alice").await;
+    let bob = env.logged_in("bob").await;
+    let sub = user(&laptop).await["sub"].as_str().unwrap().to_owned();
+    let id = |v: Value| v["session"]["id"].as_str().unwrap().to_owned();
+    let (laptop_id, phone_id) = (id(user(&laptop).await), id(user(&phone).await));
+
+    let (code, out, err) = cli(&env, TOKEN, &["list", "--sub", &sub]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&laptop_id) && out.contains(&phone_id), "{out}");
+    assert_eq!(out.lines().count(), 3, "a header and two sessions: {out}");
+    let (code, out, _) = cli(&env, TOKEN, &["--json", "list", "--sub", &sub]).await;
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).expect("--json prints the API's JSON");
+    assert_eq!(listed["sessions"].as_array().unwrap().len(), 2);
+
+    let (code, out, err) = cli(&env, TOKEN, &["end", "--id", &laptop_id]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, &*format!("ended session {laptop_id}")),
+        "{err}"
+    );
+    assert_eq!(get_api(&laptop, "/api/items").await, 401);
+    assert_eq!(get_api(&phone, "/api/items").await, 200);
+
+    let (code, out, _) = cli(&env, TOKEN, &["end", "--sub", &sub]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ended 1 session(s) on every instance")
+    );
+    assert_eq!(get_api(&phone, "/api/items").await, 401);
+    assert_eq!(
+        get_api(&bob, "/api/items").await,
+        200,
+        "another user is untouched"
+    );
+
+    // A wrong token: the API's refusal, exit 1, and the token shown nowhere.
+    let wrong = "not-the-admin-token-0123456789";
+    let (code, out, err) = cli(&env, wrong, &["list", "--sub", &sub]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains(wrong) && !out.contains(wrong));
+    let (code, _, err) = cli(&env, TOKEN, &["end", "--id", &laptop_id]).await;
+    assert_eq!(code, 1, "an ended session is not found: {err}");
+    assert!(err.contains("404"), "{err}");
+}
