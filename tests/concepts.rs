@@ -5,8 +5,9 @@
 //! - a fenced block with the info string `sh try` is a step for `scripts/demo`; `sh try instances`
 //!   one for `scripts/demo --instances 3`. The blocks of one demo run in one `bash`, in the doc's
 //!   order (so a later step may use a variable an earlier one set), with `COOKIE` and `COOKIE2`
-//!   set to two sessions of alice (the doc tells the reader to copy them from the browser; the
-//!   test logs in through the provider's forms, as the browser does);
+//!   set to two sessions of alice (`COOKIE` only for the instances; the doc tells the reader to
+//!   copy them from the browser; the test logs in through the provider's forms, as the browser
+//!   does);
 //! - the ```` ```text ```` block right after it is the expected output (stdout and stderr,
 //!   `\r` dropped, trailing blanks ignored); `…` stands for any text within a line;
 //! - every ```` ```toml ```` block names the file it is taken from (`toml from=config.toml`); its
@@ -56,7 +57,10 @@ fn blocks(doc: &str) -> Vec<Block> {
             (None, None) => {}
         }
     }
-    assert!(open.is_none(), "docs/concepts.md: a code block is not closed");
+    assert!(
+        open.is_none(),
+        "docs/concepts.md: a code block is not closed"
+    );
     out
 }
 
@@ -223,10 +227,7 @@ async fn every_several_instances_step_of_the_concepts_doc_does_what_the_doc_says
         check_toml_blocks(&all, |f| f.starts_with("data/instances/")) > 0,
         "docs/concepts.md quotes a generated instance configuration"
     );
-    let cookies = [
-        ("COOKIE", demo::login_cookie("alice").await),
-        ("COOKIE2", demo::login_cookie("alice").await),
-    ];
+    let cookies = [("COOKIE", demo::login_cookie("alice").await)];
     run_steps(&steps, &cookies).await;
 }
 

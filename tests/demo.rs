@@ -114,16 +114,46 @@ async fn the_tour_shows_who_the_api_claims_a_silent_refresh_the_devices_and_the_
     // api: the claims of the token coatcheck injected; the token itself only as a short prefix.
     assert_eq!(r["api"]["status"], "HTTP 200", "{r}");
     assert_eq!(r["api"]["sub"], "alice", "{r}");
-    assert!(r["api_claims_shown"].as_str().unwrap().contains("jti"), "{r}");
+    assert!(
+        r["api_claims_shown"].as_str().unwrap().contains("jti"),
+        "{r}"
+    );
     // token: a countdown, then a refresh nobody on the page asked for.
-    assert!(r["refresh_line"].as_str().unwrap().contains("silently refreshed"), "{r}");
+    assert!(
+        r["refresh_line"]
+            .as_str()
+            .unwrap()
+            .contains("silently refreshed"),
+        "{r}"
+    );
     // devices and live: the phone revoked from the laptop, pushed at once; then everywhere.
     assert_eq!(r["devices"], 3, "{r}");
-    assert!(r["phone_live"]["text"].as_str().unwrap().contains("revoked"), "{r}");
-    assert!(r["phone_live"]["after_click_ms"].as_u64().unwrap() < 5000, "{r}");
+    assert!(
+        r["phone_live"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{r}"
+    );
+    assert!(
+        r["phone_live"]["after_click_ms"].as_u64().unwrap() < 5000,
+        "{r}"
+    );
     assert_eq!(r["phone_api_after"], 401, "{r}");
-    assert!(r["laptop_live"]["text"].as_str().unwrap().contains("logout"), "{r}");
-    assert!(r["tablet_live"]["text"].as_str().unwrap().contains("logout"), "{r}");
+    assert!(
+        r["laptop_live"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("logout"),
+        "{r}"
+    );
+    assert!(
+        r["tablet_live"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("logout"),
+        "{r}"
+    );
     assert_eq!(r["tablet_api_after"], 401, "{r}");
     let shots = shots_named(&r);
     for panel in [
@@ -155,7 +185,10 @@ async fn with_three_instances_a_logout_on_one_ends_the_session_on_all() {
     assert_ne!(a, a2, "one session served by two instances: {r}");
     // Logged out on instance a: the other instance's event stream said so, and the session is
     // refused on every instance.
-    assert!(r["b_live"]["text"].as_str().unwrap().contains("logout"), "{r}");
+    assert!(
+        r["b_live"]["text"].as_str().unwrap().contains("logout"),
+        "{r}"
+    );
     assert_eq!(r["b_after"], 401, "{r}");
     assert_eq!(r["a2_after"]["status"], 401, "{r}");
     let log = std::fs::read_to_string(&demo.log).unwrap();

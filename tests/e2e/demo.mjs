@@ -306,6 +306,8 @@ let browser;
 try {
   check(fs.existsSync(executablePath), `${executablePath} not found: install Chromium (apt-get install -y chromium) or set E2E_CHROMIUM`);
   fs.mkdirSync(shots, { recursive: true });
+  // This mode's screenshots of an earlier run would pass for this one's.
+  for (const f of fs.readdirSync(shots)) if (f.startsWith(`${mode}-`) && f.endsWith('.png')) fs.rmSync(path.join(shots, f));
   go('launch chromium');
   browser = await chromium.launch({
     executablePath,

@@ -50,7 +50,10 @@ impl Demo {
         let label = if args.is_empty() {
             "oidc".to_owned()
         } else {
-            args.join("").replace("--", "-").trim_matches('-').to_owned()
+            args.join("")
+                .replace("--", "-")
+                .trim_matches('-')
+                .to_owned()
         };
         let log = artefacts().join(format!("scripts-demo-{label}.log"));
         let out = File::create(&log).unwrap();
@@ -189,7 +192,8 @@ pub async fn login_cookie(user: &str) -> String {
         .await
         .expect("GET /bff/login");
     assert_eq!(start.status(), 302, "GET /bff/login");
-    let login_cookie = cookie_pair(start.headers(), "__Host-coatcheck-login").expect("login cookie");
+    let login_cookie =
+        cookie_pair(start.headers(), "__Host-coatcheck-login").expect("login cookie");
     let authorize = start.headers()["location"].to_str().unwrap().to_owned();
     let idp = reqwest::Client::builder()
         .no_proxy()
