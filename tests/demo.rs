@@ -136,8 +136,8 @@ async fn the_tour_shows_who_the_api_claims_a_silent_refresh_the_devices_and_the_
         "{r}"
     );
     assert!(
-        r["phone_live"]["after_click_ms"].as_u64().unwrap() < 5000,
-        "{r}"
+        r["phone_live"]["after_click_ms"].as_u64().unwrap() < 10_000,
+        "pushed, not noticed later: {r}"
     );
     assert_eq!(r["phone_api_after"], 401, "{r}");
     assert!(

@@ -120,7 +120,7 @@ async function callApi(page) {
   return { status, body };
 }
 
-async function endedLine(page, reason, within = 5000) {
+async function endedLine(page, reason, within = 10000) {
   const t = Date.now();
   await page.locator(`#live-line[data-state="ended"][data-reason="${reason}"]`).waitFor({ timeout: within });
   return { text: await text(page, '#live-line'), waited_ms: Date.now() - t };
