@@ -1,11 +1,20 @@
 //! The sample upstream of the local demo (`scripts/demo`): a single-page app and a tiny API,
 //! both served from `http://127.0.0.1:9000` (env `SAMPLE_API_LISTEN` overrides) behind coatcheck.
 //!
-//! - `GET /` — the app: plain HTML and inline JavaScript, no build step. It never sees a token:
-//!   it asks coatcheck who is logged in (`/bff/user`), calls the API with `fetch`, and logs out.
+//! - `GET /` — the app (`examples/sample_app.html`): plain HTML and inline JavaScript, no build
+//!   step, a tour with one panel per feature. It never sees a token: it asks coatcheck who is
+//!   logged in (`/bff/user`), calls the API with `fetch`, lists and ends the user's sessions
+//!   (`/bff/sessions`, `/bff/logout-all`), listens on `/bff/events` and logs out.
 //! - `GET /api/whoami` — shows what coatcheck forwarded: the start of the injected
 //!   `Authorization: Bearer` header and the access token's claims.
+//! - `GET /api/token` — only the access token's `iat`, `exp` and `jti` (the tour's countdown polls
+//!   it, and sees a silent refresh as a new `jti`).
 //! - any other `/api/*` — echoes the method and path.
+//!
+//! Several coatcheck instances (`scripts/demo --instances 3`) each forward to
+//! `http://127.0.0.1:9000/i/<n>` (a path in `upstream` is prepended), so every path may start with
+//! `/i/<n>`: the prefix is removed and every API answer says `"instance": <n>` — which instance
+//! served the call, without coatcheck adding anything.
 //!
 //! Run it alone with `cargo run --example sample_api`.
 
@@ -28,48 +37,11 @@ use tokio::net::TcpListener;
 /// Where the demo's `config.toml` expects the sample API.
 const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
 
-/// The single-page app. Every `fetch` to coatcheck carries the CSRF header (`X-CSRF`, any
-/// value): coatcheck refuses API and `/bff/*` JSON calls without it. The session cookie is
-/// `HttpOnly`, so this script cannot read it; the browser attaches it by itself.
-const APP: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>coatcheck demo</title>
-<style>body{font:16px system-ui,sans-serif;max-width:46rem;margin:2rem auto}pre{background:#f4f4f4;padding:1rem;white-space:pre-wrap}</style>
-</head><body>
-<h1>coatcheck demo</h1>
-<div id="anonymous" hidden><p>You are not logged in.</p><p><a id="login" href="/bff/login?returnUrl=/">Log in</a></p></div>
-<div id="signed-in" hidden>
-  <p>Logged in as <strong id="user"></strong> (session until <span id="expires"></span>).</p>
-  <p><button id="call-api">Call /api/whoami</button> <button id="logout">Log out</button></p>
-  <pre id="api-result">(no API call yet)</pre>
-</div>
-<script>
-const CSRF = { 'X-CSRF': '1' };
-const $ = (id) => document.getElementById(id);
-
-async function showUser() {
-  const res = await fetch('/bff/user', { headers: CSRF });
-  if (!res.ok) { $('anonymous').hidden = false; return; }   // 401: no session
-  const user = await res.json();                            // claims from the ID token, never a token
-  $('user').textContent = `${user.claims.name ?? user.sub} (${user.sub})`;
-  $('expires').textContent = user.session.expires_at;
-  $('signed-in').hidden = false;
-}
-
-$('call-api').onclick = async () => {
-  const res = await fetch('/api/whoami', { headers: CSRF });
-  $('api-result').textContent = `HTTP ${res.status}\n` + JSON.stringify(await res.json(), null, 2);
-};
-
-$('logout').onclick = async () => {
-  const res = await fetch('/bff/logout', { method: 'POST', headers: CSRF });
-  const { logout_url } = await res.json();                  // the provider's end-session URL
-  window.location.assign(logout_url || '/');
-};
-
-showUser();
-</script>
-</body></html>
-"#;
+/// The single-page app: a tour of what coatcheck does, one panel each (`data-panel="who"`, `"api"`,
+/// `"token"`, `"devices"`, `"live"`). Every `fetch` to coatcheck carries the CSRF header (`X-CSRF`,
+/// any value): coatcheck refuses API and `/bff/*` JSON calls without it. The session cookie is
+/// `HttpOnly`, so the page's script cannot read it; the browser attaches it by itself.
+const APP: &str = include_str!("sample_app.html");
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -113,15 +85,49 @@ pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
 }
 
 fn handle(req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", APP.into()),
-        (&Method::GET, "/api/whoami") => json(StatusCode::OK, whoami(&req)),
-        (method, path) if path.starts_with("/api/") => json(
-            StatusCode::OK,
-            json!({"method": method.as_str(), "path": path}),
-        ),
-        _ => json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+    let (instance, path) = split_instance(req.uri().path());
+    let mut answer = match (req.method(), path) {
+        (&Method::GET, "/") => {
+            return respond(StatusCode::OK, "text/html; charset=utf-8", APP.into());
+        }
+        (&Method::GET, "/api/whoami") => whoami(&req),
+        (&Method::GET, "/api/token") => token(&req),
+        (method, path) if path.starts_with("/api/") => {
+            json!({"method": method.as_str(), "path": path})
+        }
+        _ => return json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+    };
+    if let (Some(n), Some(obj)) = (instance, answer.as_object_mut()) {
+        obj.insert("instance".into(), json!(n));
     }
+    json(StatusCode::OK, answer)
+}
+
+/// `/i/<n>/rest` → (`Some(n)`, `/rest`); any other path is returned as is.
+fn split_instance(path: &str) -> (Option<u32>, &str) {
+    let Some(rest) = path.strip_prefix("/i/") else {
+        return (None, path);
+    };
+    let (n, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match n.parse() {
+        Ok(n) => (Some(n), if tail.is_empty() { "/" } else { tail }),
+        Err(_) => (None, path),
+    }
+}
+
+/// The bearer token coatcheck injected, if any.
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+}
+
+/// The access token's lifetime claims only: enough for a countdown and to notice a refresh.
+fn token(req: &Request<Incoming>) -> Value {
+    let claims = bearer(req).map_or(Value::Null, jwt_payload);
+    let pick = |k: &str| claims.get(k).cloned().unwrap_or(Value::Null);
+    json!({"token_claims": {"iat": pick("iat"), "exp": pick("exp"), "jti": pick("jti")}})
 }
 
 /// What the API learned from coatcheck. Only a prefix of the token is shown: an API must never
