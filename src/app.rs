@@ -38,6 +38,12 @@ pub enum StartError {
 /// parse and match, CA files hold certificates.
 pub fn check(config: &Config) -> Vec<Problem> {
     tls::install_provider();
+    // Span export is optional: a collector that cannot be set up never stops the proxy.
+    match crate::trace::init(config.telemetry.export_settings().as_ref()) {
+        Ok(true) => tracing::info!("exporting spans over OTLP/HTTP"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "span export is off"),
+    }
     let mut problems = Vec::new();
     if let Err(e) = tls::ServerCert::load(&config.server.tls.cert, &config.server.tls.key) {
         problems.push(Problem {
@@ -116,6 +122,8 @@ impl Running {
     /// Waits until every listener has stopped and drained.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        // Spans of the last requests are still queued: export them before the process ends.
+        crate::trace::shutdown().await;
     }
 }
 
