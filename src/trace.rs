@@ -705,7 +705,7 @@ mod tests {
         let out = scope(hop, async {
             let mut h = incoming.clone();
             h.insert(&TRACESTATE, HeaderValue::from_static("a=b"));
-            let _s = upstream(&mut h, "x", None);
+            let _s = upstream(&mut h, &HeaderValue::from_static("x:1"));
             h
         })
         .await;
