@@ -38,12 +38,6 @@ pub enum StartError {
 /// parse and match, CA files hold certificates.
 pub fn check(config: &Config) -> Vec<Problem> {
     tls::install_provider();
-    // Span export is optional: a collector that cannot be set up never stops the proxy.
-    match crate::trace::init(config.telemetry.export_settings().as_ref()) {
-        Ok(true) => tracing::info!("exporting spans over OTLP/HTTP"),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "span export is off"),
-    }
     let mut problems = Vec::new();
     if let Err(e) = tls::ServerCert::load(&config.server.tls.cert, &config.server.tls.key) {
         problems.push(Problem {
@@ -130,6 +124,12 @@ impl Running {
 /// Builds every part and binds the listeners.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     tls::install_provider();
+    // Span export is optional: a collector that cannot be set up never stops the proxy.
+    match crate::trace::init(config.telemetry.export_settings().as_ref()) {
+        Ok(true) => tracing::info!("exporting spans over OTLP/HTTP"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "span export is off"),
+    }
     let cert = Arc::new(tls::ServerCert::load(
         &config.server.tls.cert,
         &config.server.tls.key,

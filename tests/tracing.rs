@@ -28,7 +28,9 @@ fn traceparent(trace: &str, span: &str, flags: &str) -> String {
 fn parts(v: &str) -> Option<(String, String, String)> {
     let p: Vec<&str> = v.split('-').collect();
     let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     let ok = p.len() == 4
         && p[0] == "00"
@@ -66,7 +68,9 @@ async fn an_incoming_traceparent_keeps_its_trace_id_and_gets_coatchecks_span_as_
             .unwrap();
         assert_eq!(res.status(), 200);
         let seen = api.last().unwrap();
-        let sent = seen.header("traceparent").expect("upstream got a traceparent");
+        let sent = seen
+            .header("traceparent")
+            .expect("upstream got a traceparent");
         let (trace, parent, f) = parts(sent).unwrap_or_else(|| panic!("invalid: {sent}"));
         assert_eq!(trace, CLIENT_TRACE, "the client's trace goes on");
         assert_ne!(parent, CLIENT_SPAN, "coatcheck's own span is the parent");
@@ -100,7 +104,11 @@ async fn without_a_valid_traceparent_the_upstream_gets_a_new_trace() {
 #[tokio::test]
 async fn malformed_traceparents_never_break_a_request_and_start_a_new_trace() {
     let (api, proxy) = public_proxy().await;
-    let long = format!("{}-{}", traceparent(CLIENT_TRACE, CLIENT_SPAN, "01"), "x".repeat(2000));
+    let long = format!(
+        "{}-{}",
+        traceparent(CLIENT_TRACE, CLIENT_SPAN, "01"),
+        "x".repeat(2000)
+    );
     let bad = [
         long.as_str(),
         "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
@@ -139,12 +147,20 @@ async fn malformed_traceparents_never_break_a_request_and_start_a_new_trace() {
         .http1()
         .get(proxy.url("/two"))
         .header("traceparent", traceparent(CLIENT_TRACE, CLIENT_SPAN, "01"))
-        .header("traceparent", traceparent(CLIENT_TRACE, "1111111111111111", "01"))
+        .header(
+            "traceparent",
+            traceparent(CLIENT_TRACE, "1111111111111111", "01"),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let sent = api.last().unwrap().header("traceparent").unwrap().to_owned();
+    let sent = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
     assert_ne!(parts(&sent).unwrap().0, CLIENT_TRACE);
 }
 
@@ -169,7 +185,11 @@ fn server_span<'a>(spans: &'a [SpanRecord], trace: &str) -> &'a SpanRecord {
         .iter()
         .filter(|s| s.trace_id == trace && s.kind == SERVER)
         .collect();
-    assert_eq!(servers.len(), 1, "one server span for trace {trace}: {spans:#?}");
+    assert_eq!(
+        servers.len(),
+        1,
+        "one server span for trace {trace}: {spans:#?}"
+    );
     servers[0]
 }
 
@@ -221,7 +241,12 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let upstream_tp = api.last().unwrap().header("traceparent").unwrap().to_owned();
+    let upstream_tp = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
     let token_one = bearer(&api);
 
     // Past the refresh margin (half the 4 s lifetime): the next request refreshes first.
@@ -243,7 +268,8 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
     let got = receiver
         .wait_for(Duration::from_secs(5), |s| {
             s.iter().any(|s| s.name == "session.refresh")
-                && s.iter().any(|s| s.trace_id == CLIENT_TRACE && s.kind == SERVER)
+                && s.iter()
+                    .any(|s| s.trace_id == CLIENT_TRACE && s.kind == SERVER)
         })
         .await;
     let spans = receiver.spans();
@@ -267,17 +293,26 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .iter()
         .find(|s| s.name == "session.lookup")
         .expect("session.lookup under the server span");
-    assert!(matches!(lookup.attr("coatcheck.session.cache"), Some("hit" | "miss")));
+    assert!(matches!(
+        lookup.attr("coatcheck.session.cache"),
+        Some("hit" | "miss")
+    ));
     let upstream = kids
         .iter()
         .find(|s| s.name == "upstream")
         .expect("upstream under the server span");
     assert_eq!(upstream.kind, CLIENT);
-    assert_eq!(upstream.attr("server.port"), Some(api.addr.port().to_string().as_str()));
+    assert_eq!(
+        upstream.attr("server.port"),
+        Some(api.addr.port().to_string().as_str())
+    );
     assert_eq!(upstream.attr("http.response.status_code"), Some("200"));
     let (t, parent, _) = parts(&upstream_tp).unwrap();
     assert_eq!(t, CLIENT_TRACE);
-    assert_eq!(parent, upstream.span_id, "the upstream's parent is the upstream span");
+    assert_eq!(
+        parent, upstream.span_id,
+        "the upstream's parent is the upstream span"
+    );
 
     // The refresh: a span under the second request, the token call under it, and the provider
     // saw that call's traceparent.
@@ -300,7 +335,10 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .and_then(|c| c["traceparent"].as_str())
         .expect("the refresh request carried a traceparent");
     let (t, parent, _) = parts(refresh_tp).unwrap();
-    assert_eq!(t, refresh_trace, "the token endpoint sees the request's trace");
+    assert_eq!(
+        t, refresh_trace,
+        "the token endpoint sees the request's trace"
+    );
     assert_eq!(parent, token_call.span_id);
     let code_tp = calls
         .iter()
@@ -324,7 +362,11 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
                 assert!(!v.contains(secret), "{what} in {}.{k} = {v}", s.name);
             }
             assert!(!v.contains('?'), "a query string in {}.{k} = {v}", s.name);
-            assert!(!v.to_ascii_lowercase().contains("bearer"), "{}.{k} = {v}", s.name);
+            assert!(
+                !v.to_ascii_lowercase().contains("bearer"),
+                "{}.{k} = {v}",
+                s.name
+            );
         }
     }
     for body in receiver.bodies() {
@@ -365,7 +407,12 @@ async fn the_standard_otel_environment_variables_turn_export_on() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let sent = api.last().unwrap().header("traceparent").unwrap().to_owned();
+    let sent = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
     let (trace, _, _) = parts(&sent).unwrap();
     let got = receiver
         .wait_for(Duration::from_secs(10), |s| {
@@ -373,14 +420,20 @@ async fn the_standard_otel_environment_variables_turn_export_on() {
         })
         .await;
     let spans = receiver.spans();
-    assert!(got, "no server span for {trace}: {spans:#?}\n{}", proc.logs());
+    assert!(
+        got,
+        "no server span for {trace}: {spans:#?}\n{}",
+        proc.logs()
+    );
     let server = server_span(&spans, &trace);
     assert_eq!(server.name, "GET /");
     assert_eq!(server.parent_span_id, "", "a trace coatcheck started");
     assert_eq!(server.service_name, "from-the-environment");
     assert_eq!(server.attr("coatcheck.auth"), Some("none"));
     assert!(
-        children(&spans, server).iter().any(|s| s.name == "upstream"),
+        children(&spans, server)
+            .iter()
+            .any(|s| s.name == "upstream"),
         "upstream span: {spans:#?}"
     );
 }

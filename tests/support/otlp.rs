@@ -139,10 +139,12 @@ async fn handle(req: Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
     if req.method() != http::Method::POST || req.uri().path() != "/v1/traces" || !ok_type {
-        st.refused
-            .lock()
-            .unwrap()
-            .push(format!("{} {} {:?}", req.method(), req.uri(), req.headers()));
+        st.refused.lock().unwrap().push(format!(
+            "{} {} {:?}",
+            req.method(),
+            req.uri(),
+            req.headers()
+        ));
         return answer(StatusCode::NOT_FOUND, Bytes::new());
     }
     let Ok(body) = req.into_body().collect().await else {
