@@ -262,6 +262,16 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
     let token_two = bearer(&api);
     assert_ne!(token_one, token_two, "the token was refreshed");
 
+    // Logout revokes the refresh token at the provider, inside the logout request's trace.
+    let logout_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let res = b
+        .api(Method::POST, "/bff/logout")
+        .header("traceparent", traceparent(logout_trace, first, "01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
     // A graceful stop exports what is still queued.
     proc.signal("TERM");
     assert!(proc.wait_exit(Duration::from_secs(20)).await.is_some());
@@ -346,6 +356,19 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .and_then(|c| c["traceparent"].as_str())
         .expect("the code exchange carried a traceparent");
     assert!(parts(code_tp).is_some());
+    let revoked = stats["revocation_traceparents"].as_array().unwrap();
+    let revoke_tp = revoked
+        .iter()
+        .find_map(|v| v.as_str())
+        .expect("the revocation carried a traceparent");
+    assert_eq!(parts(revoke_tp).unwrap().0, logout_trace);
+    let logout = server_span(&spans, logout_trace);
+    assert_eq!(logout.name, "POST /bff/");
+    let revocation = children(&spans, logout)
+        .into_iter()
+        .find(|s| s.name == "idp.revocation")
+        .expect("idp.revocation under the logout's server span");
+    assert_eq!(parts(revoke_tp).unwrap().1, revocation.span_id);
 
     // (e) No attribute (and no byte of any export) holds a secret, a cookie or a query.
     let secrets = [

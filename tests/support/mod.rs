@@ -595,6 +595,9 @@ impl ProxyProcess {
             .arg(&config)
             .current_dir(dir.path())
             .env_remove("RUST_LOG")
+            // Span export only where a test asks for it, whatever the developer's shell says.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
