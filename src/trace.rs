@@ -201,7 +201,7 @@ fn tracer() -> Option<&'static SdkTracer> {
 }
 
 /// The trace context of the request being served, carried by its task.
-pub struct Hop {
+pub(crate) struct Hop {
     /// This hop's trace id, span id and flags (the server span's, with export on).
     own: TraceParent,
     /// Whether the client sent a valid `traceparent` (else its `tracestate` is dropped).
@@ -249,15 +249,15 @@ impl ServerSpan {
 }
 
 /// What the router knows about a request when it starts its hop.
-pub struct RequestInfo<'a> {
-    pub method: &'a http::Method,
-    pub version: http::Version,
-    pub host: Option<&'a str>,
-    pub request_id: &'a HeaderValue,
+pub(crate) struct RequestInfo<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) version: http::Version,
+    pub(crate) host: Option<&'a str>,
+    pub(crate) request_id: &'a HeaderValue,
 }
 
 /// Starts the hop of a request: continues the client's trace or starts one.
-pub fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, ServerSpan) {
+pub(crate) fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, ServerSpan) {
     let parent = TraceParent::from_headers(headers);
     let Some(tracer) = tracer() else {
         let own = TraceParent {
@@ -291,7 +291,8 @@ pub fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, ServerSpan) {
             info.request_id.to_str().unwrap_or("-").to_owned(),
         ),
     ];
-    if let Some(host) = info.host {
+    // The Host is screened (and refused if malformed) only after this: keep it short.
+    if let Some(host) = info.host.filter(|h| h.len() <= 255) {
         let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
         attributes.push(KeyValue::new("server.address", host.to_owned()));
     }
@@ -327,13 +328,13 @@ fn hop(own: TraceParent, continued: bool, cx: Option<Context>) -> Hop {
 }
 
 /// Runs `f` (the handling of one request) with `hop` as its trace context.
-pub fn scope<F: Future>(hop: Hop, f: F) -> impl Future<Output = F::Output> {
+pub(crate) fn scope<F: Future>(hop: Hop, f: F) -> impl Future<Output = F::Output> {
     HOP.scope(hop, f)
 }
 
 /// A child span (with export on and a sampled parent); ends when dropped.
 #[derive(Debug, Default)]
-pub struct ChildSpan {
+pub(crate) struct ChildSpan {
     span: Option<opentelemetry_sdk::trace::Span>,
     /// The `traceparent` naming this span (or the hop, without export) for an outgoing call.
     traceparent: Option<HeaderValue>,
@@ -398,10 +399,10 @@ fn traceparent_of(sc: &SpanContext) -> HeaderValue {
 }
 
 /// The `session.lookup` span; the cache outcome is added when it ends.
-pub struct LookupSpan(ChildSpan);
+pub(crate) struct LookupSpan(ChildSpan);
 
 /// Starts `session.lookup` (a no-op without export).
-pub fn session_lookup() -> LookupSpan {
+pub(crate) fn session_lookup() -> LookupSpan {
     LookupSpan(child_of_hop("session.lookup", SpanKind::Internal, Vec::new()).unwrap_or_default())
 }
 
@@ -417,15 +418,15 @@ impl Drop for LookupSpan {
 }
 
 /// Notes whether the session lookup of the current request was a cache hit.
-pub fn note_cache(hit: bool) {
+pub(crate) fn note_cache(hit: bool) {
     let _ = HOP.try_with(|h| h.cache_hit.set(Some(hit)));
 }
 
 /// The `session.refresh` span: while it is open, IdP calls of this request hang under it.
-pub struct RefreshSpan(ChildSpan);
+pub(crate) struct RefreshSpan(ChildSpan);
 
 /// Starts `session.refresh` (a no-op without export).
-pub fn session_refresh() -> RefreshSpan {
+pub(crate) fn session_refresh() -> RefreshSpan {
     let span = child_of_hop("session.refresh", SpanKind::Internal, Vec::new()).unwrap_or_default();
     if let Some(s) = &span.span {
         let sc = s.span_context().clone();
@@ -457,7 +458,7 @@ impl Drop for RefreshSpan {
 /// The `upstream` client span and the `traceparent`/`tracestate` the upstream request carries:
 /// the hop's (or this span's) trace, `tracestate` dropped when the client's trace was not valid.
 /// Outside a request the headers are left as they are.
-pub fn upstream(headers: &mut HeaderMap, authority: &HeaderValue) -> ChildSpan {
+pub(crate) fn upstream(headers: &mut HeaderMap, authority: &HeaderValue) -> ChildSpan {
     let mut attrs = Vec::new();
     if tracer().is_some()
         && let Ok(a) = authority.to_str()
@@ -483,7 +484,7 @@ pub fn upstream(headers: &mut HeaderMap, authority: &HeaderValue) -> ChildSpan {
 
 /// The `idp.<endpoint>` client span of an identity-provider (or capture API) call, with the
 /// `traceparent` to send: a child of the current request's trace, or a new trace outside one.
-pub fn idp(name: &'static str, url: &str) -> ChildSpan {
+pub(crate) fn idp(name: &'static str, url: &str) -> ChildSpan {
     let mut attrs = Vec::new();
     if tracer().is_some()
         && let Ok(url) = url::Url::parse(url)
@@ -537,7 +538,10 @@ pub fn idp(name: &'static str, url: &str) -> ChildSpan {
 }
 
 /// `request` with the `traceparent` of `span`, if any.
-pub fn traced(request: reqwest::RequestBuilder, span: &ChildSpan) -> reqwest::RequestBuilder {
+pub(crate) fn traced(
+    request: reqwest::RequestBuilder,
+    span: &ChildSpan,
+) -> reqwest::RequestBuilder {
     match span.traceparent() {
         Some(v) => request.header(&TRACEPARENT, v.clone()),
         None => request,
@@ -564,7 +568,7 @@ pub enum TraceError {
 }
 
 /// Starts span export (call once, inside the tokio runtime). `None` settings leave it off.
-pub fn init(settings: Option<&ExportSettings>) -> Result<bool, TraceError> {
+pub(crate) fn init(settings: Option<&ExportSettings>) -> Result<bool, TraceError> {
     use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
     use opentelemetry_sdk::trace::{Sampler, span_processor_with_async_runtime};
     let Some(s) = settings else { return Ok(false) };
@@ -608,7 +612,7 @@ pub fn init(settings: Option<&ExportSettings>) -> Result<bool, TraceError> {
 }
 
 /// Exports the spans still queued and stops the exporter (at shutdown).
-pub async fn shutdown() {
+pub(crate) async fn shutdown() {
     let Some(e) = EXPORT.get() else { return };
     let provider = e.provider.clone();
     // The SDK's shutdown blocks on the export task: keep it off the runtime's workers.
