@@ -1736,6 +1736,60 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn with_telemetry(t: &str) -> String {
+        base(&format!(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n[telemetry]\n{t}"
+        ))
+    }
+
+    #[test]
+    fn telemetry_keys_are_parsed_with_their_defaults() {
+        let c = Config::from_toml(
+            &with_telemetry("otlp_endpoint = \"http://127.0.0.1:4318/\"\nsample_ratio = 0.25"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        assert_eq!(c.telemetry.timeout, DEFAULT_EXPORT_TIMEOUT);
+        let s = c.telemetry.export_settings().expect("export on");
+        assert_eq!(
+            s.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        let off = Config::from_toml(&with_telemetry(""), Path::new("t.toml")).unwrap();
+        assert_eq!(off.telemetry, Telemetry::default());
+    }
+
+    #[test]
+    fn bad_telemetry_values_name_their_key() {
+        let keys = |t: &str| -> Vec<String> {
+            problems(&with_telemetry(t))
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(
+            keys("otlp_endpoint = \"ftp://x\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(
+            keys("otlp_endpoint = \"not a url\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(
+            keys("otlp_endpoint = \"http://h:4318?x=1\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(keys("sample_ratio = -0.1"), ["telemetry.sample_ratio"]);
+        assert_eq!(keys("sample_ratio = nan"), ["telemetry.sample_ratio"]);
+        assert_eq!(keys("service_name = \" \""), ["telemetry.service_name"]);
+        assert_eq!(keys("timeout = \"0s\""), ["telemetry.timeout"]);
+        assert!(
+            !keys("exporter = \"x\"").is_empty(),
+            "unknown keys are refused"
+        );
+    }
+
     fn redis_store(store: &str) -> String {
         base(&format!(
             "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n[session.store]\nkind = \"redis\"\n{store}"
