@@ -437,9 +437,40 @@ async fn the_standard_otel_environment_variables_turn_export_on() {
         .unwrap()
         .to_owned();
     let (trace, _, _) = parts(&sent).unwrap();
+    // A client that says "not sampled" is obeyed: nothing of its trace is exported, and the
+    // upstream is told the same.
+    let res = client
+        .get(format!("https://localhost:{}/unsampled", proc.addr.port()))
+        .header("traceparent", traceparent(CLIENT_TRACE, CLIENT_SPAN, "00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let unsampled = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
+    assert_eq!(parts(&unsampled).unwrap().2, "00");
+    // A request after the unsampled one: once its span is in, the unsampled one would be too.
+    let res = client
+        .get(format!("https://localhost:{}/after", proc.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let after = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
+    let (after, _, _) = parts(&after).unwrap();
     let got = receiver
         .wait_for(Duration::from_secs(10), |s| {
             s.iter().any(|s| s.trace_id == trace && s.kind == SERVER)
+                && s.iter().any(|s| s.trace_id == after && s.kind == SERVER)
         })
         .await;
     let spans = receiver.spans();
@@ -449,6 +480,10 @@ async fn the_standard_otel_environment_variables_turn_export_on() {
         proc.logs()
     );
     let server = server_span(&spans, &trace);
+    assert!(
+        spans.iter().all(|s| s.trace_id != CLIENT_TRACE),
+        "an unsampled trace was exported: {spans:#?}"
+    );
     assert_eq!(server.name, "GET /");
     assert_eq!(server.parent_span_id, "", "a trace coatcheck started");
     assert_eq!(server.service_name, "from-the-environment");
