@@ -126,17 +126,12 @@ impl Router {
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
         let request_id = headers::request_id(req.headers());
         let http1 = req.version() <= Version::HTTP_11;
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
         let (hop, span) = trace::start(
             req.headers(),
             &trace::RequestInfo {
                 method: req.method(),
                 version: req.version(),
-                host,
+                uri: req.uri(),
                 request_id: &request_id,
             },
         );

@@ -252,7 +252,8 @@ impl ServerSpan {
 pub(crate) struct RequestInfo<'a> {
     pub(crate) method: &'a http::Method,
     pub(crate) version: http::Version,
-    pub(crate) host: Option<&'a str>,
+    /// For the `:authority` of an HTTP/2 request without `Host`.
+    pub(crate) uri: &'a http::Uri,
     pub(crate) request_id: &'a HeaderValue,
 }
 
@@ -291,8 +292,12 @@ pub(crate) fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, Server
             info.request_id.to_str().unwrap_or("-").to_owned(),
         ),
     ];
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| info.uri.authority().map(|a| a.as_str()));
     // The Host is screened (and refused if malformed) only after this: keep it short.
-    if let Some(host) = info.host.filter(|h| h.len() <= 255) {
+    if let Some(host) = host.filter(|h| h.len() <= 255) {
         let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
         attributes.push(KeyValue::new("server.address", host.to_owned()));
     }
@@ -702,7 +707,7 @@ mod tests {
         let info = RequestInfo {
             method: &http::Method::GET,
             version: http::Version::HTTP_11,
-            host: None,
+            uri: &http::Uri::from_static("/"),
             request_id: &id,
         };
         let (hop, _span) = start(&incoming, &info);
