@@ -116,12 +116,20 @@ impl Running {
     /// Waits until every listener has stopped and drained.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        // Spans of the last requests are still queued: export them before the process ends.
+        crate::trace::shutdown().await;
     }
 }
 
 /// Builds every part and binds the listeners.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     tls::install_provider();
+    // Span export is optional: a collector that cannot be set up never stops the proxy.
+    match crate::trace::init(config.telemetry.export_settings().as_ref()) {
+        Ok(true) => tracing::info!("exporting spans over OTLP/HTTP"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "span export is off"),
+    }
     let cert = Arc::new(tls::ServerCert::load(
         &config.server.tls.cert,
         &config.server.tls.key,

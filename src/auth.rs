@@ -163,6 +163,7 @@ impl Auth {
 
     /// Looks up the request's session (through the cache, `session.cache.ttl`).
     async fn lookup(&self, headers: &http::HeaderMap) -> Result<Lookup, Error> {
+        let _span = crate::trace::session_lookup();
         self.sessions.lookup(headers, self.cache_ttl).await
     }
 

@@ -103,6 +103,71 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[admin]`, when configured.
     pub admin: Option<Admin>,
+    /// `[telemetry]`: span export.
+    pub telemetry: Telemetry,
+}
+
+/// Default `telemetry.service_name`: the `service.name` resource of exported spans.
+pub const DEFAULT_SERVICE_NAME: &str = "coatcheck";
+/// Default `telemetry.sample_ratio`: every new trace is recorded (a client's sampled flag
+/// decides for the traces it started).
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+/// Default `telemetry.timeout`: one export request to the collector.
+pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[telemetry]`: OTLP/HTTP span export. Propagation of `traceparent` is always on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    /// Collector base URL (`/v1/traces` is appended); wins over `OTEL_EXPORTER_OTLP_*`.
+    pub otlp_endpoint: Option<Url>,
+    /// `service.name`; default [`DEFAULT_SERVICE_NAME`], else `OTEL_SERVICE_NAME`.
+    pub service_name: Option<String>,
+    /// Share of new traces recorded, 0.0–1.0 (parent-based: a client's flag wins).
+    pub sample_ratio: f64,
+    /// Deadline of one export request.
+    pub timeout: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            otlp_endpoint: None,
+            service_name: None,
+            sample_ratio: DEFAULT_SAMPLE_RATIO,
+            timeout: DEFAULT_EXPORT_TIMEOUT,
+        }
+    }
+}
+
+impl Telemetry {
+    /// The export settings: `[telemetry] otlp_endpoint` wins; else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT` turn export on (read by the exporter); `OTEL_SDK_DISABLED=true`
+    /// turns it off. `None`: no export.
+    pub fn export_settings(&self) -> Option<crate::trace::ExportSettings> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return None;
+        }
+        let endpoint = match &self.otlp_endpoint {
+            Some(u) => Some(format!("{}/v1/traces", u.as_str().trim_end_matches('/'))),
+            None if env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() =>
+            {
+                None
+            }
+            None => return None,
+        };
+        Some(crate::trace::ExportSettings {
+            endpoint,
+            service_name: self
+                .service_name
+                .clone()
+                .or_else(|| env("OTEL_SERVICE_NAME"))
+                .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned()),
+            sample_ratio: self.sample_ratio,
+            timeout: self.timeout,
+        })
+    }
 }
 
 /// Shortest accepted `admin.token`, in characters: it guards ending anyone's sessions.
@@ -677,6 +742,7 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         || capture.is_some();
     let session = validate_session(raw.session, base, needs, p);
     let admin = raw.admin.and_then(|a| validate_admin(a, &server, p));
+    let telemetry = validate_telemetry(raw.telemetry, p);
     for r in &routes {
         let user_session = matches!(r.auth, AuthMode::Required | AuthMode::Optional);
         if r.auth == AuthMode::Client && oidc.is_none() {
@@ -706,6 +772,66 @@ fn validate(raw: file::ConfigFile, path: &Path, p: &mut Problems) -> Config {
         csrf,
         routes,
         admin,
+        telemetry,
+    }
+}
+
+fn validate_telemetry(t: file::TelemetryFile, p: &mut Problems) -> Telemetry {
+    let otlp_endpoint = t.otlp_endpoint.and_then(|raw| match Url::parse(&raw) {
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+            p.push(
+                "telemetry.otlp_endpoint",
+                format!("{raw:?} must be an http:// or https:// URL"),
+            );
+            None
+        }
+        Ok(u) if u.host_str().is_none() || u.query().is_some() || u.fragment().is_some() => {
+            p.push(
+                "telemetry.otlp_endpoint",
+                format!("{raw:?} must name a host, without query or fragment (e.g. \"http://127.0.0.1:4318\")"),
+            );
+            None
+        }
+        Ok(u) => Some(u),
+        Err(e) => {
+            p.push(
+                "telemetry.otlp_endpoint",
+                format!("{raw:?} is not a valid URL ({e}); write e.g. \"http://127.0.0.1:4318\""),
+            );
+            None
+        }
+    });
+    let sample_ratio = match t.sample_ratio {
+        None => DEFAULT_SAMPLE_RATIO,
+        Some(r) if (0.0..=1.0).contains(&r) => r,
+        Some(r) => {
+            p.push(
+                "telemetry.sample_ratio",
+                format!("{r} must be between 0.0 and 1.0"),
+            );
+            DEFAULT_SAMPLE_RATIO
+        }
+    };
+    let service_name = t.service_name.filter(|n| {
+        let ok = !n.trim().is_empty() && n.len() <= 255 && !n.chars().any(char::is_control);
+        if !ok {
+            p.push(
+                "telemetry.service_name",
+                format!("{n:?} must be 1 to 255 printable characters"),
+            );
+        }
+        ok
+    });
+    let timeout = p.duration(
+        "telemetry.timeout",
+        t.timeout.as_deref(),
+        DEFAULT_EXPORT_TIMEOUT,
+    );
+    Telemetry {
+        otlp_endpoint,
+        service_name,
+        sample_ratio,
+        timeout,
     }
 }
 
@@ -1608,6 +1734,60 @@ mod tests {
             .err()
             .map(|e| e.problems)
             .unwrap_or_default()
+    }
+
+    fn with_telemetry(t: &str) -> String {
+        base(&format!(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"none\"\n[telemetry]\n{t}"
+        ))
+    }
+
+    #[test]
+    fn telemetry_keys_are_parsed_with_their_defaults() {
+        let c = Config::from_toml(
+            &with_telemetry("otlp_endpoint = \"http://127.0.0.1:4318/\"\nsample_ratio = 0.25"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        assert_eq!(c.telemetry.timeout, DEFAULT_EXPORT_TIMEOUT);
+        let s = c.telemetry.export_settings().expect("export on");
+        assert_eq!(
+            s.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        let off = Config::from_toml(&with_telemetry(""), Path::new("t.toml")).unwrap();
+        assert_eq!(off.telemetry, Telemetry::default());
+    }
+
+    #[test]
+    fn bad_telemetry_values_name_their_key() {
+        let keys = |t: &str| -> Vec<String> {
+            problems(&with_telemetry(t))
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(
+            keys("otlp_endpoint = \"ftp://x\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(
+            keys("otlp_endpoint = \"not a url\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(
+            keys("otlp_endpoint = \"http://h:4318?x=1\""),
+            ["telemetry.otlp_endpoint"]
+        );
+        assert_eq!(keys("sample_ratio = -0.1"), ["telemetry.sample_ratio"]);
+        assert_eq!(keys("sample_ratio = nan"), ["telemetry.sample_ratio"]);
+        assert_eq!(keys("service_name = \" \""), ["telemetry.service_name"]);
+        assert_eq!(keys("timeout = \"0s\""), ["telemetry.timeout"]);
+        assert!(
+            !keys("exporter = \"x\"").is_empty(),
+            "unknown keys are refused"
+        );
     }
 
     fn redis_store(store: &str) -> String {

@@ -26,7 +26,8 @@
 //!
 //! Leaves: [`config`] (file shape and validated truth), [`error`] (taxonomy → status),
 //! [`secret`] (values that never print), [`body`] (shared body types), [`telemetry`] (logs),
-//! [`metrics`] (counters and histograms, pre-resolved per route; Prometheus exposition).
+//! [`metrics`] (counters and histograms, pre-resolved per route; Prometheus exposition),
+//! [`trace`] (W3C trace-context propagation and optional OTLP span export).
 
 pub mod admin;
 pub mod app;
@@ -43,4 +44,5 @@ pub mod secret;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod upstream;

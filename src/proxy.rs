@@ -288,11 +288,27 @@ pub async fn send(
 ) -> Result<Response<Body>, Error> {
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
     let slot = req.extensions_mut().remove::<ConnectionSlot>();
+    let mut span = crate::trace::upstream(req.headers_mut(), &upstream.host);
     let (response, progress) = upstream.send(req, client_upgrade.is_some());
     let mut res = tokio::select! {
-        r = response => r.map_err(|e| classify(e, route))?,
-        () = deadline(&progress, route.timeout) => return Err(Error::GatewayTimeout(route.timeout)),
+        r = response => r.map_err(|e| {
+            let e = classify(e, route);
+            span.fail(e.code());
+            e
+        })?,
+        () = deadline(&progress, route.timeout) => {
+            span.fail("gateway_timeout");
+            return Err(Error::GatewayTimeout(route.timeout));
+        }
     };
+    span.set(
+        "http.response.status_code",
+        i64::from(res.status().as_u16()),
+    );
+    if res.status().is_server_error() {
+        span.fail("upstream_error");
+    }
+    drop(span);
     let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         let Some(client_upgrade) = client_upgrade else {

@@ -24,6 +24,7 @@ use crate::metrics::{BFF_ROUTE, Metrics, NO_ROUTE};
 use crate::proxy::{self, headers};
 use crate::telemetry::{AccessLog, AccessRecord, Logged};
 use crate::tls::TlsError;
+use crate::trace;
 use crate::upstream::Upstream;
 
 /// One route with its upstream client.
@@ -125,6 +126,15 @@ impl Router {
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
         let request_id = headers::request_id(req.headers());
         let http1 = req.version() <= Version::HTTP_11;
+        let (hop, span) = trace::start(
+            req.headers(),
+            &trace::RequestInfo {
+                method: req.method(),
+                version: req.version(),
+                uri: req.uri(),
+                request_id: &request_id,
+            },
+        );
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),
             method: req.method().clone(),
@@ -136,11 +146,10 @@ impl Router {
             request_id: request_id.clone(),
             client,
             error: None,
+            span,
         });
-        let res = match self
-            .handle_inner(req, peer, client, &request_id, &mut record)
-            .await
-        {
+        let inner = self.handle_inner(req, peer, client, &request_id, &mut record);
+        let res = match trace::scope(hop, inner).await {
             Ok(res) => res,
             Err(e) => self.fail(&e, &mut record),
         };
@@ -163,6 +172,7 @@ impl Router {
             request_id,
             client: peer,
             error: None,
+            span: trace::ServerSpan::default(),
         });
         let e = Error::HeadersTooLarge {
             limit: self.max_header_bytes,
@@ -267,6 +277,7 @@ impl Router {
         {
             record.route = Some(Arc::from(BFF_ROUTE));
             record.route_metric = self.bff_metric;
+            record.span.set_route(req.method(), BFF_ROUTE, "bff");
             if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
                 self.login_limit.check(client)?;
             }
@@ -285,6 +296,9 @@ impl Router {
         record.route_metric = entry.metric;
         record.upstream = Some(entry.upstream.name.clone());
         let route = &entry.config;
+        record
+            .span
+            .set_route(req.method(), &entry.name, auth_label(route.auth));
         if path.separator && !route.allow_encoded_slashes {
             return Err(encoded_separator());
         }
@@ -367,6 +381,17 @@ impl Router {
     /// The route whose prefix is the longest one matching `path` on a segment boundary.
     fn route_for(&self, path: &str) -> Option<&RouteEntry> {
         self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
+    }
+}
+
+/// `coatcheck.auth` of a request's span: the route's auth mode as configured.
+fn auth_label(mode: AuthMode) -> &'static str {
+    match mode {
+        AuthMode::Required => "required",
+        AuthMode::Optional => "optional",
+        AuthMode::None => "none",
+        AuthMode::Bearer => "bearer",
+        AuthMode::Client => "client",
     }
 }
 

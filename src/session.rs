@@ -260,11 +260,13 @@ impl Sessions {
             Some(s) if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < cache_ttl => {
                 s.last_seen.fetch_max(now, Ordering::Relaxed);
                 self.metrics.cache_hits.inc();
+                crate::trace::note_cache(true);
                 return Ok(Lookup::Live(s));
             }
             other => other,
         };
         self.metrics.cache_misses.inc();
+        crate::trace::note_cache(false);
         match self.load(&ticket, key, now).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.

@@ -77,10 +77,13 @@ pub struct AccessRecord {
     pub client: IpAddr,
     /// Short reason for an error answer (the error code), if any.
     pub error: Option<&'static str>,
+    /// The request's server span (a no-op without export): it ends with this line.
+    pub span: crate::trace::ServerSpan,
 }
 
 impl AccessRecord {
-    fn emit(&self, bytes: u64) {
+    fn emit(&mut self, bytes: u64) {
+        self.span.finish(self.status, self.error);
         tracing::info!(
             target: "coatcheck::access",
             method = %self.method,
@@ -117,7 +120,7 @@ impl AccessLog {
 impl Watch for AccessLog {
     fn ready(&mut self, data: usize, end: bool) {
         self.bytes += data as u64;
-        if end && let Some(r) = self.record.take() {
+        if end && let Some(mut r) = self.record.take() {
             r.emit(self.bytes);
         }
     }
@@ -126,7 +129,7 @@ impl Watch for AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         // Bodies hyper never polls to their end (empty ones, or a client that went away).
-        if let Some(r) = self.record.take() {
+        if let Some(mut r) = self.record.take() {
             r.emit(self.bytes);
         }
     }

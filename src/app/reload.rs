@@ -269,6 +269,9 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
 
     keep("log.format", running.log.format == next.log.format);
     next.log.format = running.log.format;
+    // The export pipeline is built once at start-up.
+    keep("telemetry", running.telemetry == next.telemetry);
+    next.telemetry = running.telemetry.clone();
 
     let (s, n) = (&running.session, &mut next.session);
     keep("session.cookie_name", s.cookie_name == n.cookie_name);

@@ -181,12 +181,21 @@ impl Capture {
         path: &str,
         refresh_token: &Secret,
     ) -> Result<reqwest::Response, IssuerError> {
-        self.http
-            .post(self.url(path))
-            .json(&json!({"refresh_token": refresh_token.expose()}))
+        let url = self.url(path);
+        let mut span = crate::trace::idp("idp.capture", url.as_str());
+        let req = self
+            .http
+            .post(url)
+            .json(&json!({"refresh_token": refresh_token.expose()}));
+        let res = crate::trace::traced(req, &span)
             .send()
             .await
-            .map_err(|e| IssuerError::Unavailable(Box::new(e.without_url())))
+            .map_err(|e| IssuerError::Unavailable(Box::new(e.without_url())));
+        match &res {
+            Ok(r) => span.set("http.response.status_code", i64::from(r.status().as_u16())),
+            Err(_) => span.fail("idp_unavailable"),
+        }
+        res
     }
 }
 

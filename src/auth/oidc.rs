@@ -19,6 +19,7 @@ use crate::error::{BoxError, Error};
 use crate::metrics::{IdpEndpoint, Metrics};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
+use crate::trace::{self, ChildSpan};
 
 /// Largest response accepted from the provider (discovery, JWKS, tokens).
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -443,7 +444,8 @@ impl Provider {
             ("token_type_hint", "refresh_token".to_owned()),
         ];
         let start = Instant::now();
-        let r = self.revoke_call(endpoint, form).await;
+        let mut span = trace::idp("idp.revocation", endpoint.as_str());
+        let r = self.revoke_call(endpoint, form, &mut span).await;
         self.record(IdpEndpoint::Revocation, start, &r);
         r
     }
@@ -452,12 +454,16 @@ impl Provider {
         &self,
         endpoint: &Url,
         form: Vec<(&'static str, String)>,
+        span: &mut ChildSpan,
     ) -> Result<(), OidcError> {
-        let res = self
-            .authenticated_post(endpoint, form)
+        let res = trace::traced(self.authenticated_post(endpoint, form), span)
             .send()
             .await
             .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
+        span.set(
+            "http.response.status_code",
+            i64::from(res.status().as_u16()),
+        );
         if res.status().is_success() {
             Ok(())
         } else if res.status().is_server_error() {
@@ -476,6 +482,7 @@ impl Provider {
     /// OAuth error is an answer).
     fn record<T>(&self, endpoint: IdpEndpoint, start: Instant, r: &Result<T, OidcError>) {
         let failed = matches!(r, Err(OidcError::Unavailable(_) | OidcError::Invalid(_)));
+
         self.metrics.idp_call(endpoint, start.elapsed(), failed);
     }
 
@@ -536,7 +543,11 @@ impl Provider {
         form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse, OidcError> {
         let start = Instant::now();
-        let r = self.token_call(endpoint, form).await;
+        let mut span = trace::idp("idp.token", endpoint.as_str());
+        let r = self.token_call(endpoint, form, &mut span).await;
+        if r.is_err() {
+            span.fail("idp_error");
+        }
         self.record(IdpEndpoint::Token, start, &r);
         r
     }
@@ -545,13 +556,14 @@ impl Provider {
         &self,
         endpoint: &Url,
         form: Vec<(&'static str, String)>,
+        span: &mut ChildSpan,
     ) -> Result<TokenResponse, OidcError> {
-        let res = self
-            .authenticated_post(endpoint, form)
+        let res = trace::traced(self.authenticated_post(endpoint, form), span)
             .send()
             .await
             .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
         let status = res.status();
+        span.set("http.response.status_code", i64::from(status.as_u16()));
         let body = read_limited(res).await?;
         if status.is_server_error() {
             return Err(OidcError::Unavailable(
@@ -578,7 +590,17 @@ impl Provider {
         url: &str,
     ) -> Result<T, OidcError> {
         let start = Instant::now();
-        let r = self.get_json_call(url).await;
+        let name = match endpoint {
+            IdpEndpoint::Discovery => "idp.discovery",
+            IdpEndpoint::Jwks => "idp.jwks",
+            IdpEndpoint::Token => "idp.token",
+            IdpEndpoint::Revocation => "idp.revocation",
+        };
+        let mut span = trace::idp(name, url);
+        let r = self.get_json_call(url, &mut span).await;
+        if r.is_err() {
+            span.fail("idp_error");
+        }
         self.record(endpoint, start, &r);
         r
     }
@@ -586,15 +608,18 @@ impl Provider {
     async fn get_json_call<T: serde::de::DeserializeOwned>(
         &self,
         url: &str,
+        span: &mut ChildSpan,
     ) -> Result<T, OidcError> {
-        let res = self
+        let req = self
             .http
             .get(url)
-            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::ACCEPT, "application/json");
+        let res = trace::traced(req, span)
             .send()
             .await
             .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
         let status = res.status();
+        span.set("http.response.status_code", i64::from(status.as_u16()));
         if !status.is_success() {
             return Err(OidcError::Unavailable(
                 format!("{url} answered {status}").into(),

@@ -106,12 +106,20 @@ impl Refresher {
         if !self.due(&s) {
             return Ok(s);
         }
-        self.refresh(s, false).await
+        self.traced_refresh(s, false).await
     }
 
     /// After the upstream rejected the token: refresh once, unless someone already did.
     pub async fn after_rejection(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
-        self.refresh(s, true).await
+        self.traced_refresh(s, true).await
+    }
+
+    /// [`Self::refresh`] inside a `session.refresh` span (its outcome: `ok` or the error code).
+    async fn traced_refresh(&self, s: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {
+        let mut span = crate::trace::session_refresh();
+        let r = self.refresh(s, rejected).await;
+        span.outcome(r.as_ref().map_or_else(Error::code, |_| "ok"));
+        r
     }
 
     async fn refresh(&self, seen: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {

@@ -19,6 +19,18 @@ pub struct ConfigFile {
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
     pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+}
+
+/// `[telemetry]`: OTLP span export (W3C trace-context propagation is always on).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub timeout: Option<String>,
 }
 
 /// `[admin]`: the operator listener (metrics, health, session admin API).

@@ -7,6 +7,7 @@
 
 pub mod idp;
 pub mod legacy_api;
+pub mod otlp;
 pub mod redis;
 pub mod upstream;
 
@@ -581,6 +582,11 @@ impl ProxyProcess {
     /// Writes `config_text` to a temporary file, starts the binary and waits (bounded) for its
     /// "listening" log line.
     pub async fn start(config_text: &str) -> ProxyProcess {
+        Self::start_with_env(config_text, &[]).await
+    }
+
+    /// Like [`ProxyProcess::start`], with extra environment variables for the process.
+    pub async fn start_with_env(config_text: &str, env: &[(&str, &str)]) -> ProxyProcess {
         let dir = TempDir::new("proc");
         let config = dir.join("config.toml");
         std::fs::write(&config, config_text).unwrap();
@@ -589,6 +595,10 @@ impl ProxyProcess {
             .arg(&config)
             .current_dir(dir.path())
             .env_remove("RUST_LOG")
+            // Span export only where a test asks for it, whatever the developer's shell says.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -117,6 +117,9 @@ function freshStats() {
     login_failures: 0,
     end_sessions: 0,
     userinfo_requests: 0,
+    // The W3C `traceparent` each token and revocation request carried (null: none), in order.
+    token_traceparents: [],
+    revocation_traceparents: [],
   };
 }
 let stats = freshStats();
@@ -472,6 +475,7 @@ function buildProvider(issuer) {
       case 'token': {
         const gt = ctx.oidc.params?.grant_type ?? 'unknown';
         stats.token_requests[gt] = (stats.token_requests[gt] ?? 0) + 1;
+        stats.token_traceparents.push({ grant_type: gt, traceparent: ctx.get('traceparent') || null });
         if (ctx.status !== 200) {
           if (gt === 'refresh_token') stats.refresh_token_failures += 1;
           if (gt === 'authorization_code') stats.authorization_code_failures += 1;
@@ -481,6 +485,7 @@ function buildProvider(issuer) {
       }
       case 'revocation':
         if (ctx.status === 200) stats.revocations += 1;
+        stats.revocation_traceparents.push(ctx.get('traceparent') || null);
         break;
       case 'introspection':
         stats.introspections += 1;
