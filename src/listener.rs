@@ -458,6 +458,8 @@ struct HeadWatch {
     /// A head must be complete this long after its first byte (`header_read_timeout`): hyper
     /// never sees a held head, so its own timer cannot judge it.
     read_timeout: Duration,
+    /// When the head being held got its first bytes.
+    started: Option<tokio::time::Instant>,
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
@@ -465,6 +467,7 @@ impl HeadWatch {
     fn new(limit: usize, read_timeout: Duration) -> Self {
         HeadWatch {
             read_timeout,
+            started: None,
             deadline: None,
             limit,
             held: Vec::new(),
@@ -663,8 +666,9 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                 }
                 head.watching = true;
             }
-            let mut chunk = [0u8; HEAD_READ];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Not zeroed: the TLS stream only copies into it (8 KiB of memset per read otherwise).
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             match self.read_inner(cx, &mut rb) {
                 Poll::Pending => {
                     if let Some(d) = head.deadline.as_mut()
@@ -685,8 +689,10 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                     head.eof_after_out = true;
                 }
                 Poll::Ready(Ok(())) => {
+                    // The head's clock starts at its first bytes; the timer itself is made only
+                    // for a head that did not come whole in one read (no timer per request).
                     if head.held.is_empty() {
-                        head.deadline = Some(Box::pin(tokio::time::sleep(head.read_timeout)));
+                        head.started = Some(tokio::time::Instant::now());
                     }
                     head.held.extend_from_slice(rb.filled());
                     if head.complete() {
@@ -695,7 +701,12 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                         if head.held.starts_with(b"PRI * HTTP/2.0") {
                             self.activity.upgraded.store(true, Ordering::Release);
                         }
-                        head.out = std::mem::take(&mut head.held);
+                        // Swapped, not taken: both buffers keep their capacity for the next head.
+                        head.out.clear();
+                        std::mem::swap(&mut head.out, &mut head.held);
+                        if head.held.capacity() > 2 * HEAD_READ {
+                            head.held = Vec::new(); // a rare large head: not kept per connection
+                        }
                         head.out_pos = 0;
                         head.released += 1;
                         head.watching = false;
@@ -705,7 +716,15 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                         head.deadline = None;
                         head.out = std::mem::take(&mut head.held);
                         head.out_pos = 0;
-                    } else if head.held.len() > head.limit {
+                    } else if head.held.len() <= head.limit {
+                        if head.deadline.is_none()
+                            && let Some(started) = head.started
+                        {
+                            head.deadline = Some(Box::pin(tokio::time::sleep_until(
+                                started + head.read_timeout,
+                            )));
+                        }
+                    } else {
                         tracing::debug!(
                             bytes = head.held.len(),
                             limit = head.limit,
