@@ -237,8 +237,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.server.limits.clone(),
         metrics.clone(),
     );
-    let sockets = listener::share("server.listen", https, serving_runtimes())
-        .map_err(StartError::Bind)?;
+    let sockets =
+        listener::share("server.listen", https, serving_runtimes()).map_err(StartError::Bind)?;
     for (i, socket) in sockets.into_iter().enumerate() {
         let done = spawn_serving_runtime(i + 1, socket, server.clone(), shutdown.clone())?;
         tasks.spawn(async move {

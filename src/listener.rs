@@ -120,7 +120,10 @@ impl TlsServer {
                 closing: self.closing.clone(),
                 tunnels_open: self.metrics.upgrades_open.clone(),
             };
-            tokio::spawn(self.clone().connection(tcp, remote, slot, graceful.watcher()));
+            tokio::spawn(
+                self.clone()
+                    .connection(tcp, remote, slot, graceful.watcher()),
+            );
         }
         drop(listener);
         let limits = &self.limits;

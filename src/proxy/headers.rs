@@ -184,10 +184,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Removes every header named by `names`. Most messages carry none of them: one pass over the
 /// names present (byte comparisons, no hashing) says so before any map lookup is made.
-fn remove_all<'a>(
-    headers: &mut HeaderMap,
-    names: impl Iterator<Item = &'a HeaderName> + Clone,
-) {
+fn remove_all<'a>(headers: &mut HeaderMap, names: impl Iterator<Item = &'a HeaderName> + Clone) {
     if !headers.keys().any(|k| names.clone().any(|n| n == k)) {
         return;
     }
