@@ -6,9 +6,10 @@
 //! - [`reload`]: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
 //!
 //! Requests are served on one current-thread runtime per core (thread per core, as nginx runs one
-//! worker process per core): a connection, its requests and their upstream connections stay on
-//! one thread, with no cross-thread wake-ups. Everything else (admin, the redirect listener,
-//! background work, signals) runs on the caller's runtime.
+//! worker process per core), each accepting on its own `SO_REUSEPORT` socket: a connection, its
+//! requests and their upstream connections stay on one thread, with no cross-thread wake-ups.
+//! Everything else (admin, the redirect listener, background work, signals) runs on the caller's
+//! runtime.
 
 pub(crate) mod reload;
 
@@ -200,12 +201,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?));
 
-    let https = listener::bind("server.listen", config.server.listen)
-        .await
+    let https = listener::bind_serving("server.listen", config.server.listen, serving_runtimes())
         .map_err(StartError::Bind)?;
-    let addr = https
-        .local_addr()
-        .map_err(|e| StartError::Bind(e.to_string()))?;
+    let addr = match https.first().map(std::net::TcpListener::local_addr) {
+        Some(Ok(a)) => a,
+        Some(Err(e)) => return Err(StartError::Bind(e.to_string())),
+        None => return Err(StartError::Bind("server.listen: no socket".into())),
+    };
     let redirect = match config.server.http_redirect_listen {
         Some(a) => Some(
             listener::bind("server.http_redirect_listen", a)
@@ -237,9 +239,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.server.limits.clone(),
         metrics.clone(),
     );
-    let sockets =
-        listener::share("server.listen", https, serving_runtimes()).map_err(StartError::Bind)?;
-    for (i, socket) in sockets.into_iter().enumerate() {
+    for (i, socket) in https.into_iter().enumerate() {
         let done = spawn_serving_runtime(i + 1, socket, server.clone(), shutdown.clone())?;
         tasks.spawn(async move {
             // An error means the thread ended without a word: it stopped all the same.

@@ -44,6 +44,8 @@ const HEAD_READ: usize = 8 * 1024;
 /// coatcheck's JSON 431 (the `oversized` flag, which no client can set, says so); nothing follows.
 const OVERSIZED_STAND_IN: &[u8] =
     b"GET / HTTP/1.1\r\nhost: coatcheck.invalid\r\nconnection: close\r\n\r\n";
+/// Pending connections each serving runtime's socket queues (tokio's `TcpListener::bind` default).
+const LISTEN_BACKLOG: u32 = 1024;
 /// Back-off after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -90,11 +92,6 @@ impl TlsServer {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let graceful = GracefulShutdown::new();
         loop {
-            // Take a connection slot before accepting: past the limit, new clients wait in the backlog.
-            let permit = tokio::select! {
-                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.cancelled() => break,
-            };
             let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -104,6 +101,14 @@ impl TlsServer {
                         continue;
                     }
                 },
+                _ = shutdown.cancelled() => break,
+            };
+            // A connection slot before anything is read: past the limit, the client waits (this
+            // runtime accepts nothing more meanwhile, the rest wait in the backlog). Accepted first:
+            // each runtime has its own socket, and a slot held by one runtime waiting in `accept`
+            // could not serve a client queued at another's.
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
             // A trusted proxy speaks for many clients: it is not held to one client's cap.
@@ -814,22 +819,37 @@ pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
 }
 
-/// `listener` as `n` sockets for `n` serving runtimes (`n − 1` duplicates of the descriptor, not
-/// `SO_REUSEPORT`: no other process can join the port by accident). Each runtime registers its own
-/// copy with its own reactor ([`TcpListener::from_std`] on that runtime).
-pub fn share(
+/// Binds `addr` once per serving runtime, with `SO_REUSEPORT`: the kernel spreads new connections
+/// evenly over the runtimes. A plain bind first (closed at once) resolves port 0 and keeps the usual
+/// refusal of an address in use, also by another coatcheck whose sockets would otherwise take these
+/// into their group. Each runtime registers its socket with its own reactor
+/// ([`TcpListener::from_std`] on that runtime).
+pub fn bind_serving(
     key: &str,
-    listener: TcpListener,
+    addr: SocketAddr,
     n: usize,
 ) -> Result<Vec<std::net::TcpListener>, String> {
-    let fail = |e: io::Error| format!("{key}: cannot share the listening socket: {e}");
-    let first = listener.into_std().map_err(fail)?;
-    let mut all = Vec::with_capacity(n.max(1));
-    for _ in 1..n.max(1) {
-        all.push(first.try_clone().map_err(fail)?);
-    }
-    all.push(first);
-    Ok(all)
+    let fail = |e: io::Error| format!("{key}: cannot listen on {addr}: {e}");
+    let at = std::net::TcpListener::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .map_err(fail)?;
+    (0..n.max(1))
+        .map(|_| {
+            let socket = if at.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(fail)?;
+            socket.set_reuseaddr(true).map_err(fail)?;
+            socket.set_reuseport(true).map_err(fail)?;
+            socket.bind(at).map_err(fail)?;
+            socket
+                .listen(LISTEN_BACKLOG)
+                .and_then(TcpListener::into_std)
+                .map_err(fail)
+        })
+        .collect()
 }
 
 #[cfg(test)]
