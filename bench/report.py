@@ -87,6 +87,21 @@ def mib(kib):
     return f"{kib / 1024:,.1f} MiB" if kib else "–"
 
 
+def per_subject_table(rows, title):
+    """A median req/s table (with ÷ nginx and CPU per 10k requests) from per-round JSON lines."""
+    out = [title, "", "| subject | req/s (min–max) | ÷ nginx | CPU s / 10k req |", "|---|---:|---:|---:|"]
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    med_of = {s: statistics.median(r["rps"] for r in rows if r["subject"] == s) for s in subjects}
+    for s in subjects:
+        rs = [r["rps"] for r in rows if r["subject"] == s]
+        base = med_of.get("nginx/h2" if s.endswith("/h2") else "nginx")
+        cpu = statistics.median(r["cpu_s_per_10k"] for r in rows if r["subject"] == s)
+        out.append(f"| {s} | {med_of[s]:,.0f} ({min(rs):,.0f}–{max(rs):,.0f}) | {ratio(med_of[s], base)} | "
+                   f"{cpu:.3f} |")
+    out.append("")
+    return out
+
+
 def main():
     results, md_path, chart_path = sys.argv[1:4]
     machine = load(os.path.join(results, "machine.json"), {})
@@ -131,6 +146,26 @@ def main():
         md.append("CPU is the subject's own processes only (for `direct`, the upstream's; for the proxies, not the "
                   "upstream's), from `/proc/<pid>/stat` utime+stime. Peak RSS is `VmHWM` at the end of the load "
                   "phases (`none` and `auth` are served by the same coatcheck process).")
+        md.append("")
+    h2 = lines(os.path.join(results, "h2.jsonl"))
+    if h2:
+        md.extend(per_subject_table(
+            h2, f"### HTTP/2 from the client (h2load -c4 -m8 -D{machine.get('duration_s', '?')}: 32 streams over "
+            f"4 connections; median of {machine.get('rounds', '?')} alternating rounds)"))
+    percore = lines(os.path.join(results, "percore", "runs.jsonl"))
+    if percore:
+        md.extend(per_subject_table(
+            percore, "### Per core (bench/cpu: proxy and upstream pinned to CPU 0, wrk/h2load alone on CPU 1; "
+            "coatcheck TOKIO_WORKER_THREADS=1, nginx worker_processes 1 injecting an 800-byte bearer; "
+            "`/h2`: h2load -c4 -m8)"))
+    cg_path = os.path.join(results, "percore", "callgrind.txt")
+    if os.path.exists(cg_path):
+        md.append("Instructions per request (user space, valgrind callgrind, the proxy's process; two h2load runs "
+                  "of 2,000 and 6,000 requests, difference ÷ 4,000):")
+        md.append("")
+        md.append("```")
+        md.extend(l.rstrip() for l in open(cg_path))
+        md.append("```")
         md.append("")
     if fixed:
         n99 = fixed.get("nginx", {}).get("p99_ms")

@@ -4,6 +4,12 @@
 //! listeners and returns a [`Running`] handle that tests and `main` use alike.
 //!
 //! - [`reload`]: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
+//!
+//! Requests are served on one current-thread runtime per core (thread per core, as nginx runs one
+//! worker process per core), each accepting on its own `SO_REUSEPORT` socket: a connection, its
+//! requests and their upstream connections stay on one thread, with no cross-thread wake-ups.
+//! Everything else (admin, the redirect listener, background work, signals) runs on the caller's
+//! runtime.
 
 pub(crate) mod reload;
 
@@ -79,6 +85,13 @@ pub struct Running {
     reloader: Arc<Reloader>,
 }
 
+/// A dropped handle stops the serving runtimes (gracefully), as it aborts its other tasks.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 /// Reloads a running coatcheck; outlives [`Running::wait`] (the `SIGHUP` handler holds one).
 #[derive(Clone)]
 pub struct ReloadHandle(Arc<Reloader>);
@@ -121,6 +134,45 @@ impl Running {
     }
 }
 
+/// How many serving runtimes: `TOKIO_WORKER_THREADS` when set (tokio's own knob, which the
+/// default runtime also reads), else one per core.
+fn serving_runtimes() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Starts serving runtime `index` (a current-thread runtime on its own thread) on its copy of the
+/// HTTPS socket; the receiver resolves when it has stopped and drained.
+fn spawn_serving_runtime(
+    index: usize,
+    socket: std::net::TcpListener,
+    server: Arc<listener::TlsServer>,
+    shutdown: CancellationToken,
+) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Setup(format!("cannot start a serving runtime: {e}")))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("coatcheck-serve-{index}"))
+        .spawn(move || {
+            crate::upstream::set_worker(index);
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(socket) {
+                    Ok(l) => server.serve(l, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "cannot serve on the listening socket"),
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| StartError::Setup(format!("cannot start a serving thread: {e}")))?;
+    Ok(done_rx)
+}
+
 /// Builds every part and binds the listeners.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     tls::install_provider();
@@ -157,12 +209,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?));
 
-    let https = listener::bind("server.listen", config.server.listen)
-        .await
+    let https = listener::bind_serving("server.listen", config.server.listen, serving_runtimes())
         .map_err(StartError::Bind)?;
-    let addr = https
-        .local_addr()
-        .map_err(|e| StartError::Bind(e.to_string()))?;
+    let addr = match https.first().map(std::net::TcpListener::local_addr) {
+        Some(Ok(a)) => a,
+        Some(Err(e)) => return Err(StartError::Bind(e.to_string())),
+        None => return Err(StartError::Bind("server.listen: no socket".into())),
+    };
     let redirect = match config.server.http_redirect_listen {
         Some(a) => Some(
             listener::bind("server.http_redirect_listen", a)
@@ -188,14 +241,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let admin_addr = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
-    tasks.spawn(listener::serve_tls(
-        https,
+    let server = listener::TlsServer::new(
         server_tls,
         routers.clone(),
         config.server.limits.clone(),
         metrics.clone(),
-        shutdown.clone(),
-    ));
+    );
+    for (i, socket) in https.into_iter().enumerate() {
+        let done = spawn_serving_runtime(i + 1, socket, server.clone(), shutdown.clone())?;
+        tasks.spawn(async move {
+            // An error means the thread ended without a word: it stopped all the same.
+            let _ = done.await;
+        });
+    }
     if let Some((l, a)) = admin {
         tasks.spawn(admin::serve(l, a, shutdown.clone()));
     }

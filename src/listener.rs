@@ -44,133 +44,171 @@ const HEAD_READ: usize = 8 * 1024;
 /// coatcheck's JSON 431 (the `oversized` flag, which no client can set, says so); nothing follows.
 const OVERSIZED_STAND_IN: &[u8] =
     b"GET / HTTP/1.1\r\nhost: coatcheck.invalid\r\nconnection: close\r\n\r\n";
+/// Pending connections each serving runtime's socket queues (tokio's `TcpListener::bind` default).
+const LISTEN_BACKLOG: u32 = 1024;
 /// Back-off after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves HTTPS on `listener` until `shutdown` fires, then drains within `limits.shutdown_grace`.
-///
-/// `routers` is the swap point of a reload: every request is handled by the router current when it
-/// arrived (one `ArcSwap` load), and finishes on it even if a reload swaps in another meanwhile.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+/// One HTTPS listener's shared state: every serving runtime (one per core, see `app`) accepts
+/// on its own copy of the listening socket and serves what it accepted, start to end, on its own
+/// thread; the connection limits, the reload swap point and the shutdown grace are shared.
+pub struct TlsServer {
+    acceptor: tokio_rustls::TlsAcceptor,
+    builder: auto::Builder<TokioExecutor>,
     routers: Arc<ArcSwap<Router>>,
     limits: Limits,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let builder = Arc::new(http_builder(&limits));
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let per_ip = Arc::new(PerIp::new(limits.max_connections_per_ip));
-    // Fires when the shutdown grace has ended: upgraded tunnels (which hyper no longer tracks) close.
-    let closing = CancellationToken::new();
-    loop {
-        // Take a connection slot before accepting: past the limit, new clients wait in the backlog.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        // A trusted proxy speaks for many clients: it is not held to one client's cap.
-        let cap = !routers.load().is_trusted_proxy(remote.ip());
-        let Some(ip_guard) = per_ip.enter(remote.ip(), cap) else {
-            tracing::debug!(%remote, "too many connections from this address; closed");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let routers = routers.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = limits.header_read_timeout;
-        let idle_timeout = limits.idle_timeout;
-        let write_stall = limits.body_idle_timeout;
-        let max_header_bytes = limits.max_header_bytes;
-        metrics.connections_total.inc();
-        let slot = ConnectionSlot {
-            // The connection counts as open until it and every tunnel made from it have ended.
-            hold: Arc::new((permit, ip_guard, Open::new(&metrics.connections_open))),
-            closing: closing.clone(),
-            tunnels_open: metrics.upgrades_open.clone(),
-        };
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
+    permits: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+    /// Fires when the shutdown grace has ended: upgraded tunnels (which hyper no longer tracks) close.
+    closing: CancellationToken,
+}
+
+impl TlsServer {
+    /// The shared state of one HTTPS listener.
+    pub fn new(
+        tls: Arc<rustls::ServerConfig>,
+        routers: Arc<ArcSwap<Router>>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<TlsServer> {
+        Arc::new(TlsServer {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+            builder: http_builder(&limits),
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            per_ip: Arc::new(PerIp::new(limits.max_connections_per_ip)),
+            closing: CancellationToken::new(),
+            routers,
+            limits,
+            metrics,
+        })
+    }
+
+    /// Serves HTTPS on `listener` until `shutdown` fires, then drains within
+    /// `limits.shutdown_grace`. Each serving runtime calls it with its own copy of the socket.
+    ///
+    /// `routers` is the swap point of a reload: every request is handled by the router current
+    /// when it arrived (one `ArcSwap` load), and finishes on it even if a reload swaps in another.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
             };
-            // HTTP/2 carries PING frames (ours, and clients' own) that would keep an idle connection
-            // open forever if bytes counted as activity: there, only requests do.
-            let count_bytes = tls.get_ref().1.alpn_protocol() != Some(b"h2");
-            let activity = Arc::new(Activity::new());
-            let head_watch =
-                count_bytes.then(|| HeadWatch::new(max_header_bytes, handshake_timeout));
-            let io = TokioIo::new(IdleIo::new(
-                tls,
-                idle_timeout,
-                activity.clone(),
-                count_bytes,
-                write_stall,
-                head_watch,
-            ));
-            let client = remote.ip();
-            let svc = service_fn(move |mut req: Request<Incoming>| {
-                let router = routers.load_full();
-                let guard = InFlight::new(activity.clone());
-                req.extensions_mut().insert(slot.clone());
-                let activity = activity.clone();
-                async move {
-                    if activity.oversized.load(Ordering::Acquire) {
-                        return Ok::<_, Infallible>(
-                            router
-                                .refuse_oversized_head(client)
-                                .map(|b| Watched::new(b, guard)),
-                        );
-                    }
-                    // Boxed: the request future is large, and hyper would otherwise move it by value.
-                    let res = Box::pin(router.handle(req, client)).await;
-                    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        activity.upgraded.store(true, Ordering::Release);
-                    }
-                    Ok::<_, Infallible>(res.map(|b| Watched::new(b, guard)))
+            // A connection slot before anything is read: past the limit, the client waits (this
+            // runtime accepts nothing more meanwhile, the rest wait in the backlog). Accepted first:
+            // each runtime has its own socket, and a slot held by one runtime waiting in `accept`
+            // could not serve a client queued at another's.
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            // A trusted proxy speaks for many clients: it is not held to one client's cap.
+            let cap = !self.routers.load().is_trusted_proxy(remote.ip());
+            let Some(ip_guard) = self.per_ip.enter(remote.ip(), cap) else {
+                tracing::debug!(%remote, "too many connections from this address; closed");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            self.metrics.connections_total.inc();
+            let slot = ConnectionSlot {
+                // The connection counts as open until it and every tunnel made from it have ended.
+                hold: Arc::new((permit, ip_guard, Open::new(&self.metrics.connections_open))),
+                closing: self.closing.clone(),
+                tunnels_open: self.metrics.upgrades_open.clone(),
+            };
+            tokio::spawn(
+                self.clone()
+                    .connection(tcp, remote, slot, graceful.watcher()),
+            );
+        }
+        drop(listener);
+        let limits = &self.limits;
+        let deadline = tokio::time::Instant::now() + limits.shutdown_grace;
+        drain(graceful, limits.shutdown_grace).await;
+        // Upgraded tunnels hold their connection's slot: wait for them within what is left of the
+        // grace (every runtime waits for all of them: the permits are shared).
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout_at(deadline, self.permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period elapsed; closing upgraded connections");
+        }
+        self.closing.cancel();
+    }
+
+    /// One client connection: the TLS handshake, then HTTP/1.1 or HTTP/2 until it ends.
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        slot: ConnectionSlot,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let limits = &self.limits;
+        let handshake_timeout = limits.header_read_timeout;
+        let tls = match tokio::time::timeout(handshake_timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        // HTTP/2 carries PING frames (ours, and clients' own) that would keep an idle connection
+        // open forever if bytes counted as activity: there, only requests do.
+        let count_bytes = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+        let activity = Arc::new(Activity::new());
+        let head_watch =
+            count_bytes.then(|| HeadWatch::new(limits.max_header_bytes, handshake_timeout));
+        let io = TokioIo::new(IdleIo::new(
+            tls,
+            limits.idle_timeout,
+            activity.clone(),
+            count_bytes,
+            limits.body_idle_timeout,
+            head_watch,
+        ));
+        let client = remote.ip();
+        let routers = self.routers.clone();
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            let router = routers.load_full();
+            let guard = InFlight::new(activity.clone());
+            req.extensions_mut().insert(slot.clone());
+            let activity = activity.clone();
+            async move {
+                if activity.oversized.load(Ordering::Acquire) {
+                    return Ok::<_, Infallible>(
+                        router
+                            .refuse_oversized_head(client)
+                            .map(|b| Watched::new(b, guard)),
+                    );
                 }
-            });
-            let conn = builder.serve_connection_with_upgrades(io, svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
+                // Boxed: the request future is large, and hyper would otherwise move it by value.
+                let res = Box::pin(router.handle(req, client)).await;
+                if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    activity.upgraded.store(true, Ordering::Release);
+                }
+                Ok::<_, Infallible>(res.map(|b| Watched::new(b, guard)))
             }
         });
+        let conn = self.builder.serve_connection_with_upgrades(io, svc);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
     }
-    drop(listener);
-    let deadline = tokio::time::Instant::now() + limits.shutdown_grace;
-    drain(graceful, limits.shutdown_grace).await;
-    // Upgraded tunnels hold their connection's slot: wait for them within what is left of the grace.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout_at(deadline, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period elapsed; closing upgraded connections");
-    }
-    closing.cancel();
 }
 
 /// Concurrent connections per client address (`server.limits.max_connections_per_ip`). Holds an
@@ -428,6 +466,8 @@ struct HeadWatch {
     /// A head must be complete this long after its first byte (`header_read_timeout`): hyper
     /// never sees a held head, so its own timer cannot judge it.
     read_timeout: Duration,
+    /// When the head being held got its first bytes.
+    started: Option<tokio::time::Instant>,
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
@@ -435,6 +475,7 @@ impl HeadWatch {
     fn new(limit: usize, read_timeout: Duration) -> Self {
         HeadWatch {
             read_timeout,
+            started: None,
             deadline: None,
             limit,
             held: Vec::new(),
@@ -633,8 +674,9 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                 }
                 head.watching = true;
             }
-            let mut chunk = [0u8; HEAD_READ];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Not zeroed: the TLS stream only copies into it (8 KiB of memset per read otherwise).
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             match self.read_inner(cx, &mut rb) {
                 Poll::Pending => {
                     if let Some(d) = head.deadline.as_mut()
@@ -655,8 +697,10 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                     head.eof_after_out = true;
                 }
                 Poll::Ready(Ok(())) => {
+                    // The head's clock starts at its first bytes; the timer itself is made only
+                    // for a head that did not come whole in one read (no timer per request).
                     if head.held.is_empty() {
-                        head.deadline = Some(Box::pin(tokio::time::sleep(head.read_timeout)));
+                        head.started = Some(tokio::time::Instant::now());
                     }
                     head.held.extend_from_slice(rb.filled());
                     if head.complete() {
@@ -665,7 +709,12 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                         if head.held.starts_with(b"PRI * HTTP/2.0") {
                             self.activity.upgraded.store(true, Ordering::Release);
                         }
-                        head.out = std::mem::take(&mut head.held);
+                        // Swapped, not taken: both buffers keep their capacity for the next head.
+                        head.out.clear();
+                        std::mem::swap(&mut head.out, &mut head.held);
+                        if head.held.capacity() > 2 * HEAD_READ {
+                            head.held = Vec::new(); // a rare large head: not kept per connection
+                        }
                         head.out_pos = 0;
                         head.released += 1;
                         head.watching = false;
@@ -675,7 +724,15 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                         head.deadline = None;
                         head.out = std::mem::take(&mut head.held);
                         head.out_pos = 0;
-                    } else if head.held.len() > head.limit {
+                    } else if head.held.len() <= head.limit {
+                        if head.deadline.is_none()
+                            && let Some(started) = head.started
+                        {
+                            head.deadline = Some(Box::pin(tokio::time::sleep_until(
+                                started + head.read_timeout,
+                            )));
+                        }
+                    } else {
                         tracing::debug!(
                             bytes = head.held.len(),
                             limit = head.limit,
@@ -760,6 +817,39 @@ pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
+}
+
+/// Binds `addr` once per serving runtime, with `SO_REUSEPORT`: the kernel spreads new connections
+/// evenly over the runtimes. A plain bind first (closed at once) resolves port 0 and keeps the usual
+/// refusal of an address in use, also by another coatcheck whose sockets would otherwise take these
+/// into their group. Each runtime registers its socket with its own reactor
+/// ([`TcpListener::from_std`] on that runtime).
+pub fn bind_serving(
+    key: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, String> {
+    let fail = |e: io::Error| format!("{key}: cannot listen on {addr}: {e}");
+    let at = std::net::TcpListener::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .map_err(fail)?;
+    (0..n.max(1))
+        .map(|_| {
+            let socket = if at.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(fail)?;
+            socket.set_reuseaddr(true).map_err(fail)?;
+            socket.set_reuseport(true).map_err(fail)?;
+            socket.bind(at).map_err(fail)?;
+            socket
+                .listen(LISTEN_BACKLOG)
+                .and_then(TcpListener::into_std)
+                .map_err(fail)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -2,10 +2,14 @@
 //!
 //! HTTP/1.1 keep-alive to every upstream; HTTP/2 to an https upstream that offers `h2` by ALPN;
 //! a separate HTTP/1.1-only client for upgrades (WebSocket cannot ride HTTP/2 here).
+//!
+//! Each serving runtime (one per core, see `app`) has its own pools: a pooled connection's task
+//! runs on the runtime that opened it, so a request never waits on another core's wake-up.
 
+use std::cell::Cell;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
@@ -24,7 +28,27 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connecting (TCP) to an upstream may take at most this long; the route timeout bounds the rest.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Pool slots per upstream: serving runtime `i` uses slot `i % POOL_SLOTS` (slot 0: any other
+/// thread). Only the slots in use hold a client.
+const POOL_SLOTS: usize = 64;
+
 type HttpClient = Client<HttpsConnector<HttpConnector>, Watched<UpstreamBody, Progress>>;
+
+thread_local! {
+    /// Which serving runtime this thread runs (0: none, e.g. the main runtime or a test's).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as serving runtime `index` (1-based), so it uses its own pools.
+pub(crate) fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// The clients of one serving runtime.
+struct Pools {
+    client: HttpClient,
+    upgrade_client: HttpClient,
+}
 
 /// One configured upstream.
 pub struct Upstream {
@@ -36,16 +60,15 @@ pub struct Upstream {
     base_path: String,
     /// `Host` value sent upstream unless the route preserves the client's.
     pub host: HeaderValue,
-    client: HttpClient,
-    upgrade_client: HttpClient,
+    tls: rustls::ClientConfig,
+    pools: Box<[OnceLock<Box<Pools>>]>,
 }
 
 impl Upstream {
     /// Builds the upstream and its clients; `ca` adds a trust anchor for an https upstream.
     pub fn new(url: &Url, ca: Option<&Path>, ca_key: &'static str) -> Result<Upstream, TlsError> {
         let roots = tls::root_store(ca_key, ca)?;
-        let client = build_client(tls::client_config(roots.clone(), &[])?, true);
-        let upgrade_client = build_client(tls::client_config(roots, &[])?, false);
+        let tls = tls::client_config(roots, &[])?;
         // `host_str` already brackets IPv6 literals.
         let host = url.host_str().unwrap_or_default().to_owned();
         let authority = match url.port() {
@@ -65,8 +88,8 @@ impl Upstream {
                 .parse()
                 .unwrap_or_else(|_| Authority::from_static("localhost")),
             base_path: url.path().trim_end_matches('/').to_owned(),
-            client,
-            upgrade_client,
+            tls,
+            pools: (0..POOL_SLOTS).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -93,12 +116,24 @@ impl Upstream {
     pub fn send(&self, req: Request<UpstreamBody>, upgrade: bool) -> (ResponseFuture, Progress) {
         let progress = Progress::new();
         let req = req.map(|inner| Watched::new(inner, progress.clone()));
+        let pools = self.pools();
         let response = if upgrade {
-            self.upgrade_client.request(req)
+            pools.upgrade_client.request(req)
         } else {
-            self.client.request(req)
+            pools.client.request(req)
         };
         (response, progress)
+    }
+
+    /// This thread's clients, made on first use.
+    fn pools(&self) -> &Pools {
+        let slot = WORKER.with(Cell::get) % POOL_SLOTS;
+        self.pools[slot].get_or_init(|| {
+            Box::new(Pools {
+                client: build_client(self.tls.clone(), true),
+                upgrade_client: build_client(self.tls.clone(), false),
+            })
+        })
     }
 }
 

@@ -168,17 +168,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in fixed_hop_by_hop() {
-        if upgrade && *name == header::UPGRADE {
-            continue;
-        }
-        headers.remove(name);
-    }
+    let hop_by_hop = fixed_hop_by_hop();
+    let hop_by_hop = hop_by_hop
+        .iter()
+        .copied()
+        .filter(|name| !(upgrade && **name == header::UPGRADE));
+    remove_all(headers, hop_by_hop);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes every header named by `names`. Most messages carry none of them: one pass over the
+/// names present (byte comparisons, no hashing) says so before any map lookup is made.
+fn remove_all<'a>(headers: &mut HeaderMap, names: impl Iterator<Item = &'a HeaderName> + Clone) {
+    if !headers.keys().any(|k| names.clone().any(|n| n == k)) {
+        return;
+    }
+    for name in names {
+        headers.remove(name);
     }
 }
 
@@ -233,12 +244,9 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     prefix: Option<&str>,
 ) {
-    for name in client_forwarding_headers() {
-        headers.remove(name);
-    }
+    remove_all(headers, client_forwarding_headers().into_iter());
     if !peer_trusted {
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&FORWARDED);
+        remove_all(headers, [&X_FORWARDED_FOR, &FORWARDED].into_iter());
     }
     let ip = peer.to_canonical().to_string();
     append_list(headers, &X_FORWARDED_FOR, &ip);
