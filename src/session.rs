@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
-use ticket::{CookieSpec, Keys, Ticket};
+use ticket::{CookieSpec, Keys, Presented, TICKET_LEN, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
 const MAX_USER_AGENT: usize = 256;
@@ -102,6 +102,8 @@ pub struct Session {
     /// asking the store for `session.cache.ttl` after it.
     read_at: Instant,
     record_key: Secret<[u8; 32]>,
+    /// The cookie's bytes this copy was verified for: the same cookie again needs no second MAC.
+    ticket: Option<Secret<[u8; TICKET_LEN]>>,
 }
 
 impl Session {
@@ -228,6 +230,9 @@ impl Sessions {
     /// from now on; cookies signed under a key no longer listed stop verifying.
     pub fn set_keys(&self, configured: &[Secret<Vec<u8>>]) {
         self.keys.store(Arc::new(Keys::new(configured)));
+        // Cached copies remember the tickets they were verified for under the old keys: every
+        // cookie is verified again (a store read each, never a logout).
+        self.cache.invalidate_all();
     }
 
     /// Whether the store answers.
@@ -246,12 +251,22 @@ impl Sessions {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Ok(Lookup::None);
         };
-        let Some(ticket) = Ticket::verify(value, &self.keys.load()) else {
+        let Some(presented) = Presented::decode(value) else {
             return Ok(Lookup::None);
         };
-        let key = ticket.handle_bytes();
+        let key = presented.handle_bytes();
+        let cached = self.cache.get(&key).await;
+        // A cached copy was verified for exactly these bytes, or the MAC decides (before any
+        // store lookup).
+        let verified = cached
+            .as_ref()
+            .and_then(|s| s.ticket.as_ref())
+            .is_some_and(|t| presented.is(t.expose()));
+        if !verified && presented.verify(&self.keys.load()).is_none() {
+            return Ok(Lookup::None);
+        }
         let now = now();
-        let cached = match self.cache.get(&key).await {
+        let cached = match cached {
             Some(s) if now >= s.idle_expires_at(self.idle) => {
                 self.cache.invalidate(&key).await;
                 return Ok(Lookup::Ended);
@@ -267,7 +282,7 @@ impl Sessions {
         };
         self.metrics.cache_misses.inc();
         crate::trace::note_cache(false);
-        match self.load(&ticket, key, now).await {
+        match self.load(&presented, key, now).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
@@ -282,20 +297,30 @@ impl Sessions {
     }
 
     /// A cache miss: the record from the store, opened with the ticket's key.
-    async fn load(&self, ticket: &Ticket, key: [u8; 16], now: u64) -> Result<Lookup, StoreError> {
+    async fn load(
+        &self,
+        presented: &Presented,
+        key: [u8; 16],
+        now: u64,
+    ) -> Result<Lookup, StoreError> {
         let handle = secret::hex(&key);
         let Some(record) = self.store.load(&handle, now).await? else {
             self.cache.invalidate(&key).await;
             return Ok(Lookup::Ended);
         };
-        let record_key = ticket.record_key();
+        let record_key = presented.ticket().record_key();
         let Some(data) = open_record(&record_key, &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket; treating it as ended");
             return Ok(Lookup::Ended);
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
-        let session = Session::from_parts(record, data, Secret::new(record_key));
+        let session = Session::from_parts(
+            record,
+            data,
+            Secret::new(record_key),
+            Some(Secret::new(presented.bytes())),
+        );
         if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
             let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
             // A failed idle-clock write never fails a read: the next miss tries again.
@@ -482,11 +507,17 @@ impl Sessions {
             sealed,
         };
         self.store.create(record.clone()).await?;
+        let signed = ticket.signed(&self.keys.load());
         let session = self
-            .remember(Session::from_parts(record, data, Secret::new(key)))
+            .remember(Session::from_parts(
+                record,
+                data,
+                Secret::new(key),
+                Some(Secret::new(signed)),
+            ))
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
-        Ok((ticket.encode(&self.keys.load()), session))
+        Ok((ticket::cookie_value(&signed), session))
     }
 
     /// Replaces a session's data if nobody else changed it since `current` was read
@@ -532,6 +563,7 @@ impl Sessions {
                 record,
                 data,
                 current.record_key.clone(),
+                current.ticket.clone(),
             ))
             .await;
         self.announce(Event::Changed {
@@ -581,6 +613,7 @@ impl Sessions {
                 record,
                 data,
                 current.record_key.clone(),
+                current.ticket.clone(),
             ))
             .await)
     }
@@ -701,7 +734,12 @@ impl Drop for EndWatch {
 }
 
 impl Session {
-    fn from_parts(record: Record, mut data: SessionData, record_key: Secret<[u8; 32]>) -> Session {
+    fn from_parts(
+        record: Record,
+        mut data: SessionData,
+        record_key: Secret<[u8; 32]>,
+        ticket: Option<Secret<[u8; TICKET_LEN]>>,
+    ) -> Session {
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", data.access_token.expose()))
             .unwrap_or(HeaderValue::from_static("Bearer invalid"));
         bearer.set_sensitive(true);
@@ -723,6 +761,7 @@ impl Session {
             last_seen: AtomicU64::new(record.last_seen),
             read_at: Instant::now(),
             record_key,
+            ticket,
         }
     }
 }
@@ -781,6 +820,35 @@ mod tests {
         };
         assert_eq!(found.handle, created.handle);
         assert_eq!(found.bearer, "Bearer at-secret");
+    }
+
+    #[tokio::test]
+    async fn a_cached_session_is_served_only_for_the_exact_cookie_it_was_verified_for() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, _) = s.create(data(), None, None).await.unwrap();
+        assert!(matches!(
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
+            Lookup::Live(_)
+        ));
+        // Same id (so the same cache entry), another secret or MAC: the MAC decides, and fails.
+        for at in [20, 40, 80] {
+            let mut altered = value.expose().clone().into_bytes();
+            altered[at] = if altered[at] == b'A' { b'B' } else { b'A' };
+            let altered = Secret::new(String::from_utf8(altered).unwrap());
+            assert!(
+                matches!(
+                    s.lookup(&cookie_headers(&altered), TTL).await.unwrap(),
+                    Lookup::None
+                ),
+                "byte {at} altered"
+            );
+        }
+        // A key retired by reload: the cached copy no longer vouches for the old cookie.
+        s.set_keys(&[Secret::new(vec![8u8; 32])]);
+        assert!(matches!(
+            s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
+            Lookup::None
+        ));
     }
 
     #[tokio::test]

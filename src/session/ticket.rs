@@ -2,7 +2,8 @@
 //!
 //! `base64url(id ‖ secret ‖ mac)`: a random 128-bit id, a random 128-bit per-session secret, and
 //! HMAC-SHA256 over both under the current key (older keys in `session.keys` still verify). A forged
-//! or altered ticket fails the MAC before any cache or store lookup. The store never sees the id or
+//! or altered ticket fails the MAC before any store lookup. A cached session remembers the exact
+//! bytes of the ticket it was verified for, so the same cookie again needs no second MAC. The store never sees the id or
 //! the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
 //! under a key derived from the secret ([`Ticket::record_key`]).
 
@@ -16,7 +17,7 @@ use crate::secret::{self, Secret};
 const ID_LEN: usize = 16;
 const SECRET_LEN: usize = 16;
 const MAC_LEN: usize = 32;
-const TICKET_LEN: usize = ID_LEN + SECRET_LEN + MAC_LEN;
+pub const TICKET_LEN: usize = ID_LEN + SECRET_LEN + MAC_LEN;
 /// Encoded length of a ticket (base64url of 64 bytes, no padding).
 pub const ENCODED_LEN: usize = 86;
 
@@ -65,6 +66,77 @@ impl Keys {
     }
 }
 
+/// The cookie value of a signed ticket's bytes ([`Ticket::signed`]).
+pub fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
+    Secret::new(URL_SAFE_NO_PAD.encode(signed))
+}
+
+fn handle_of(id: &[u8]) -> [u8; 16] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(b"coatcheck session handle v1");
+    ctx.update(id);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    out
+}
+
+/// The bytes of a cookie value as presented, decoded but not yet verified.
+pub struct Presented(Secret<[u8; TICKET_LEN]>);
+
+impl Presented {
+    /// Decodes a cookie value; `None` for anything of the wrong length or alphabet.
+    pub fn decode(value: &str) -> Option<Presented> {
+        if value.len() != ENCODED_LEN {
+            return None;
+        }
+        let mut raw = [0u8; TICKET_LEN];
+        if URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()? != TICKET_LEN {
+            return None;
+        }
+        Some(Presented(Secret::new(raw)))
+    }
+
+    /// The handle its id names (the cache key), whether or not the ticket is genuine.
+    pub fn handle_bytes(&self) -> [u8; 16] {
+        handle_of(&self.0.expose()[..ID_LEN])
+    }
+
+    /// The ticket, if its MAC verifies under one of `keys`.
+    pub fn verify(&self, keys: &Keys) -> Option<Ticket> {
+        let (body, mac) = self.0.expose().split_at(ID_LEN + SECRET_LEN);
+        let ok = keys
+            .keys
+            .iter()
+            .any(|k| secret::constant_time_eq(self::mac(&k.ticket_mac, body).as_ref(), mac));
+        ok.then(|| self.ticket())
+    }
+
+    /// Whether these are exactly the bytes of `verified` (constant time): bytes equal to a ticket
+    /// that verified need no second MAC.
+    pub fn is(&self, verified: &[u8; TICKET_LEN]) -> bool {
+        secret::constant_time_eq(self.0.expose(), verified)
+    }
+
+    /// The bytes, to remember once verified.
+    pub fn bytes(&self) -> [u8; TICKET_LEN] {
+        *self.0.expose()
+    }
+
+    /// The ticket these bytes hold; only for bytes already verified ([`Presented::verify`], or
+    /// [`Presented::is`] a verified ticket's bytes).
+    pub fn ticket(&self) -> Ticket {
+        let raw = self.0.expose();
+        let mut id = [0u8; ID_LEN];
+        let mut s = [0u8; SECRET_LEN];
+        id.copy_from_slice(&raw[..ID_LEN]);
+        s.copy_from_slice(&raw[ID_LEN..ID_LEN + SECRET_LEN]);
+        Ticket {
+            id,
+            secret: Secret::new(s),
+        }
+    }
+}
+
 /// A verified (or freshly minted) session ticket.
 pub struct Ticket {
     id: [u8; ID_LEN],
@@ -86,39 +158,22 @@ impl Ticket {
 
     /// Verifies a cookie value; `None` for anything malformed, forged or altered.
     pub fn verify(value: &str, keys: &Keys) -> Option<Ticket> {
-        if value.len() != ENCODED_LEN {
-            return None;
-        }
-        let mut raw = [0u8; TICKET_LEN];
-        if URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()? != TICKET_LEN {
-            return None;
-        }
-        let (body, mac) = raw.split_at(ID_LEN + SECRET_LEN);
-        let ok = keys
-            .keys
-            .iter()
-            .any(|k| secret::constant_time_eq(self::mac(&k.ticket_mac, body).as_ref(), mac));
-        if !ok {
-            return None;
-        }
-        let mut id = [0u8; ID_LEN];
-        let mut s = [0u8; SECRET_LEN];
-        id.copy_from_slice(&body[..ID_LEN]);
-        s.copy_from_slice(&body[ID_LEN..]);
-        Some(Ticket {
-            id,
-            secret: Secret::new(s),
-        })
+        Presented::decode(value)?.verify(keys)
     }
 
     /// The cookie value, authenticated with the current key.
     pub fn encode(&self, keys: &Keys) -> Secret {
+        cookie_value(&self.signed(keys))
+    }
+
+    /// The cookie's bytes (`id ‖ secret ‖ mac`) under the current key.
+    pub fn signed(&self, keys: &Keys) -> [u8; TICKET_LEN] {
         let mut raw = [0u8; TICKET_LEN];
         raw[..ID_LEN].copy_from_slice(&self.id);
         raw[ID_LEN..ID_LEN + SECRET_LEN].copy_from_slice(self.secret.expose());
         let tag = mac(&keys.keys[0].ticket_mac, &raw[..ID_LEN + SECRET_LEN]);
         raw[ID_LEN + SECRET_LEN..].copy_from_slice(&tag.as_ref()[..MAC_LEN]);
-        Secret::new(URL_SAFE_NO_PAD.encode(raw))
+        raw
     }
 
     /// The session's public handle and store key: a hash of the id (never the id itself).
@@ -128,12 +183,7 @@ impl Ticket {
 
     /// [`Ticket::handle`] as bytes: the cache key, computed without allocating.
     pub fn handle_bytes(&self) -> [u8; 16] {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        ctx.update(b"coatcheck session handle v1");
-        ctx.update(&self.id);
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&ctx.finish().as_ref()[..16]);
-        out
+        handle_of(&self.id)
     }
 
     /// The key that encrypts this session's store record; only the cookie holder can derive it.
