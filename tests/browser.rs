@@ -18,21 +18,12 @@ mod support;
 mod sample_api;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use coatcheck::config::Config;
 use serde_json::Value;
 use support::idp::{Idp, IdpClient, IdpOptions};
 use support::upstream::Upstream;
-use support::{TestProxy, WAIT};
-
-/// `package.json`, `package-lock.json` and `login.mjs`.
-const E2E_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e");
-/// The browser `login.mjs` drives unless `E2E_CHROMIUM` says otherwise.
-const CHROMIUM: &str = "/usr/bin/chromium";
-/// Upper bound for the whole browser session (launch, login, API calls, logout).
-const BROWSER_DEADLINE: Duration = Duration::from_secs(180);
+use support::{TestProxy, WAIT, e2e};
 
 /// Identity provider, API upstream, app upstream and coatcheck, all on loopback.
 struct BrowserEnv {
@@ -130,10 +121,6 @@ fn config(port: u16, idp_port: u16, api: &str, app: &str) -> Config {
         .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"))
 }
 
-fn chromium() -> String {
-    std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned())
-}
-
 /// Runs `login.mjs` against the app and returns its JSON report (panics with its output if it
 /// failed).
 async fn browser_login(env: &BrowserEnv, user: &str, password: &str) -> Value {
@@ -147,38 +134,25 @@ async fn browser_run(
     password: &str,
     extra_env: &[(&str, &str)],
 ) -> Value {
-    let node = std::env::var("IDP_NODE").unwrap_or_else(|_| "node".into());
-    let run = tokio::process::Command::new(node)
-        .envs(extra_env.iter().copied())
-        .arg("login.mjs")
-        .current_dir(E2E_DIR)
-        .env("E2E_APP_URL", format!("{}/", env.origin))
-        .env("E2E_USER", user)
-        .env("E2E_PASSWORD", password)
-        .env("E2E_CHROMIUM", chromium())
-        .env("E2E_TIMEOUT_MS", "30000")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(BROWSER_DEADLINE, run)
-        .await
-        .unwrap_or_else(|_| panic!("the browser session took longer than {BROWSER_DEADLINE:?}"))
-        .expect("run node tests/e2e/login.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok());
-    match report {
-        Some(r) if out.status.success() && r["ok"] == true => {
+    let mut envs = vec![
+        ("E2E_APP_URL", format!("{}/", env.origin)),
+        ("E2E_USER", user.to_owned()),
+        ("E2E_PASSWORD", password.to_owned()),
+        ("E2E_TIMEOUT_MS", "30000".to_owned()),
+    ];
+    envs.extend(extra_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let run = e2e::run("login.mjs", &envs).await;
+    match run.ok() {
+        Some(r) => {
             // Shown with --nocapture (and E2E_DEBUG=1 for the page's requests).
-            eprint!("{stderr}");
-            r
+            eprint!("{}", run.stderr);
+            r.clone()
         }
-        _ => panic!(
-            "the browser login failed ({}):\nstdout: {stdout}\nstderr: {stderr}\nprovider log:\n{}",
-            out.status,
+        None => panic!(
+            "the browser login failed ({}):\nstdout: {}\nstderr: {}\nprovider log:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr,
             env.idp.log_tail().join("\n")
         ),
     }
@@ -186,13 +160,7 @@ async fn browser_run(
 
 #[tokio::test]
 async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
-    let chromium = chromium();
-    assert!(
-        Path::new(&chromium).exists(),
-        "{chromium} not found: this test needs headless Chromium. Install it with \
-         `apt-get install -y chromium` (Debian; .ci/run does) or point E2E_CHROMIUM at one."
-    );
-    ensure_node_modules().await;
+    e2e::chromium();
     let env = BrowserEnv::start().await;
 
     let report = browser_login(&env, "alice", "alice-pw").await;
@@ -281,12 +249,7 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
 
 #[tokio::test]
 async fn logging_in_again_in_a_real_browser_ends_the_previous_session_with_strict_cookies() {
-    let chromium = chromium();
-    assert!(
-        Path::new(&chromium).exists(),
-        "{chromium} not found: this test needs headless Chromium"
-    );
-    ensure_node_modules().await;
+    e2e::chromium();
     let env = BrowserEnv::start().await;
     let report = browser_run(&env, "alice", "alice-pw", &[("E2E_RELOGIN", "1")]).await;
     eprintln!("browser report: {report}");
@@ -312,15 +275,4 @@ async fn logging_in_again_in_a_real_browser_ends_the_previous_session_with_stric
     );
     assert_eq!(ids, [second], "{report}");
     assert_eq!(report["after_logout"]["status"], 401, "{report}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// tests/e2e/node_modules (playwright-core), installed once across concurrent test processes
-// ---------------------------------------------------------------------------------------------
-
-async fn ensure_node_modules() {
-    tokio::task::spawn_blocking(|| support::idp::npm_ci_once(Path::new(E2E_DIR)))
-        .await
-        .expect("npm ci task")
-        .unwrap_or_else(|e| panic!("{e}"));
 }

@@ -315,15 +315,7 @@ struct BrowserEnv {
 }
 
 async fn browser_env() -> BrowserEnv {
-    let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "{chromium} not found: install it with `apt-get install -y chromium` (scripts/test does)"
-    );
-    tokio::task::spawn_blocking(|| support::idp::npm_ci_once(&e2e_dir()))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e}"));
+    support::e2e::chromium();
     let api = LegacyApi::start().await;
     let port = bff::free_port();
     let certs = support::certs();
@@ -347,36 +339,12 @@ async fn browser_env() -> BrowserEnv {
     BrowserEnv { api, running, port }
 }
 
-fn e2e_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
-}
-
 /// Runs `tests/e2e/<script>` against the app and returns its one-line JSON report.
 async fn browser_run(env: &BrowserEnv, script: &str) -> Value {
-    let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let run = tokio::process::Command::new("node")
-        .arg(script)
-        .current_dir(e2e_dir())
-        .env("E2E_APP_URL", format!("https://localhost:{}/", env.port))
-        .env("E2E_CHROMIUM", &chromium)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
+    let app = format!("https://localhost:{}/", env.port);
+    support::e2e::run(script, &[("E2E_APP_URL", app)])
         .await
-        .expect("the browser finished in time")
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no report: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        .report()
 }
 
 #[tokio::test]

@@ -13,77 +13,39 @@
 mod demo;
 mod support;
 
-use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
-
 use demo::Demo;
 use serde_json::Value;
-
-/// `package.json`, `package-lock.json` and `demo.mjs`.
-const E2E_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e");
-/// The browser `demo.mjs` drives unless `E2E_CHROMIUM` says otherwise.
-const CHROMIUM: &str = "/usr/bin/chromium";
-/// Upper bound for one browser run (launch, logins, every panel, a token refresh).
-const BROWSER_DEADLINE: Duration = Duration::from_secs(180);
-
-fn chromium() -> String {
-    let chromium = std::env::var("E2E_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
-    assert!(
-        Path::new(&chromium).exists(),
-        "{chromium} not found: this test needs headless Chromium. Install it with \
-         `apt-get install -y chromium` (Debian; scripts/test does) or point E2E_CHROMIUM at one."
-    );
-    chromium
-}
+use support::e2e;
 
 /// Runs `demo.mjs` in `mode` against the running demo; its JSON report (panics with its output
 /// and the demo's if it failed).
 async fn browse(demo: &Demo, mode: &str) -> Value {
-    let chromium = chromium();
-    tokio::task::spawn_blocking(|| support::idp::npm_ci_once(Path::new(E2E_DIR)))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e}"));
     let shots = demo::artefacts().join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let node = std::env::var("IDP_NODE").unwrap_or_else(|_| "node".into());
-    let run = tokio::process::Command::new(node)
-        .arg("demo.mjs")
-        .current_dir(E2E_DIR)
-        .env("E2E_MODE", mode)
-        .env("E2E_APP_URL", format!("{}/", demo::ORIGIN))
-        .env("E2E_CHROMIUM", chromium)
-        .env("E2E_SCREENSHOTS", &shots)
-        .env("E2E_TIMEOUT_MS", "20000")
-        .env(
+    let envs = [
+        ("E2E_MODE", mode.to_owned()),
+        ("E2E_APP_URL", format!("{}/", demo::ORIGIN)),
+        ("E2E_SCREENSHOTS", shots.display().to_string()),
+        ("E2E_TIMEOUT_MS", "20000".to_owned()),
+        (
             "E2E_REFRESH_WITHIN_MS",
             (demo::ACCESS_TOKEN_TTL * 3000).to_string(),
-        )
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(BROWSER_DEADLINE, run)
-        .await
-        .unwrap_or_else(|_| panic!("the browser took longer than {BROWSER_DEADLINE:?}"))
-        .expect("run node tests/e2e/demo.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok());
-    match report {
-        Some(r) if out.status.success() && r["ok"] == true => {
-            eprint!("{stderr}");
+        ),
+    ];
+    let run = e2e::run("demo.mjs", &envs).await;
+    match run.ok() {
+        Some(r) => {
+            eprint!("{}", run.stderr);
             eprintln!("screenshots: {}", shots.display());
             eprintln!("report: {r}");
-            r
+            r.clone()
         }
-        _ => panic!(
-            "the browser run ({mode}) failed ({}):\nstdout: {stdout}\nstderr: {stderr}\n\
+        None => panic!(
+            "the browser run ({mode}) failed ({}):\nstdout: {}\nstderr: {}\n\
              screenshots so far: {}\nscripts/demo output ({}):\n{}",
-            out.status,
+            run.status,
+            run.stdout,
+            run.stderr,
             shots.display(),
             demo.log.display(),
             demo.log_tail()

@@ -424,49 +424,33 @@ async fn the_standard_otel_environment_variables_turn_export_on() {
     )
     .await;
     let client = support::http1_client(proc.addr);
-    let res = client
-        .get(format!("https://localhost:{}/hello?x=1", proc.addr.port()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let sent = api
-        .last()
-        .unwrap()
-        .header("traceparent")
-        .unwrap()
-        .to_owned();
-    let (trace, _, _) = parts(&sent).unwrap();
+    // GETs `path` (with the client's `traceparent`, if any) and returns the one the upstream got.
+    let sent = |path: &'static str, client_tp: Option<String>| {
+        let mut req = client.get(format!("https://localhost:{}{path}", proc.addr.port()));
+        if let Some(tp) = client_tp {
+            req = req.header("traceparent", tp);
+        }
+        let api = &api;
+        async move {
+            assert_eq!(req.send().await.unwrap().status(), 200, "{path}");
+            api.last()
+                .unwrap()
+                .header("traceparent")
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let (trace, _, _) = parts(&sent("/hello?x=1", None).await).unwrap();
     // A client that says "not sampled" is obeyed: nothing of its trace is exported, and the
     // upstream is told the same.
-    let res = client
-        .get(format!("https://localhost:{}/unsampled", proc.addr.port()))
-        .header("traceparent", traceparent(CLIENT_TRACE, CLIENT_SPAN, "00"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let unsampled = api
-        .last()
-        .unwrap()
-        .header("traceparent")
-        .unwrap()
-        .to_owned();
+    let unsampled = sent(
+        "/unsampled",
+        Some(traceparent(CLIENT_TRACE, CLIENT_SPAN, "00")),
+    )
+    .await;
     assert_eq!(parts(&unsampled).unwrap().2, "00");
     // A request after the unsampled one: once its span is in, the unsampled one would be too.
-    let res = client
-        .get(format!("https://localhost:{}/after", proc.addr.port()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let after = api
-        .last()
-        .unwrap()
-        .header("traceparent")
-        .unwrap()
-        .to_owned();
-    let (after, _, _) = parts(&after).unwrap();
+    let (after, _, _) = parts(&sent("/after", None).await).unwrap();
     let got = receiver
         .wait_for(Duration::from_secs(10), |s| {
             s.iter().any(|s| s.trace_id == trace && s.kind == SERVER)

@@ -5,6 +5,7 @@
 //! Everything listens on `127.0.0.1:0`; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod e2e;
 pub mod idp;
 pub mod legacy_api;
 pub mod otlp;
