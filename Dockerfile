@@ -14,6 +14,8 @@ RUN apt-get update \
  && chown coatcheck /var/lib/coatcheck
 COPY --from=build /src/target/release/coatcheck /usr/local/bin/coatcheck
 USER coatcheck
+# mimalloc commits its arenas lazily: about 15 MiB less resident memory, same throughput (docs/configuration.md).
+ENV MIMALLOC_ARENA_EAGER_COMMIT=0
 # Mount at run time: /etc/coatcheck/config.toml and the certificates it names (e.g. /etc/coatcheck/certs);
 # point [session.store] path at /var/lib/coatcheck/sessions.db (a volume) so sessions survive restarts.
 WORKDIR /etc/coatcheck
