@@ -174,14 +174,49 @@ fn spawn_serving_runtime(
 }
 
 /// Builds every part and binds the listeners.
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    tls::install_provider();
-    // Span export is optional: a collector that cannot be set up never stops the proxy.
+/// Span export is optional: a collector that cannot be set up never stops the proxy.
+fn start_span_export(config: &Config) {
     match crate::trace::init(config.telemetry.export_settings().as_ref()) {
         Ok(true) => tracing::info!("exporting spans over OTLP/HTTP"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "span export is off"),
     }
+}
+
+/// The `SO_REUSEPORT` sockets of `server.listen` (one per serving runtime) and their address.
+fn bind_https(
+    config: &Config,
+) -> Result<(Vec<std::net::TcpListener>, std::net::SocketAddr), StartError> {
+    let https = listener::bind_serving("server.listen", config.server.listen, serving_runtimes())
+        .map_err(StartError::Bind)?;
+    let addr = match https.first().map(std::net::TcpListener::local_addr) {
+        Some(Ok(a)) => a,
+        Some(Err(e)) => return Err(StartError::Bind(e.to_string())),
+        None => return Err(StartError::Bind("server.listen: no socket".into())),
+    };
+    Ok((https, addr))
+}
+
+/// One serving runtime (thread) per HTTPS socket; `tasks` ends when they have stopped.
+fn serve_https(
+    sockets: Vec<std::net::TcpListener>,
+    server: &Arc<listener::TlsServer>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), StartError> {
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let done = spawn_serving_runtime(i + 1, socket, server.clone(), shutdown.clone())?;
+        tasks.spawn(async move {
+            // An error means the thread ended without a word: it stopped all the same.
+            let _ = done.await;
+        });
+    }
+    Ok(())
+}
+
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    tls::install_provider();
+    start_span_export(&config);
     let cert = Arc::new(tls::ServerCert::load(
         &config.server.tls.cert,
         &config.server.tls.key,
@@ -209,13 +244,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?));
 
-    let https = listener::bind_serving("server.listen", config.server.listen, serving_runtimes())
-        .map_err(StartError::Bind)?;
-    let addr = match https.first().map(std::net::TcpListener::local_addr) {
-        Some(Ok(a)) => a,
-        Some(Err(e)) => return Err(StartError::Bind(e.to_string())),
-        None => return Err(StartError::Bind("server.listen: no socket".into())),
-    };
+    let (https, addr) = bind_https(&config)?;
     let redirect = match config.server.http_redirect_listen {
         Some(a) => Some(
             listener::bind("server.http_redirect_listen", a)
@@ -247,13 +276,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.server.limits.clone(),
         metrics.clone(),
     );
-    for (i, socket) in https.into_iter().enumerate() {
-        let done = spawn_serving_runtime(i + 1, socket, server.clone(), shutdown.clone())?;
-        tasks.spawn(async move {
-            // An error means the thread ended without a word: it stopped all the same.
-            let _ = done.await;
-        });
-    }
+    serve_https(https, &server, &shutdown, &mut tasks)?;
     if let Some((l, a)) = admin {
         tasks.spawn(admin::serve(l, a, shutdown.clone()));
     }

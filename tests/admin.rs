@@ -96,6 +96,13 @@ fn admin(env: &Env, method: Method, path: &str) -> reqwest::RequestBuilder {
         .bearer_auth(TOKEN)
 }
 
+/// `GET path` on the admin API with the token; its JSON (asserting 200).
+async fn admin_get(env: &Env, path: &str) -> Value {
+    let r = admin(env, Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_real_traffic_count_routes_statuses_logins_cache_hits_and_refreshes() {
     let env = env_with_token().await;
@@ -366,36 +373,24 @@ async fn an_operator_lists_and_ends_every_session_of_a_subject() {
     assert_eq!(keys(&list), keys(&own));
     // The configured issuer may be named explicitly; another issuer has no sessions of alice.
     let issuer = format!("http://127.0.0.1:{}", env.idp_port);
-    let explicit: Value = admin(
+    let explicit = admin_get(
         &env,
-        Method::GET,
         &format!(
             "/sessions?sub={}&iss={}",
             bff::urlencode(&sub),
             bff::urlencode(&issuer)
         ),
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(explicit["sessions"].as_array().unwrap().len(), 2);
-    let other: Value = admin(
+    let other = admin_get(
         &env,
-        Method::GET,
         &format!(
             "/sessions?sub={}&iss=https%3A%2F%2Fother.example",
             bff::urlencode(&sub)
         ),
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(other["sessions"].as_array().unwrap().len(), 0);
     let r = admin(&env, Method::GET, "/sessions").send().await.unwrap();
     assert_eq!(r.status(), 400, "sub is required");
@@ -422,17 +417,7 @@ async fn an_operator_lists_and_ends_every_session_of_a_subject() {
         200,
         "bob's session is untouched"
     );
-    let list: Value = admin(
-        &env,
-        Method::GET,
-        &format!("/sessions?sub={}", bff::urlencode(&sub)),
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let list = admin_get(&env, &format!("/sessions?sub={}", bff::urlencode(&sub))).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 0);
     let text = scrape(&env).await;
     assert_eq!(

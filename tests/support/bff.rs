@@ -304,6 +304,26 @@ pub async fn read_events_until(
     Some(seen)
 }
 
+/// Reads `stream` (an open `/bff/events`) while `by` logs out with `POST /bff/logout`: what the
+/// stream said up to `session-ended` (`None` if that never came within 5 s) and how long after
+/// the logout was sent it took.
+pub async fn logout_heard(
+    stream: reqwest::Response,
+    by: &Browser,
+) -> (Option<String>, std::time::Duration) {
+    let reader = tokio::spawn(read_events_until(
+        stream,
+        "event: session-ended",
+        std::time::Duration::from_secs(5),
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let logout = by.api(reqwest::Method::POST, "/bff/logout").send().await;
+    assert_eq!(logout.unwrap().status(), 200, "the logout");
+    let heard = reader.await.unwrap();
+    (heard, t0.elapsed())
+}
+
 pub fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
