@@ -820,41 +820,65 @@ pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
 }
 
 /// Binds `addr` once per serving runtime, with `SO_REUSEPORT`: the kernel spreads new connections
-/// evenly over the runtimes. A plain bind first (closed at once) resolves port 0 and keeps the usual
-/// refusal of an address in use, also by another coatcheck whose sockets would otherwise take these
-/// into their group. Each runtime registers its socket with its own reactor
+/// evenly over the runtimes. Each runtime registers its socket with its own reactor
 /// ([`TcpListener::from_std`] on that runtime).
+///
+/// `SO_REUSEPORT` would also let another process of the same user join the group and take a share
+/// of the connections. For a named port, a plain bind first (closed at once) keeps the usual
+/// refusal of an address in use, also by another coatcheck. For port 0, the first socket is bound
+/// with `SO_REUSEPORT` directly: the kernel's choice of a port for port 0 never falls on a port in
+/// use, reuse or not, and the socket is held while the others join it, so no other process can be
+/// given the same port in between (a probe closed before the group exists could be).
 pub fn bind_serving(
     key: &str,
     addr: SocketAddr,
     n: usize,
 ) -> Result<Vec<std::net::TcpListener>, String> {
     let fail = |e: io::Error| format!("{key}: cannot listen on {addr}: {e}");
-    let at = std::net::TcpListener::bind(addr)
-        .and_then(|probe| probe.local_addr())
-        .map_err(fail)?;
-    (0..n.max(1))
-        .map(|_| {
-            let socket = if at.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            }
-            .map_err(fail)?;
-            socket.set_reuseaddr(true).map_err(fail)?;
-            socket.set_reuseport(true).map_err(fail)?;
-            socket.bind(at).map_err(fail)?;
-            socket
-                .listen(LISTEN_BACKLOG)
-                .and_then(TcpListener::into_std)
-                .map_err(fail)
-        })
-        .collect()
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr).map_err(fail)?);
+    }
+    let first = reuseport_listener(addr).map_err(fail)?;
+    let at = first.local_addr().map_err(fail)?;
+    let mut all = vec![first];
+    for _ in 1..n.max(1) {
+        all.push(reuseport_listener(at).map_err(fail)?);
+    }
+    Ok(all)
+}
+
+/// One listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`.
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_serving_group_is_never_shared_with_another_listener() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a = bind_serving("server.listen", any, 2).unwrap();
+        let at = a[0].local_addr().unwrap();
+        assert!(a.iter().all(|l| l.local_addr().unwrap() == at));
+        // Port 0 again: another port, never a share of the first group.
+        for _ in 0..50 {
+            let b = bind_serving("server.listen", any, 2).unwrap();
+            assert_ne!(b[0].local_addr().unwrap(), at);
+        }
+        // The group's port named explicitly: refused, with the key.
+        let e = bind_serving("server.listen", at, 2).unwrap_err();
+        assert!(e.starts_with("server.listen: cannot listen on"), "{e}");
+    }
 
     fn watch(held: &[u8]) -> HeadWatch {
         let mut w = HeadWatch::new(1024, Duration::from_secs(1));

@@ -385,8 +385,13 @@ pub struct RawConn {
 impl RawConn {
     /// Connects with ALPN `http/1.1`.
     pub async fn connect(addr: SocketAddr) -> RawConn {
+        RawConn::over(tls_connect(addr, &[b"http/1.1"]).await)
+    }
+
+    /// A connection made elsewhere (e.g. by [`try_tls_connect`]).
+    pub fn over(stream: TlsStream<TcpStream>) -> RawConn {
         RawConn {
-            stream: tls_connect(addr, &[b"http/1.1"]).await,
+            stream,
             buf: Vec::new(),
         }
     }
