@@ -228,6 +228,15 @@ def main():
                   f"{ms['bff_login_start']:.1f} ms, the provider (authorization endpoint, login and consent forms, "
                   f"redirects) {ms['provider_forms']:.1f} ms, coatcheck `/bff/callback` (code exchange at the "
                   f"provider, ID token validation, durable session create) {ms['bff_callback']:.1f} ms.")
+        own = login.get("own") or {}
+        if own.get("cpu_ms_per_login") is not None and own.get("bff_ms_per_login_without_provider") is not None:
+            md.append("")
+            md.append(f"Without the provider: coatcheck waited {own['token_endpoint_ms_per_login']:.1f} ms per login "
+                      f"for the provider's token endpoint (its own `coatcheck_idp_request_duration_seconds`), so its "
+                      f"own wall time per login is {own['bff_ms_per_login_without_provider']:.1f} ms — "
+                      f"**{own['logins_per_s_without_provider']:.0f} logins/s** at {login['concurrency']} at a time; "
+                      f"its CPU time is {own['cpu_ms_per_login']:.2f} ms per login (all threads, `schedstat`), "
+                      f"**{own['logins_per_cpu_second']:.0f} logins per CPU second**.")
         md.append("")
     if scale:
         md.append("### Scale: sessions in the embedded store (redb) and in the cache")

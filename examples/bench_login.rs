@@ -5,6 +5,7 @@
 //! bench_login --base https://localhost:8443 --login /bff/login?returnUrl=/ --ca certs/ca.crt
 //!             [--user alice --password alice-pw] [--count N --concurrency C] [--out cookies.txt]
 //!             [--verify /api/__auth --header x-csrf:1]
+//!             [--pid BFF_PID] [--metrics http://127.0.0.1:ADMIN/metrics]
 //! ```
 //!
 //! Works with any BFF whose login route redirects to the provider and whose callback sets a
@@ -12,6 +13,9 @@
 //! browser: new provider session, login form, consent form, callback. With `--count` > 1 it also
 //! reports logins/s and where the time of one login goes. `--out` gets one `Cookie` header value per
 //! line; `--verify` checks that a request with the first of them reaches the upstream with a bearer.
+//! `--pid` adds the BFF's CPU time per login (every thread's `schedstat`, nanoseconds) and `--metrics`
+//! the time coatcheck spent waiting for the provider's token endpoint (its own histogram), so that
+//! the provider's time can be taken out of the figure.
 
 #[path = "../tests/support/idp.rs"]
 mod idp;
@@ -33,6 +37,10 @@ struct Args {
     out: Option<String>,
     verify: Option<String>,
     headers: Vec<(String, String)>,
+    /// The BFF's process: its CPU time over the logins is measured (`/proc/PID/task/*/schedstat`).
+    pid: Option<u32>,
+    /// The BFF's metrics URL (coatcheck's admin `/metrics`): the time its token-endpoint calls took.
+    metrics: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +55,8 @@ fn parse_args() -> Result<Args, String> {
         out: None,
         verify: None,
         headers: Vec::new(),
+        pid: None,
+        metrics: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +75,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--out" => a.out = Some(value()?),
             "--verify" => a.verify = Some(value()?),
+            "--pid" => a.pid = Some(value()?.parse().map_err(|e| format!("--pid: {e}"))?),
+            "--metrics" => a.metrics = Some(value()?),
             "--header" => {
                 let h = value()?;
                 let (k, v) = h.split_once(':').ok_or("--header wants name:value")?;
@@ -183,6 +195,8 @@ fn main() {
         .expect("client");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let code = runtime.block_on(async move {
+        let cpu_before = args.pid.map(cpu_ns);
+        let token_before = token_time(&bff, args.metrics.as_deref()).await;
         let started = Instant::now();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = tokio::task::JoinSet::new();
@@ -214,6 +228,13 @@ fn main() {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
+        let own = Own {
+            cpu_ns: args.pid.map(cpu_ns).zip(cpu_before).map(|(a, b)| a - b),
+            token: token_time(&bff, args.metrics.as_deref())
+                .await
+                .zip(token_before)
+                .map(|((s1, n1), (s0, n0))| (s1 - s0, n1 - n0)),
+        };
         if cookies.is_empty() {
             eprintln!("bench_login: no login succeeded");
             return 1;
@@ -262,9 +283,71 @@ fn main() {
                     "provider_forms": mean(|l| l.provider),
                     "bff_callback": mean(|l| l.callback),
                 },
+                "own": own.report(
+                    cookies.len(),
+                    args.concurrency.max(1),
+                    mean(|l| l.start) + mean(|l| l.callback),
+                ),
             })
         );
         i32::from(failures > 0)
     });
     std::process::exit(code);
+}
+
+/// What the BFF itself spent over the logins, with the provider's time taken out.
+struct Own {
+    /// CPU nanoseconds of every BFF thread.
+    cpu_ns: Option<u64>,
+    /// Seconds the BFF waited for the provider's token endpoint, and how many calls.
+    token: Option<(f64, f64)>,
+}
+
+impl Own {
+    /// `bff_ms`: the mean wall time of the BFF's two legs (login start + callback) per login.
+    fn report(&self, logins: usize, concurrency: usize, bff_ms: f64) -> serde_json::Value {
+        let n = logins as f64;
+        let cpu_ms = self.cpu_ns.map(|ns| ns as f64 / 1e6 / n);
+        let token_ms = self.token.map(|(s, _)| s * 1000.0 / n);
+        let without_provider = token_ms.map(|t| bff_ms - t);
+        json!({
+            "cpu_ms_per_login": cpu_ms,
+            "logins_per_cpu_second": cpu_ms.map(|ms| 1000.0 / ms),
+            "token_endpoint_ms_per_login": token_ms,
+            "token_endpoint_calls": self.token.map(|(_, c)| c),
+            "bff_ms_per_login_without_provider": without_provider,
+            "logins_per_s_without_provider": without_provider.map(|ms| concurrency as f64 * 1000.0 / ms),
+        })
+    }
+}
+
+/// CPU time of every thread of `pid` so far, in nanoseconds (`/proc/PID/task/*/schedstat`, first
+/// field). Threads that ended before the second reading are missed; coatcheck's serving threads
+/// live as long as the process.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// coatcheck's `coatcheck_idp_request_duration_seconds` sum and count for the token endpoint.
+async fn token_time(client: &reqwest::Client, url: Option<&str>) -> Option<(f64, f64)> {
+    let text = client.get(url?).send().await.ok()?.text().await.ok()?;
+    let read = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("endpoint=\"token\""))?
+            .rsplit(' ')
+            .next()?
+            .parse::<f64>()
+            .ok()
+    };
+    Some((
+        read("coatcheck_idp_request_duration_seconds_sum")?,
+        read("coatcheck_idp_request_duration_seconds_count")?,
+    ))
 }
