@@ -496,7 +496,9 @@ impl HeadWatch {
             .position(|&b| b != b'\r' && b != b'\n')
             .unwrap_or(self.held.len());
         let rest = &self.held[start..];
-        rest.windows(2).any(|w| w == b"\n\n") || rest.windows(3).any(|w| w == b"\n\r\n")
+        // Only the line ends are looked at (memchr: a vector scan), not every byte twice.
+        memchr::memchr_iter(b'\n', rest)
+            .any(|i| matches!(&rest[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
     }
 }
 
