@@ -221,7 +221,7 @@ tokio::task_local! {
 /// The server span of one request; ends when dropped (the access log holds it until the
 /// response body has been sent).
 #[derive(Debug, Default)]
-pub struct ServerSpan(Option<opentelemetry_sdk::trace::Span>);
+pub struct ServerSpan(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 impl ServerSpan {
     /// Names the span after the route (`GET /api/`) and records the route's auth mode.
@@ -319,7 +319,7 @@ pub(crate) fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, Server
         false,
         TraceState::NONE,
     ));
-    (hop(own, parent.is_some(), Some(cx)), ServerSpan(Some(span)))
+    (hop(own, parent.is_some(), Some(cx)), ServerSpan(Some(Box::new(span))))
 }
 
 fn hop(own: TraceParent, continued: bool, cx: Option<Context>) -> Hop {
@@ -340,7 +340,9 @@ pub(crate) fn scope<F: Future>(hop: Hop, f: F) -> impl Future<Output = F::Output
 /// A child span (with export on and a sampled parent); ends when dropped.
 #[derive(Debug, Default)]
 pub(crate) struct ChildSpan {
-    span: Option<opentelemetry_sdk::trace::Span>,
+    /// Boxed: a span is a few hundred bytes, and the request's futures move this around on every
+    /// request even when export is off (`None`).
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
     /// The `traceparent` naming this span (or the hop, without export) for an outgoing call.
     traceparent: Option<HeaderValue>,
 }
@@ -388,7 +390,7 @@ fn child_of_hop(name: &'static str, kind: SpanKind, attrs: Vec<KeyValue>) -> Opt
             .start_with_context(tracer, cx);
         ChildSpan {
             traceparent: Some(traceparent_of(span.span_context())),
-            span: Some(span),
+            span: Some(Box::new(span)),
         }
     })
     .ok()
@@ -525,7 +527,7 @@ pub(crate) fn idp(name: &'static str, url: &str) -> ChildSpan {
                 .start_with_context(t, &Context::new());
             ChildSpan {
                 traceparent: Some(traceparent_of(span.span_context())),
-                span: Some(span),
+                span: Some(Box::new(span)),
             }
         }
         None => ChildSpan {
