@@ -319,7 +319,10 @@ pub(crate) fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, Server
         false,
         TraceState::NONE,
     ));
-    (hop(own, parent.is_some(), Some(cx)), ServerSpan(Some(Box::new(span))))
+    (
+        hop(own, parent.is_some(), Some(cx)),
+        ServerSpan(Some(Box::new(span))),
+    )
 }
 
 fn hop(own: TraceParent, continued: bool, cx: Option<Context>) -> Hop {

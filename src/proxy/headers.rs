@@ -19,11 +19,12 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 /// Method-override headers some frameworks honour: a `POST` would run as `DELETE` behind the
 /// CSRF and method checks, so none of them is ever forwarded.
-static METHOD_OVERRIDES: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+fn is_method_override(name: &str) -> bool {
+    matches!(
+        name,
+        "x-http-method-override" | "x-http-method" | "x-method-override"
+    )
+}
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`.
 /// A `match` on the name's text: one switch on its length, then one comparison.
@@ -64,9 +65,7 @@ pub(crate) fn is_websocket_switch(headers: &HeaderMap) -> bool {
 /// Removes the method-override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
 /// `X-Method-Override`).
 pub(crate) fn strip_method_overrides(headers: &mut HeaderMap) {
-    for name in &METHOD_OVERRIDES {
-        headers.remove(name);
-    }
+    remove_where(headers, is_method_override);
 }
 
 /// Whether any header name contains `_` (nginx and Envoy treat these as invalid by default: some
@@ -77,14 +76,7 @@ pub(crate) fn has_underscore_names(headers: &HeaderMap) -> bool {
 
 /// Removes every header whose name contains `_`.
 pub(crate) fn strip_underscore_names(headers: &mut HeaderMap) {
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for n in names {
-        headers.remove(&n);
-    }
+    remove_where(headers, |name| name.contains('_'));
 }
 
 /// Removes every upstream `Set-Cookie` that names one of coatcheck's own cookies (the session
@@ -252,14 +244,21 @@ pub fn add_forwarding(
     remove_where(headers, |name| {
         is_client_forwarding(name) || (!peer_trusted && is_forwarding_chain(name))
     });
-    let ip = peer.to_canonical().to_string();
-    append_list(headers, &X_FORWARDED_FOR, &ip);
+    let host = host.filter(|h| h.to_str().is_ok_and(is_token_like));
+    let host_str = host.and_then(|h| h.to_str().ok());
+    FORWARDING.with_borrow_mut(|memo| {
+        let memo = ForwardingMemo::of(memo, peer.to_canonical(), host_str);
+        append_to_list(headers, &X_FORWARDED_FOR, &memo.ip, &memo.x_forwarded_for);
+        append_to_list(
+            headers,
+            &FORWARDED,
+            memo.forwarded.to_str().unwrap_or_default(),
+            &memo.forwarded,
+        );
+    });
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    let host_str = host
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| is_token_like(h));
-    if let Some(v) = host_str.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST.clone(), v);
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
     if let Some(v) = prefix
         .filter(|p| !p.is_empty())
@@ -267,23 +266,66 @@ pub fn add_forwarding(
     {
         headers.insert(X_FORWARDED_PREFIX.clone(), v);
     }
-    // RFC 7239 §6: IPv6 addresses are quoted and bracketed.
-    let mut fwd = String::with_capacity(48 + host_str.map_or(0, str::len));
-    if ip.contains(':') {
-        fwd.push_str("for=\"[");
-        fwd.push_str(&ip);
-        fwd.push_str("]\"");
-    } else {
-        fwd.push_str("for=");
-        fwd.push_str(&ip);
+}
+
+thread_local! {
+    /// The forwarding values this thread wrote last. A connection sends its requests from one
+    /// address (and nearly always one `Host`), so they are formatted once per connection, not per
+    /// request; a `HeaderValue` clone shares its bytes.
+    static FORWARDING: std::cell::RefCell<Option<ForwardingMemo>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `X-Forwarded-For` and `Forwarded` items for one client address and `Host`.
+struct ForwardingMemo {
+    peer: IpAddr,
+    host: Option<Box<str>>,
+    /// The address as text.
+    ip: Box<str>,
+    x_forwarded_for: HeaderValue,
+    /// `for=…;proto=https[;host="…"]`.
+    forwarded: HeaderValue,
+}
+
+impl ForwardingMemo {
+    /// The memo for `peer` and `host`, made (and kept in `slot`) unless `slot` already holds it.
+    fn of<'a>(
+        slot: &'a mut Option<ForwardingMemo>,
+        peer: IpAddr,
+        host: Option<&str>,
+    ) -> &'a ForwardingMemo {
+        if slot
+            .as_ref()
+            .is_some_and(|m| m.peer == peer && m.host.as_deref() == host)
+        {
+            return slot.as_ref().expect("checked above");
+        }
+        let ip = peer.to_string();
+        // RFC 7239 §6: IPv6 addresses are quoted and bracketed.
+        let mut fwd = String::with_capacity(48 + host.map_or(0, str::len));
+        if peer.is_ipv6() {
+            fwd.push_str("for=\"[");
+            fwd.push_str(&ip);
+            fwd.push_str("]\"");
+        } else {
+            fwd.push_str("for=");
+            fwd.push_str(&ip);
+        }
+        fwd.push_str(";proto=https");
+        if let Some(h) = host {
+            fwd.push_str(";host=\"");
+            fwd.push_str(h);
+            fwd.push('"');
+        }
+        slot.insert(ForwardingMemo {
+            peer,
+            host: host.map(Box::from),
+            x_forwarded_for: HeaderValue::from_str(&ip)
+                .expect("an address is a valid header value"),
+            forwarded: HeaderValue::from_str(&fwd).expect("checked host and address"),
+            ip: ip.into_boxed_str(),
+        })
     }
-    fwd.push_str(";proto=https");
-    if let Some(h) = host_str {
-        fwd.push_str(";host=\"");
-        fwd.push_str(h);
-        fwd.push('"');
-    }
-    append_list(headers, &FORWARDED, &fwd);
 }
 
 /// Host values are `host[:port]`; anything else is not echoed into forwarding headers.
@@ -294,25 +336,25 @@ fn is_token_like(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
 }
 
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
+/// Appends `item` to the list header `name` (a chain a trusted proxy sent), or sets it to `alone`
+/// (`item` as a value) when there is nothing to append to.
+fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &str, alone: &HeaderValue) {
     let mut existing = headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .peekable();
-    // The common case (nothing to append to) builds the value straight from `item`.
-    let value = if existing.peek().is_none() {
-        HeaderValue::from_str(item)
-    } else {
-        let mut joined = String::with_capacity(128);
-        for e in existing {
-            joined.push_str(e);
-            joined.push_str(", ");
-        }
-        joined.push_str(item);
-        HeaderValue::from_str(&joined)
-    };
-    if let Ok(v) = value {
+    if existing.peek().is_none() {
+        headers.insert(name.clone(), alone.clone());
+        return;
+    }
+    let mut joined = String::with_capacity(128);
+    for e in existing {
+        joined.push_str(e);
+        joined.push_str(", ");
+    }
+    joined.push_str(item);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
         headers.insert(name.clone(), v);
     }
 }
@@ -488,6 +530,56 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
+    }
+
+    #[test]
+    fn forwarding_values_follow_each_request_address_and_host_on_one_thread() {
+        let host = |h: &str| HeaderValue::from_str(h).unwrap();
+        let cases = [
+            (
+                "192.0.2.1",
+                Some("a.example"),
+                "for=192.0.2.1;proto=https;host=\"a.example\"",
+            ),
+            (
+                "192.0.2.1",
+                Some("a.example"),
+                "for=192.0.2.1;proto=https;host=\"a.example\"",
+            ),
+            (
+                "192.0.2.2",
+                Some("a.example"),
+                "for=192.0.2.2;proto=https;host=\"a.example\"",
+            ),
+            (
+                "192.0.2.2",
+                Some("b.example:8443"),
+                "for=192.0.2.2;proto=https;host=\"b.example:8443\"",
+            ),
+            ("192.0.2.2", None, "for=192.0.2.2;proto=https"),
+            ("2001:db8::1", None, "for=\"[2001:db8::1]\";proto=https"),
+            ("::ffff:192.0.2.3", None, "for=192.0.2.3;proto=https"),
+        ];
+        for (peer, h, forwarded) in cases {
+            let mut m = HeaderMap::new();
+            let hv = h.map(host);
+            add_forwarding(&mut m, peer.parse().unwrap(), false, hv.as_ref(), None);
+            assert_eq!(m["forwarded"], forwarded, "{peer} {h:?}");
+            let ip: IpAddr = peer.parse::<IpAddr>().unwrap().to_canonical();
+            assert_eq!(m["x-forwarded-for"], ip.to_string().as_str());
+            assert_eq!(m.get("x-forwarded-host").map(|v| v.to_str().unwrap()), h);
+        }
+        // Behind a trusted proxy the chain is appended to, and the next request is not.
+        let mut m = map(&[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("forwarded", "for=198.51.100.7"),
+        ]);
+        add_forwarding(&mut m, "10.0.0.2".parse().unwrap(), true, None, None);
+        assert_eq!(m["x-forwarded-for"], "198.51.100.7, 10.0.0.2");
+        assert_eq!(m["forwarded"], "for=198.51.100.7, for=10.0.0.2;proto=https");
+        let mut m = HeaderMap::new();
+        add_forwarding(&mut m, "10.0.0.2".parse().unwrap(), true, None, None);
+        assert_eq!(m["x-forwarded-for"], "10.0.0.2");
     }
 
     #[test]
