@@ -280,9 +280,9 @@ async fn drain(graceful: GracefulShutdown, grace: Duration) {
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
-        // hyper also runs this timer while a keep-alive connection waits for its next request.
-        .header_read_timeout(limits.header_read_timeout)
+        // No timer per request: the header watch bounds a head from its first byte, and IdleIo
+        // closes a connection that waits longer than `header_read_timeout` for its next request.
+        .header_read_timeout(None)
         // Hard ceiling for hyper's parser, never reached: the header watch (HeadWatch) stops a head
         // at max_header_bytes and the router answers 431 JSON; hyper holds at most that plus one read.
         .max_buf_size(limits.max_header_bytes * 2 + 2 * HEAD_READ)
@@ -429,6 +429,9 @@ impl Watch for InFlight {
 struct IdleIo<T> {
     inner: T,
     timeout: Duration,
+    /// HTTP/1.1: the shorter limit (`header_read_timeout`) while the connection waits for its next
+    /// request head, until a protocol switch. This was hyper's timer, armed on every request.
+    between_heads: Option<Duration>,
     count_bytes: bool,
     last_io: Instant,
     sleep: Pin<Box<Sleep>>,
@@ -511,14 +514,18 @@ impl<T> IdleIo<T> {
         write_stall: Duration,
         head: Option<HeadWatch>,
     ) -> Self {
+        let between_heads = head.as_ref().map(|h| h.read_timeout);
         IdleIo {
             head,
             linger: None,
             inner,
             timeout,
+            between_heads,
             count_bytes,
             last_io: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: Box::pin(tokio::time::sleep(
+                between_heads.map_or(timeout, |d| d.min(timeout)),
+            )),
             activity,
             write_stall,
             blocked: None,
@@ -549,6 +556,14 @@ impl<T> IdleIo<T> {
         Poll::Pending
     }
 
+    /// How long the connection may go without activity now (see `between_heads`).
+    fn idle_limit(&self) -> Duration {
+        match self.between_heads {
+            Some(d) if !self.activity.upgraded.load(Ordering::Acquire) => self.timeout.min(d),
+            _ => self.timeout,
+        }
+    }
+
     fn last_activity(&self) -> Instant {
         let requests = self.activity.last_change();
         if self.count_bytes {
@@ -564,12 +579,13 @@ impl<T> IdleIo<T> {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let deadline = self.last_activity() + self.timeout;
+            let timeout = self.idle_limit();
+            let deadline = self.last_activity() + timeout;
             if !self.activity.busy() && Instant::now() >= deadline {
                 return true;
             }
             let next = if Instant::now() >= deadline {
-                Instant::now() + self.timeout
+                Instant::now() + timeout
             } else {
                 deadline
             };

@@ -1604,6 +1604,39 @@ async fn pinging_h2_connection(
 }
 
 #[tokio::test]
+async fn an_http1_connection_waits_for_its_next_request_at_most_header_read_timeout() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&format!(
+        "[server.limits]\nidle_timeout = \"30s\"\nheader_read_timeout = \"1s\"\n\n{}",
+        route("/api/", &up.url(), "")
+    ))
+    .await;
+    let soon = |d: Option<Duration>| {
+        d.is_some_and(|d| d >= Duration::from_millis(800) && d < Duration::from_secs(5))
+    };
+    // A TLS connection that never sends a request.
+    let mut silent = RawConn::connect(proxy.addr).await;
+    let closed = silent.closed_within(Duration::from_secs(10)).await;
+    assert!(soon(closed), "a silent connection closed after {closed:?}");
+    // A keep-alive connection after its answer.
+    let mut kept = RawConn::connect(proxy.addr).await;
+    kept.send(b"GET /api/echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(kept.read_response().await.status, 200);
+    let closed = kept.closed_within(Duration::from_secs(10)).await;
+    assert!(
+        soon(closed),
+        "an idle keep-alive connection closed after {closed:?}"
+    );
+    // A slow upstream answer is not a wait for the next request: the connection stays.
+    let mut slow = RawConn::connect(proxy.addr).await;
+    slow.send(b"GET /api/slow?ms=2500 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(slow.read_response().await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn idle_connections_are_closed_but_busy_ones_are_not() {
     let up = Upstream::start().await;
     let proxy = start_proxy(&format!(
