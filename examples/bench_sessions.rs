@@ -6,7 +6,7 @@
 //! - `populate --db PATH --n N --cookies OUT [--api-seconds S]`: creates N sessions in a fresh
 //!   embedded store. The first ones go through `Sessions::create` (one durable, fsync'ed commit
 //!   each, exactly as logins do) for at most S seconds, which measures the create rate; the rest are
-//!   written as the same records (same ticket, same sealing, same encoding) in batches of 10 000
+//!   written as the same records (same ticket, same sealing, same binary encoding) in batches of 10 000
 //!   per transaction, because one fsync per session would take hours for 1M on this disk. Writes
 //!   every cookie value to OUT. Prints sizes and rates.
 //! - `lookup --db PATH --cookies FILE [--samples K]`: opens the store with cache capacity 0 and
@@ -105,11 +105,7 @@ fn data(i: usize) -> SessionData {
 fn record(ticket: &Ticket, data: &SessionData, cfg: &config::Session) -> Record {
     let handle = ticket.handle();
     let now = now();
-    let sealed = secret::seal(
-        &ticket.record_key(),
-        handle.as_bytes(),
-        &serde_json::to_vec(data).expect("session data serializes"),
-    );
+    let sealed = secret::seal(&ticket.record_key(), handle.as_bytes(), &data.encode());
     Record {
         handle,
         subject: subject_key(&data.iss, &data.sub),
@@ -209,11 +205,8 @@ async fn populate(o: &Opts) -> Value {
                     let ticket = Ticket::generate();
                     let d = data(i);
                     let r = record(&ticket, &d, &cfg);
-                    t.insert(
-                        r.handle.as_str(),
-                        serde_json::to_vec(&r).expect("record").as_slice(),
-                    )
-                    .expect("insert");
+                    t.insert(r.handle.as_str(), r.encode().as_slice())
+                        .expect("insert");
                     idx.insert(r.subject.as_str(), r.handle.as_str())
                         .expect("index insert");
                     writeln!(out, "{}", ticket.encode(&keys).expose()).expect("writing cookies");
