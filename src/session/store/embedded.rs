@@ -271,12 +271,11 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for h in idx.get(subject.as_str()).map_err(unavailable)? {
                 let h = h.map_err(unavailable)?;
-                if let Some(v) = t.get(h.value()).map_err(unavailable)? {
-                    if let Some(r) = decode(h.value(), v.value())
-                        && !r.is_expired(now)
-                    {
-                        out.push(r);
-                    }
+                if let Some(v) = t.get(h.value()).map_err(unavailable)?
+                    && let Some(r) = decode(h.value(), v.value())
+                    && !r.is_expired(now)
+                {
+                    out.push(r);
                 }
             }
             Ok(out)
