@@ -13,6 +13,9 @@
 //!   times K `Sessions::lookup` calls of existing sessions, spread over the file: each one is a
 //!   cache miss that reads the store and decrypts the record. With an empty cookie file it looks up
 //!   valid tickets that have no record. Prints latency percentiles and RSS.
+//! - `size --db PATH`: what the sessions of an embedded store file take: the record bytes (keys and
+//!   values of the sessions table, averaged per session) and redb's own accounting (allocated
+//!   pages, stored and fragmented bytes). Reads any version's file (JSON or binary records).
 //! - `cachemem --n N --cache C`: N sessions created in the memory store with cache capacity C;
 //!   prints the RSS growth. Run with C = N and C = 0: the difference over N is the cache's memory
 //!   per session.
@@ -305,6 +308,34 @@ async fn lookup(o: &Opts) -> Value {
     })
 }
 
+fn size(o: &Opts) -> Value {
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    let db = Database::create(o.path("--db")).expect("opening the store file");
+    let (n, record_bytes, json) = {
+        let txn = db.begin_read().expect("read transaction");
+        let t = txn.open_table(SESSIONS).expect("sessions table");
+        let mut bytes = 0u64;
+        let mut json = 0u64;
+        for entry in t.iter().expect("iterating") {
+            let (k, v) = entry.expect("entry");
+            bytes += (k.value().len() + v.value().len()) as u64;
+            json += u64::from(v.value().first() == Some(&b'{'));
+        }
+        (t.len().expect("len"), bytes, json)
+    };
+    let stats = db.begin_write().expect("write transaction").stats().expect("stats");
+    let per = |b: u64| if n > 0 { b as f64 / n as f64 } else { 0.0 };
+    json!({
+        "sessions": n,
+        "json_records": json,
+        "record_bytes_per_session": per(record_bytes),
+        "allocated_bytes_per_session": per(stats.allocated_pages() * stats.page_size() as u64),
+        "stored_bytes_per_session": per(stats.stored_bytes()),
+        "fragmented_bytes": stats.fragmented_bytes(),
+        "file_bytes": std::fs::metadata(o.path("--db")).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
 async fn cachemem(o: &Opts) -> Value {
     let n = o.num("--n", 100_000.0) as usize;
     let cache = o.num("--cache", n as f64) as u64;
@@ -356,8 +387,9 @@ fn main() {
             "populate" => populate(&opts).await,
             "lookup" => lookup(&opts).await,
             "cachemem" => cachemem(&opts).await,
+            "size" => size(&opts),
             _ => {
-                eprintln!("usage: bench_sessions populate|lookup|cachemem [--opt value]...");
+                eprintln!("usage: bench_sessions populate|lookup|size|cachemem [--opt value]...");
                 std::process::exit(64);
             }
         }
