@@ -323,7 +323,11 @@ fn size(o: &Opts) -> Value {
         }
         (t.len().expect("len"), bytes, json)
     };
-    let stats = db.begin_write().expect("write transaction").stats().expect("stats");
+    let stats = db
+        .begin_write()
+        .expect("write transaction")
+        .stats()
+        .expect("stats");
     let per = |b: u64| if n > 0 { b as f64 / n as f64 } else { 0.0 };
     json!({
         "sessions": n,

@@ -83,25 +83,21 @@ pub const DATA_V1: u8 = 1;
 
 impl SessionData {
     /// The sealed plaintext: [`DATA_V1`], then `iss`, `sub` (length-prefixed), `issuer` (one byte:
-    /// 0 OIDC, 1 capture), `claims` (length-prefixed JSON object text; empty for no claims),
-    /// `id_token` (a presence byte, then the string), `access_token`, `access_expires_at`,
-    /// `access_issued_at` (varints), `refresh_token` (presence byte, string). The claims stay JSON
-    /// inside: they are an open-ended JSON object that `/bff/user` shows as it came.
+    /// 0 OIDC, 1 capture), `claims` (a binary JSON object: member count, then key and tagged
+    /// value pairs — see `store::binary`; parsing them as JSON text was the largest cost of
+    /// opening a session), `id_token` (a presence byte, then the string), `access_token`,
+    /// `access_expires_at`, `access_issued_at` (varints), `refresh_token` (presence byte, string).
     pub fn encode(&self) -> Vec<u8> {
         use store::binary::{Writer, sized};
-        let claims = if self.claims.is_empty() {
-            Vec::new()
-        } else {
-            // A map of JSON values always serializes.
-            serde_json::to_vec(&self.claims).unwrap_or_default()
-        };
+        // A guess at the claims' size: only the first allocation depends on it.
+        let claims = 32 * self.claims.len();
         let opt_len = |t: &Option<Secret>| t.as_ref().map_or(0, |t| t.expose().len()) + 1;
         let mut w = Writer::new(
             DATA_V1,
             sized(self.iss.len())
                 + sized(self.sub.len())
                 + 1
-                + sized(claims.len())
+                + claims
                 + sized(opt_len(&self.id_token))
                 + sized(self.access_token.expose().len())
                 + 2 * 10
@@ -114,7 +110,7 @@ impl SessionData {
         w.bytes(self.iss.as_bytes())
             .bytes(self.sub.as_bytes())
             .u8(issuer)
-            .bytes(&claims)
+            .object(&self.claims)
             .opt_bytes(self.id_token.as_ref().map(|t| t.expose().as_bytes()))
             .bytes(self.access_token.expose().as_bytes())
             .uint(self.access_expires_at)
@@ -137,10 +133,7 @@ impl SessionData {
             1 => crate::auth::issuer::IssuerKind::Capture,
             _ => return None,
         };
-        let claims = match r.bytes()? {
-            [] => serde_json::Map::new(),
-            json => serde_json::from_slice(json).ok()?,
-        };
+        let claims = r.object()?;
         let data = SessionData {
             iss,
             sub,
@@ -241,14 +234,21 @@ pub fn subject_key(iss: &str, sub: &str) -> String {
     secret::hex(&secret::sha256(format!("coatcheck subject v1\0{iss}\0{sub}").as_bytes())[..16])
 }
 
+/// The cache key of a public handle (32 lowercase or uppercase hex digits); `None` otherwise. On
+/// every cache miss (the session is remembered by it), so it decodes nibbles directly.
 fn handle_bytes(handle: &str) -> Option<[u8; 16]> {
-    if handle.len() != 32 {
-        return None;
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
     }
+    let hex: &[u8; 32] = handle.as_bytes().try_into().ok()?;
     let mut out = [0u8; 16];
-    for (i, chunk) in handle.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(out)
 }
@@ -1281,6 +1281,26 @@ mod tests {
                 bytes[0] = DATA_V1;
             }
             let _ = SessionData::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn handle_bytes_decodes_exactly_the_hex_handles() {
+        let t = Ticket::generate();
+        assert_eq!(handle_bytes(&t.handle()), Some(t.handle_bytes()));
+        assert_eq!(
+            handle_bytes(&t.handle().to_uppercase()),
+            Some(t.handle_bytes())
+        );
+        for bad in [
+            "",
+            "0",
+            &"0".repeat(31),
+            &"0".repeat(33),
+            &"g".repeat(32),
+            &"é".repeat(16),
+        ] {
+            assert_eq!(handle_bytes(bad), None, "{bad:?}");
         }
     }
 
