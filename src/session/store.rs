@@ -12,6 +12,11 @@
 //! - [`Events`]: the channel that tells every instance that a session changed or ended.
 //!
 //! `memory` and `embedded` coordinate within one process ([`local`]); `redis` across processes.
+//!
+//! Stored bytes are the compact binary encoding of [`binary`]: the embedded store keeps each
+//! [`Record`] as [`Record::encode`]; Redis keeps the fields in a hash (its scripts read the numbers,
+//! subject and sid as text) with `sealed` as raw bytes. Either way the sealed payload is
+//! `SessionData::encode`d. JSON written by earlier versions still loads.
 
 pub(crate) mod binary;
 pub mod embedded;
@@ -120,6 +125,8 @@ impl Record {
 /// The first byte of a [`Record::encode`]d record (JSON records start with `{`).
 pub const RECORD_V1: u8 = 1;
 
+/// `sealed` in the JSON form of a record (the stored form before [`RECORD_V1`], still read):
+/// unpadded standard base64.
 mod b64 {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD_NO_PAD;
