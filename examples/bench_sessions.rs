@@ -6,13 +6,16 @@
 //! - `populate --db PATH --n N --cookies OUT [--api-seconds S]`: creates N sessions in a fresh
 //!   embedded store. The first ones go through `Sessions::create` (one durable, fsync'ed commit
 //!   each, exactly as logins do) for at most S seconds, which measures the create rate; the rest are
-//!   written as the same records (same ticket, same sealing, same encoding) in batches of 10 000
+//!   written as the same records (same ticket, same sealing, same binary encoding) in batches of 10 000
 //!   per transaction, because one fsync per session would take hours for 1M on this disk. Writes
 //!   every cookie value to OUT. Prints sizes and rates.
 //! - `lookup --db PATH --cookies FILE [--samples K]`: opens the store with cache capacity 0 and
 //!   times K `Sessions::lookup` calls of existing sessions, spread over the file: each one is a
 //!   cache miss that reads the store and decrypts the record. With an empty cookie file it looks up
 //!   valid tickets that have no record. Prints latency percentiles and RSS.
+//! - `size --db PATH`: what the sessions of an embedded store file take: the record bytes (keys and
+//!   values of the sessions table, averaged per session) and redb's own accounting (allocated
+//!   pages, stored and fragmented bytes). Reads any version's file (JSON or binary records).
 //! - `cachemem --n N --cache C`: N sessions created in the memory store with cache capacity C;
 //!   prints the RSS growth. Run with C = N and C = 0: the difference over N is the cache's memory
 //!   per session.
@@ -105,11 +108,7 @@ fn data(i: usize) -> SessionData {
 fn record(ticket: &Ticket, data: &SessionData, cfg: &config::Session) -> Record {
     let handle = ticket.handle();
     let now = now();
-    let sealed = secret::seal(
-        &ticket.record_key(),
-        handle.as_bytes(),
-        &serde_json::to_vec(data).expect("session data serializes"),
-    );
+    let sealed = secret::seal(&ticket.record_key(), handle.as_bytes(), &data.encode());
     Record {
         handle,
         subject: subject_key(&data.iss, &data.sub),
@@ -209,11 +208,8 @@ async fn populate(o: &Opts) -> Value {
                     let ticket = Ticket::generate();
                     let d = data(i);
                     let r = record(&ticket, &d, &cfg);
-                    t.insert(
-                        r.handle.as_str(),
-                        serde_json::to_vec(&r).expect("record").as_slice(),
-                    )
-                    .expect("insert");
+                    t.insert(r.handle.as_str(), r.encode().as_slice())
+                        .expect("insert");
                     idx.insert(r.subject.as_str(), r.handle.as_str())
                         .expect("index insert");
                     writeln!(out, "{}", ticket.encode(&keys).expose()).expect("writing cookies");
@@ -312,6 +308,38 @@ async fn lookup(o: &Opts) -> Value {
     })
 }
 
+fn size(o: &Opts) -> Value {
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    let db = Database::create(o.path("--db")).expect("opening the store file");
+    let (n, record_bytes, json) = {
+        let txn = db.begin_read().expect("read transaction");
+        let t = txn.open_table(SESSIONS).expect("sessions table");
+        let mut bytes = 0u64;
+        let mut json = 0u64;
+        for entry in t.iter().expect("iterating") {
+            let (k, v) = entry.expect("entry");
+            bytes += (k.value().len() + v.value().len()) as u64;
+            json += u64::from(v.value().first() == Some(&b'{'));
+        }
+        (t.len().expect("len"), bytes, json)
+    };
+    let stats = db
+        .begin_write()
+        .expect("write transaction")
+        .stats()
+        .expect("stats");
+    let per = |b: u64| if n > 0 { b as f64 / n as f64 } else { 0.0 };
+    json!({
+        "sessions": n,
+        "json_records": json,
+        "record_bytes_per_session": per(record_bytes),
+        "allocated_bytes_per_session": per(stats.allocated_pages() * stats.page_size() as u64),
+        "stored_bytes_per_session": per(stats.stored_bytes()),
+        "fragmented_bytes": stats.fragmented_bytes(),
+        "file_bytes": std::fs::metadata(o.path("--db")).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
 async fn cachemem(o: &Opts) -> Value {
     let n = o.num("--n", 100_000.0) as usize;
     let cache = o.num("--cache", n as f64) as u64;
@@ -363,8 +391,9 @@ fn main() {
             "populate" => populate(&opts).await,
             "lookup" => lookup(&opts).await,
             "cachemem" => cachemem(&opts).await,
+            "size" => size(&opts),
             _ => {
-                eprintln!("usage: bench_sessions populate|lookup|cachemem [--opt value]...");
+                eprintln!("usage: bench_sessions populate|lookup|size|cachemem [--opt value]...");
                 std::process::exit(64);
             }
         }

@@ -78,6 +78,78 @@ pub struct SessionData {
     pub refresh_token: Option<Secret>,
 }
 
+/// The first byte of a [`SessionData::encode`]d payload (JSON payloads start with `{`).
+pub const DATA_V1: u8 = 1;
+
+impl SessionData {
+    /// The sealed plaintext: [`DATA_V1`], then `iss`, `sub` (length-prefixed), `issuer` (one byte:
+    /// 0 OIDC, 1 capture), `claims` (a binary JSON object: member count, then key and tagged
+    /// value pairs — see `store::binary`; parsing them as JSON text was the largest cost of
+    /// opening a session), `id_token` (a presence byte, then the string), `access_token`,
+    /// `access_expires_at`, `access_issued_at` (varints), `refresh_token` (presence byte, string).
+    pub fn encode(&self) -> Vec<u8> {
+        use store::binary::{Writer, sized};
+        // A guess at the claims' size: only the first allocation depends on it.
+        let claims = 32 * self.claims.len();
+        let opt_len = |t: &Option<Secret>| t.as_ref().map_or(0, |t| t.expose().len()) + 1;
+        let mut w = Writer::new(
+            DATA_V1,
+            sized(self.iss.len())
+                + sized(self.sub.len())
+                + 1
+                + claims
+                + sized(opt_len(&self.id_token))
+                + sized(self.access_token.expose().len())
+                + 2 * 10
+                + sized(opt_len(&self.refresh_token)),
+        );
+        let issuer = match self.issuer {
+            crate::auth::issuer::IssuerKind::Oidc => 0,
+            crate::auth::issuer::IssuerKind::Capture => 1,
+        };
+        w.bytes(self.iss.as_bytes())
+            .bytes(self.sub.as_bytes())
+            .u8(issuer)
+            .object(&self.claims)
+            .opt_bytes(self.id_token.as_ref().map(|t| t.expose().as_bytes()))
+            .bytes(self.access_token.expose().as_bytes())
+            .uint(self.access_expires_at)
+            .uint(self.access_issued_at)
+            .opt_bytes(self.refresh_token.as_ref().map(|t| t.expose().as_bytes()));
+        w.finish()
+    }
+
+    /// The session data from a sealed plaintext: [`SessionData::encode`]'s, or the JSON that
+    /// versions before the binary format sealed (its first byte is `{`). `None` if neither.
+    pub fn decode(plain: &[u8]) -> Option<SessionData> {
+        if plain.first() == Some(&b'{') {
+            return serde_json::from_slice(plain).ok();
+        }
+        let mut r = store::binary::Reader::new(DATA_V1, plain)?;
+        let iss = r.string()?;
+        let sub = r.string()?;
+        let issuer = match r.u8()? {
+            0 => crate::auth::issuer::IssuerKind::Oidc,
+            1 => crate::auth::issuer::IssuerKind::Capture,
+            _ => return None,
+        };
+        let claims = r.object()?;
+        let data = SessionData {
+            iss,
+            sub,
+            claims,
+            issuer,
+            id_token: r.opt_string()?.map(Secret::new),
+            access_token: Secret::new(r.string()?),
+            access_expires_at: r.uint()?,
+            access_issued_at: r.uint()?,
+            refresh_token: r.opt_string()?.map(Secret::new),
+        };
+        r.end()?;
+        Some(data)
+    }
+}
+
 /// A live, decrypted session.
 pub struct Session {
     /// Public handle (also the store key).
@@ -150,10 +222,11 @@ pub struct Sessions {
     touch_interval: Duration,
 }
 
-/// Decrypts a record's sealed data with the session's record key (`None`: altered or wrong key).
+/// Decrypts a record's sealed data with the session's record key and decodes it (`None`: altered,
+/// wrong key, or a payload that does not decode).
 fn open_record(key: &[u8; 32], record: &Record) -> Option<SessionData> {
     let plain = secret::open(key, record.handle.as_bytes(), &record.sealed)?;
-    serde_json::from_slice(&plain).ok()
+    SessionData::decode(&plain)
 }
 
 /// Hash identifying a user across their sessions (issuer + subject).
@@ -161,14 +234,21 @@ pub fn subject_key(iss: &str, sub: &str) -> String {
     secret::hex(&secret::sha256(format!("coatcheck subject v1\0{iss}\0{sub}").as_bytes())[..16])
 }
 
+/// The cache key of a public handle (32 lowercase or uppercase hex digits); `None` otherwise. On
+/// every cache miss (the session is remembered by it), so it decodes nibbles directly.
 fn handle_bytes(handle: &str) -> Option<[u8; 16]> {
-    if handle.len() != 32 {
-        return None;
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
     }
+    let hex: &[u8; 32] = handle.as_bytes().try_into().ok()?;
     let mut out = [0u8; 16];
-    for (i, chunk) in handle.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(out)
 }
@@ -310,7 +390,7 @@ impl Sessions {
         };
         let record_key = presented.ticket().record_key();
         let Some(data) = open_record(&record_key, &record) else {
-            tracing::warn!(session = %handle, "a session record did not decrypt with its ticket; treating it as ended");
+            tracing::warn!(session = %handle, "a session record did not decrypt with its ticket or did not decode; treating it as ended");
             return Ok(Lookup::Ended);
         };
         let last_seen = record.last_seen;
@@ -488,11 +568,7 @@ impl Sessions {
         let handle = ticket.handle();
         let now = now();
         let key = ticket.record_key();
-        let sealed = secret::seal(
-            &key,
-            handle.as_bytes(),
-            &serde_json::to_vec(&data).map_err(Error::internal)?,
-        );
+        let sealed = secret::seal(&key, handle.as_bytes(), &data.encode());
         let ua = user_agent.and_then(|v| v.to_str().ok()).unwrap_or("");
         let record = Record {
             handle: handle.clone(),
@@ -534,7 +610,7 @@ impl Sessions {
         let sealed = secret::seal(
             current.record_key.expose(),
             current.handle.as_bytes(),
-            &serde_json::to_vec(&data).map_err(Error::internal)?,
+            &data.encode(),
         );
         let last_seen = current.last_seen.load(Ordering::Relaxed);
         let record = Record {
@@ -973,6 +1049,259 @@ mod tests {
         })
         .await;
         assert!(s.cache.get(&key).await.is_none(), "older copy: dropped");
+    }
+
+    fn claims() -> serde_json::Map<String, serde_json::Value> {
+        let serde_json::Value::Object(m) = serde_json::json!({
+            "iss": "https://idp", "sub": "alice", "aud": "coatcheck", "exp": 1_900_000_000u64,
+            "name": "Alice Ünicode", "roles": ["admin", "user"], "nested": {"a": [1, 2.5, null]}
+        }) else {
+            unreachable!()
+        };
+        m
+    }
+
+    fn assert_same(a: &SessionData, b: &SessionData) {
+        assert_eq!(
+            serde_json::to_value(a).unwrap(),
+            serde_json::to_value(b).unwrap()
+        );
+    }
+
+    /// The embedded store's table, as the store names it (to plant records of older versions).
+    const SESSIONS_TABLE: redb::TableDefinition<&str, &[u8]> =
+        redb::TableDefinition::new("sessions_v1");
+
+    fn embedded_cfg(name: &str) -> (config::Session, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "coatcheck-session-{name}-{}-{:?}.db",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let mut c = cfg();
+        c.store = StoreKind::Embedded { path: path.clone() };
+        c.cache_capacity = 0;
+        (c, path)
+    }
+
+    /// Writes `bytes` as the stored record of `handle` in the embedded store file at `path`.
+    fn plant(path: &std::path::Path, handle: &str, bytes: &[u8]) {
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(SESSIONS_TABLE)
+            .unwrap()
+            .insert(handle, bytes)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// A record exactly as versions before the binary format wrote it: the record as JSON with the
+    /// sealed payload in base64, the payload `SessionData` as JSON.
+    fn legacy_record(ticket: &Ticket, data: &SessionData) -> Vec<u8> {
+        let handle = ticket.handle();
+        let t = now();
+        let sealed = secret::seal(
+            &ticket.record_key(),
+            handle.as_bytes(),
+            &serde_json::to_vec(data).unwrap(),
+        );
+        let record = Record {
+            handle,
+            subject: subject_key(&data.iss, &data.sub),
+            version: 1,
+            created_at: t,
+            last_seen: t,
+            idle_expires_at: t + 1800,
+            absolute_expires_at: t + 43200,
+            user_agent: "old browser".into(),
+            idp_sid: None,
+            sealed,
+        };
+        let json = serde_json::to_vec(&record).unwrap();
+        assert_eq!(json.first(), Some(&b'{'));
+        json
+    }
+
+    #[tokio::test]
+    async fn a_session_stored_in_the_old_json_format_still_opens_and_is_rewritten_in_binary() {
+        let (c, path) = embedded_cfg("legacy");
+        let ticket = Ticket::generate();
+        let mut d = data();
+        d.claims = claims();
+        plant(&path, &ticket.handle(), &legacy_record(&ticket, &d));
+        let s = Sessions::new(&c).unwrap();
+        let cookie = ticket.encode(&s.keys());
+        let Lookup::Live(found) = s.lookup(&cookie_headers(&cookie), TTL).await.unwrap() else {
+            panic!("a record written by the JSON format must still open")
+        };
+        assert_eq!(found.bearer, "Bearer at-secret");
+        assert_eq!(found.data.claims, d.claims);
+        assert_eq!(found.data.refresh_token.as_ref().unwrap().expose(), "rt");
+        // A write (here a refresh) stores it in the binary format; it still opens.
+        let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
+        let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
+        let opened = open_record(updated.record_key.expose(), &stored).unwrap();
+        assert_same(&opened, &d);
+        let plain = secret::open(
+            updated.record_key.expose(),
+            stored.handle.as_bytes(),
+            &stored.sealed,
+        )
+        .unwrap();
+        assert_eq!(plain[0], DATA_V1, "new writes seal the binary payload");
+        drop(s);
+        std::fs::remove_file(path).ok();
+    }
+
+    #[tokio::test]
+    async fn a_garbled_or_truncated_stored_record_is_an_ended_session_not_a_panic_or_an_outage() {
+        let (c, path) = embedded_cfg("garbled");
+        let ticket = Ticket::generate();
+        let t = now();
+        let good = Record {
+            handle: ticket.handle(),
+            subject: "s".into(),
+            version: 1,
+            created_at: t,
+            last_seen: t,
+            idle_expires_at: t + 1800,
+            absolute_expires_at: t + 43200,
+            user_agent: String::new(),
+            idp_sid: None,
+            sealed: secret::seal(
+                &ticket.record_key(),
+                ticket.handle().as_bytes(),
+                &data().encode(),
+            ),
+        }
+        .encode();
+        let mut bad: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
+        bad.push([&good[..], b"x"].concat());
+        bad.push(b"{not json".to_vec());
+        bad.push(vec![0xff; 40]);
+        for (i, bytes) in bad.iter().enumerate() {
+            plant(&path, &ticket.handle(), bytes);
+            let s = Sessions::new(&c).unwrap();
+            let cookie = ticket.encode(&s.keys());
+            let found = s.lookup(&cookie_headers(&cookie), TTL).await;
+            assert!(
+                matches!(found, Ok(Lookup::Ended)),
+                "case {i} ({} bytes) must be an ended session",
+                bytes.len()
+            );
+        }
+        std::fs::remove_file(path).ok();
+    }
+
+    #[tokio::test]
+    async fn a_sealed_payload_that_decrypts_but_does_not_decode_is_an_ended_session() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        let good = data().encode();
+        let payloads = [
+            good[..good.len() / 2].to_vec(),
+            [&good[..], &[0]].concat(),
+            vec![DATA_V1, 0xff, 0xff, 0xff],
+            b"{\"iss\": 1}".to_vec(),
+            vec![],
+        ];
+        for p in payloads {
+            let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
+            let version = r.version;
+            r.version += 1;
+            r.sealed = secret::seal(created.record_key.expose(), r.handle.as_bytes(), &p);
+            assert!(s.store.save(r, version).await.unwrap());
+            s.cache.invalidate_all();
+            assert!(matches!(
+                s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
+                Lookup::Ended
+            ));
+        }
+    }
+
+    #[test]
+    fn the_binary_session_data_is_smaller_than_the_json_and_opens_the_same() {
+        let mut d = data();
+        d.claims = claims();
+        let bin = d.encode();
+        let json = serde_json::to_vec(&d).unwrap();
+        assert_eq!(bin[0], DATA_V1);
+        assert_same(&SessionData::decode(&bin).unwrap(), &d);
+        assert_same(&SessionData::decode(&json).unwrap(), &d);
+        // The field names and quoting are gone: at least 100 bytes less for these fields.
+        assert!(
+            bin.len() + 100 <= json.len(),
+            "{} vs {}",
+            bin.len(),
+            json.len()
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn session_data_round_trips_through_the_binary_encoding(
+            iss in ".{0,40}", sub in ".{0,40}", capture: bool,
+            claim in proptest::option::of((".{1,10}", ".{0,30}")),
+            id_token in proptest::option::of(".{0,200}"), access in ".{0,300}",
+            exp: u64, iat: u64, refresh in proptest::option::of(".{0,60}"),
+        ) {
+            let d = SessionData {
+                iss, sub,
+                claims: claim.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                issuer: if capture {
+                    crate::auth::issuer::IssuerKind::Capture
+                } else {
+                    crate::auth::issuer::IssuerKind::Oidc
+                },
+                id_token: id_token.map(Secret::new),
+                access_token: Secret::new(access),
+                access_expires_at: exp,
+                access_issued_at: iat,
+                refresh_token: refresh.map(Secret::new),
+            };
+            let bin = d.encode();
+            let back = SessionData::decode(&bin).expect("decodes");
+            proptest::prop_assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&d).unwrap()
+            );
+            // Every strict prefix is refused, never a panic.
+            for n in 0..bin.len() {
+                proptest::prop_assert!(SessionData::decode(&bin[..n]).is_none());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_session_data_decoder(
+            mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            v1: bool,
+        ) {
+            if v1 && !bytes.is_empty() {
+                bytes[0] = DATA_V1;
+            }
+            let _ = SessionData::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn handle_bytes_decodes_exactly_the_hex_handles() {
+        let t = Ticket::generate();
+        assert_eq!(handle_bytes(&t.handle()), Some(t.handle_bytes()));
+        assert_eq!(
+            handle_bytes(&t.handle().to_uppercase()),
+            Some(t.handle_bytes())
+        );
+        for bad in [
+            "",
+            "0",
+            &"0".repeat(31),
+            &"0".repeat(33),
+            &"g".repeat(32),
+            &"é".repeat(16),
+        ] {
+            assert_eq!(handle_bytes(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

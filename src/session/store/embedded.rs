@@ -35,13 +35,15 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(Box::new(e.into()))
 }
 
-fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::Unavailable(format!("corrupt session record: {e}").into()))
-}
-
-fn encode(r: &Record) -> Vec<u8> {
-    serde_json::to_vec(r).expect("records serialize")
+/// A stored record (binary, or JSON written by older versions: [`Record::decode`]). A malformed
+/// one is treated as absent — the session has ended, exactly as a record that no longer decrypts —
+/// and logged (its handle is public; the bytes are not logged).
+fn decode(handle: &str, bytes: &[u8]) -> Option<Record> {
+    let r = Record::decode(bytes);
+    if r.is_none() {
+        tracing::warn!(session = %handle, len = bytes.len(), "a stored session record is malformed; treating it as ended");
+    }
+    r
 }
 
 impl EmbeddedStore {
@@ -101,12 +103,12 @@ impl EmbeddedStore {
             let out = {
                 let mut t = txn.open_table(SESSIONS).map_err(unavailable)?;
                 let current = match t.get(handle.as_str()).map_err(unavailable)? {
-                    Some(v) => Some(decode(v.value())?),
+                    Some(v) => decode(&handle, v.value()),
                     None => None,
                 };
                 let (next, out) = f(current);
                 if let Some(next) = next {
-                    t.insert(handle.as_str(), encode(&next).as_slice())
+                    t.insert(handle.as_str(), next.encode().as_slice())
                         .map_err(unavailable)?;
                 }
                 out
@@ -147,18 +149,18 @@ impl EmbeddedStore {
         let mut sids = txn.open_multimap_table(BY_IDP_SID).map_err(unavailable)?;
         let mut n = 0;
         for h in handles {
-            let removed = t
-                .remove(h.as_str())
-                .map_err(unavailable)?
-                .map(|v| decode(v.value()));
-            if let Some(r) = removed {
-                let r = r?;
+            let Some(removed) = t.remove(h.as_str()).map_err(unavailable)? else {
+                continue;
+            };
+            n += 1;
+            // A malformed record is removed all the same; its index entries (if any) point at
+            // nothing and are skipped by every reader.
+            if let Some(r) = decode(h, removed.value()) {
                 idx.remove(r.subject.as_str(), h.as_str())
                     .map_err(unavailable)?;
                 if let Some(sid) = &r.idp_sid {
                     sids.remove(sid.as_str(), h.as_str()).map_err(unavailable)?;
                 }
-                n += 1;
             }
         }
         Ok(n)
@@ -177,7 +179,7 @@ impl Store for EmbeddedStore {
                 {
                     return Err(StoreError::Exists);
                 }
-                t.insert(record.handle.as_str(), encode(&record).as_slice())
+                t.insert(record.handle.as_str(), record.encode().as_slice())
                     .map_err(unavailable)?;
                 let mut idx = txn.open_multimap_table(BY_SUBJECT).map_err(unavailable)?;
                 idx.insert(record.subject.as_str(), record.handle.as_str())
@@ -193,17 +195,17 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    /// Read on the calling thread, not the blocking pool: a redb read never waits for a writer
+    /// (readers see the last commit; the fsync happens on the writer's side), and a lookup is one
+    /// B-tree descent through pages that are in redb's cache or the OS page cache — shorter than
+    /// the hand-off to a pool thread and back that it used to cost on every cache miss.
     async fn load(&self, handle: &str, now: u64) -> Result<Option<Record>, StoreError> {
-        let handle = handle.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let t = txn.open_table(SESSIONS).map_err(unavailable)?;
-            match t.get(handle.as_str()).map_err(unavailable)? {
-                Some(v) => Ok(Some(decode(v.value())?).filter(|r| !r.is_expired(now))),
-                None => Ok(None),
-            }
-        })
-        .await
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(SESSIONS).map_err(unavailable)?;
+        match t.get(handle).map_err(unavailable)? {
+            Some(v) => Ok(decode(handle, v.value()).filter(|r| !r.is_expired(now))),
+            None => Ok(None),
+        }
     }
 
     async fn save(&self, record: Record, expected_version: u64) -> Result<bool, StoreError> {
@@ -240,14 +242,14 @@ impl Store for EmbeddedStore {
                 let t = txn.open_table(SESSIONS).map_err(unavailable)?;
                 t.get(handle.as_str())
                     .map_err(unavailable)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?
+                    .map(|v| decode(&handle, v.value()))
             };
+            // A malformed record is deleted too, and answered as absent.
             if removed.is_some() {
                 Self::remove_in(&txn, std::slice::from_ref(&handle))?;
             }
             txn.commit().map_err(unavailable)?;
-            Ok(removed)
+            Ok(removed.flatten())
         })
         .await
     }
@@ -269,11 +271,11 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for h in idx.get(subject.as_str()).map_err(unavailable)? {
                 let h = h.map_err(unavailable)?;
-                if let Some(v) = t.get(h.value()).map_err(unavailable)? {
-                    let r = decode(v.value())?;
-                    if !r.is_expired(now) {
-                        out.push(r);
-                    }
+                if let Some(v) = t.get(h.value()).map_err(unavailable)?
+                    && let Some(r) = decode(h.value(), v.value())
+                    && !r.is_expired(now)
+                {
+                    out.push(r);
                 }
             }
             Ok(out)
@@ -289,7 +291,7 @@ impl Store for EmbeddedStore {
                 let mut out = Vec::new();
                 for entry in t.iter().map_err(unavailable)? {
                     let (k, v) = entry.map_err(unavailable)?;
-                    if decode(v.value()).map(|r| r.is_expired(now)).unwrap_or(true) {
+                    if decode(k.value(), v.value()).is_none_or(|r| r.is_expired(now)) {
                         out.push(k.value().to_owned());
                     }
                 }
