@@ -198,7 +198,9 @@ impl Store for EmbeddedStore {
     /// Read on the calling thread, not the blocking pool: a redb read never waits for a writer
     /// (readers see the last commit; the fsync happens on the writer's side), and a lookup is one
     /// B-tree descent through pages that are in redb's cache or the OS page cache — shorter than
-    /// the hand-off to a pool thread and back that it used to cost on every cache miss.
+    /// the hand-off to a pool thread and back that it used to cost on every cache miss. A page in
+    /// neither cache is read from disk on the serving thread, and that core's other connections
+    /// wait for it: a store far larger than memory wants the Redis store or a larger session cache.
     async fn load(&self, handle: &str, now: u64) -> Result<Option<Record>, StoreError> {
         let txn = self.db.begin_read().map_err(unavailable)?;
         let t = txn.open_table(SESSIONS).map_err(unavailable)?;
