@@ -56,7 +56,7 @@ fn session_data() -> SessionData {
     SessionData {
         iss: "http://127.0.0.1:9090".into(),
         sub: "alice".into(),
-        claims,
+        claims: coatcheck::session::claims::Claims::new(&claims),
         issuer: Default::default(),
         id_token: Some(token(900)),
         access_token: token(800),

@@ -94,7 +94,7 @@ fn data(i: usize) -> SessionData {
     SessionData {
         iss: "http://127.0.0.1:9090".into(),
         sub,
-        claims,
+        claims: coatcheck::session::claims::Claims::new(&claims),
         issuer: Default::default(),
         id_token: Some(token(ID_TOKEN_BYTES, i)),
         access_token: token(ACCESS_TOKEN_BYTES, i),

@@ -326,7 +326,7 @@ impl Auth {
                 return Ok(res);
             }
         };
-        policy::check_roles(route, &session.data.claims)?;
+        policy::check_roles(route, session.data.claims.roles())?;
         let session = self.refresher.fresh(session).await?;
         fwd.authorization = Some(session.bearer.clone());
         proxy::forward(
@@ -406,7 +406,7 @@ impl Auth {
                 }
                 Err(Err(e)) => return Err(e),
             };
-        policy::check_roles(route, &claims)?;
+        policy::check_roles(route, &policy::roles(&claims))?;
         fwd.authorization = Some(value);
         proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
     }

@@ -10,6 +10,7 @@
 //! the store is unreachable, cached sessions keep being served for [`OUTAGE_GRACE`] and nobody is
 //! logged out: a failed write is retried, never turned into a logout.
 
+pub mod claims;
 pub mod store;
 pub mod ticket;
 
@@ -62,7 +63,7 @@ pub struct SessionData {
     pub iss: String,
     pub sub: String,
     /// The ID token's claims (shown by `/bff/user`; `roles` drives route policy).
-    pub claims: serde_json::Map<String, serde_json::Value>,
+    pub claims: claims::Claims,
     /// Which issuer made the session (absent in records of older versions: OIDC).
     #[serde(default)]
     pub issuer: crate::auth::issuer::IssuerKind,
@@ -89,8 +90,7 @@ impl SessionData {
     /// `access_expires_at`, `access_issued_at` (varints), `refresh_token` (presence byte, string).
     pub fn encode(&self) -> Vec<u8> {
         use store::binary::{Writer, sized};
-        // A guess at the claims' size: only the first allocation depends on it.
-        let claims = 32 * self.claims.len();
+        let claims = self.claims.encoded_len();
         let opt_len = |t: &Option<Secret>| t.as_ref().map_or(0, |t| t.expose().len()) + 1;
         let mut w = Writer::new(
             DATA_V1,
@@ -109,9 +109,9 @@ impl SessionData {
         };
         w.bytes(self.iss.as_bytes())
             .bytes(self.sub.as_bytes())
-            .u8(issuer)
-            .object(&self.claims)
-            .opt_bytes(self.id_token.as_ref().map(|t| t.expose().as_bytes()))
+            .u8(issuer);
+        self.claims.write(&mut w);
+        w.opt_bytes(self.id_token.as_ref().map(|t| t.expose().as_bytes()))
             .bytes(self.access_token.expose().as_bytes())
             .uint(self.access_expires_at)
             .uint(self.access_issued_at)
@@ -133,7 +133,7 @@ impl SessionData {
             1 => crate::auth::issuer::IssuerKind::Capture,
             _ => return None,
         };
-        let claims = r.object()?;
+        let claims = claims::Claims::read(&mut r)?;
         let data = SessionData {
             iss,
             sub,
@@ -1128,7 +1128,7 @@ mod tests {
         let (c, path) = embedded_cfg("legacy");
         let ticket = Ticket::generate();
         let mut d = data();
-        d.claims = claims();
+        d.claims = claims::Claims::new(&claims());
         plant(&path, &ticket.handle(), &legacy_record(&ticket, &d));
         let s = Sessions::new(&c).unwrap();
         let cookie = ticket.encode(&s.keys());
@@ -1223,7 +1223,7 @@ mod tests {
     #[test]
     fn the_binary_session_data_is_smaller_than_the_json_and_opens_the_same() {
         let mut d = data();
-        d.claims = claims();
+        d.claims = claims::Claims::new(&claims());
         let bin = d.encode();
         let json = serde_json::to_vec(&d).unwrap();
         assert_eq!(bin[0], DATA_V1);
@@ -1248,7 +1248,7 @@ mod tests {
         ) {
             let d = SessionData {
                 iss, sub,
-                claims: claim.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                claims: claims::Claims::new(&claim.into_iter().map(|(k, v)| (k, v.into())).collect()),
                 issuer: if capture {
                     crate::auth::issuer::IssuerKind::Capture
                 } else {

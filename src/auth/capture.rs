@@ -215,9 +215,9 @@ fn payload(token: &str) -> Map<String, Value> {
 }
 
 /// The claims `/bff/user` shows: everything but values tied to the one token.
-fn display_claims(mut claims: Map<String, Value>) -> Map<String, Value> {
+fn display_claims(mut claims: Map<String, Value>) -> crate::session::claims::Claims {
     claims.remove("jti");
-    claims
+    crate::session::claims::Claims::new(&claims)
 }
 
 impl Issuer for Capture {

@@ -79,7 +79,7 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
         StatusCode::OK,
         &json!({
             "sub": s.data.sub,
-            "claims": s.data.claims,
+            "claims": s.data.claims.to_map(),
             "session": {
                 "id": s.handle,
                 "created_at": rfc3339(s.created_at),

@@ -194,7 +194,7 @@ impl Issuer for Provider {
                 // OpenID Connect Core §12.2: same iss, sub and aud, or the session ends.
                 let same = claims.get("sub").and_then(Value::as_str) == Some(data.sub.as_str())
                     && claims.get("iss").and_then(Value::as_str) == Some(data.iss.as_str())
-                    && claims.get("aud") == current.claims.get("aud");
+                    && claims.get("aud") == current.claims.get("aud").as_ref();
                 if !same {
                     return Err(IssuerError::Refused(
                         "refreshed ID token names another subject, issuer or audience".into(),

@@ -332,9 +332,9 @@ async fn wait_release(
 }
 
 /// The claims kept from an ID token: everything but values tied to one token or login.
-pub fn login_claims(mut claims: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+pub fn login_claims(mut claims: serde_json::Map<String, Value>) -> crate::session::claims::Claims {
     for k in ["nonce", "at_hash", "c_hash", "s_hash"] {
         claims.remove(k);
     }
-    claims
+    crate::session::claims::Claims::new(&claims)
 }

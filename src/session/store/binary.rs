@@ -50,6 +50,12 @@ impl Writer {
         }
     }
 
+    /// Bytes already in this encoding (e.g. an object written earlier), appended as they are.
+    pub(crate) fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+
     pub(crate) fn finish(self) -> Vec<u8> {
         self.0
     }
@@ -185,6 +191,15 @@ impl<'a> Reader<'a> {
     /// An object written by [`Writer::object`].
     pub(crate) fn object(&mut self) -> Option<serde_json::Map<String, serde_json::Value>> {
         self.object_at(0)
+    }
+
+    /// An object written by [`Writer::object`], and its encoded bytes as they were read.
+    pub(crate) fn object_and_bytes(
+        &mut self,
+    ) -> Option<(serde_json::Map<String, serde_json::Value>, &'a [u8])> {
+        let start = self.0;
+        let m = self.object_at(0)?;
+        Some((m, &start[..start.len() - self.0.len()]))
     }
 
     fn object_at(&mut self, depth: usize) -> Option<serde_json::Map<String, serde_json::Value>> {
