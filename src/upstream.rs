@@ -13,6 +13,7 @@ mod pool;
 use std::cell::Cell;
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -78,6 +79,9 @@ pub(crate) enum UpstreamError {
     #[error("the request to the upstream failed")]
     Client(#[source] hyper_util::client::legacy::Error),
 }
+
+/// A boxed future of an exchange with the upstream.
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
 
 /// A new connection: HTTP/1.1, or an upstream that chose HTTP/2 by ALPN.
 enum Connected {
@@ -170,85 +174,83 @@ impl Upstream {
 
     /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1). The
     /// [`Progress`] tells when its body last moved towards the upstream.
+    ///
+    /// The answer is a boxed future: the caller's futures hold it in several places, and an
+    /// inline one (it holds the request) would make each of them, and the copies made of them
+    /// per request, larger.
     pub(crate) fn send(
         &self,
         req: Request<UpstreamBody>,
         upgrade: bool,
-    ) -> (
-        impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + '_,
-        Progress,
-    ) {
+    ) -> (Boxed<'_, Response<Incoming>>, Progress) {
         let progress = Progress::new();
         let req = req.map(|inner| Watched::new(inner, progress.clone()));
-        let response = async move {
-            if upgrade {
-                let res = self.clients().upgrade_client.request(req).await;
-                return res.map_err(UpstreamError::Client);
-            }
-            if self.speaks_h2.load(Ordering::Relaxed) {
-                return self.send_h2(req).await;
-            }
-            self.send_http1(req).await
+        let response = if upgrade {
+            let response = self.clients().upgrade_client.request(req);
+            Box::pin(async move { response.await.map_err(UpstreamError::Client) })
+        } else if self.speaks_h2.load(Ordering::Relaxed) {
+            self.send_h2(req)
+        } else {
+            self.send_http1(req)
         };
         (response, progress)
     }
 
-    /// Sends a request on a pooled HTTP/1.1 connection. A pooled connection that turns out closed
-    /// before the request was written (the upstream closed it while idle) costs one more try on
-    /// a new connection, as hyper-util's `retry_canceled_requests` does.
-    async fn send_http1(
-        &self,
-        req: Request<SendBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends a request on a pooled HTTP/1.1 connection, or on a new one. A pooled connection
+    /// that turns out closed before the request was written (the upstream closed it while idle)
+    /// costs one more try on a new connection, as hyper-util's `retry_canceled_requests` does.
+    fn send_http1(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
         let pool = self.pool();
-        let (mut sender, reused) = match pool.take() {
-            Some(sender) => (sender, true),
-            // Boxed: the connect future is large and rare; the common path stays small.
-            None => match Box::pin(self.connect()).await? {
-                Connected::Http1(sender) => (sender, false),
-                Connected::Http2 => return self.send_h2(req).await,
-            },
+        let Some(mut sender) = pool.take() else {
+            return self.send_new(req);
         };
+        // hyper hands the request to the connection's task now; the future waits for the answer.
         let response = sender.try_send_request(origin_form(req));
         pool.put(sender);
-        match response.await {
-            Ok(res) => Ok(res),
-            Err(mut e) => match e.take_message() {
-                Some(req) if reused => Box::pin(self.send_fresh(req)).await,
-                _ => Err(UpstreamError::Send(e.into_error())),
-            },
-        }
+        Box::pin(async move {
+            match response.await {
+                Ok(res) => Ok(res),
+                Err(mut e) => match e.take_message() {
+                    Some(mut req) => {
+                        *req.uri_mut() = self.absolute(req.uri());
+                        self.send_new(req).await
+                    }
+                    None => Err(UpstreamError::Send(e.into_error())),
+                },
+            }
+        })
     }
 
-    /// Sends a request (URI in origin form) on a new connection.
-    async fn send_fresh(
-        &self,
-        req: Request<SendBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = match self.connect().await? {
-            Connected::Http1(sender) => sender,
-            Connected::Http2 => {
-                let (mut parts, body) = req.into_parts();
-                parts.uri = self.absolute(&parts.uri);
-                return self.send_h2(Request::from_parts(parts, body)).await;
-            }
-        };
-        let response = sender.try_send_request(req);
-        self.pool().put(sender);
-        response
-            .await
-            .map_err(|e| UpstreamError::Send(e.into_error()))
+    /// Sends a request on a new connection (boxed: a rare path, and the connect future is large).
+    fn send_new(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
+        Box::pin(async move {
+            let mut sender = match self.connect().await? {
+                Connected::Http1(sender) => sender,
+                Connected::Http2 => return self.send_h2(req).await,
+            };
+            let response = sender.try_send_request(origin_form(req));
+            self.pool().put(sender);
+            let res = response.await;
+            res.map_err(|e| UpstreamError::Send(e.into_error()))
+        })
     }
 
     /// Sends a request through hyper-util's client, which speaks HTTP/2 to this upstream.
-    async fn send_h2(&self, req: Request<SendBody>) -> Result<Response<Incoming>, UpstreamError> {
-        let res = self.clients().client.request(req).await;
-        res.map_err(UpstreamError::Client)
+    fn send_h2(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
+        let response = self.clients().client.request(req);
+        Box::pin(async move { response.await.map_err(UpstreamError::Client) })
     }
 
     /// Opens a connection: TCP (`CONNECT_TIMEOUT`, `TCP_NODELAY`), TLS for https, then HTTP/1.1
     /// unless the upstream chose `h2`.
-    async fn connect(&self) -> Result<Connected, UpstreamError> {
+    ///
+    /// Boxed by a plain function: awaited inline, the connect future (a TLS session, several
+    /// KiB) would be part of the future that awaits it.
+    fn connect(&self) -> Boxed<'_, Connected> {
+        Box::pin(self.connect_unboxed())
+    }
+
+    async fn connect_unboxed(&self) -> Result<Connected, UpstreamError> {
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.addr)).await
         {
             Ok(Ok(tcp)) => tcp,
