@@ -3,7 +3,10 @@
 //!
 //! A connection is a hyper [`SendRequest`] whose connection task runs on the runtime that opened
 //! it. It is *busy* from the moment a request is handed to it until hyper says it is ready again
-//! (the response body has been read to its end and the connection is kept alive), then *idle*.
+//! (`is_ready`: the response has been read off the connection to its end, which for a body larger
+//! than hyper's buffers means the proxy has forwarded it, and the connection is kept alive), then
+//! *idle*. A connection the upstream closed, or whose response was abandoned (hyper then closes
+//! it), is never ready again and is dropped when found.
 //! Nothing is spawned per request to notice that: a busy connection is promoted to idle when a
 //! later [`Pool::take`] (or the sweep) finds it ready, and dropped when it is found closed.
 //!
