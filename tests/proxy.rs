@@ -326,6 +326,28 @@ async fn consecutive_requests_reuse_one_upstream_connection() {
 }
 
 #[tokio::test]
+async fn an_https_upstream_that_speaks_only_http1_gets_reused_connections() {
+    let up = Upstream::start_tls_http1().await;
+    let certs = support::certs();
+    let proxy = start_proxy(&route(
+        "/api/",
+        &up.url(),
+        &format!("ca = {:?}", certs.ca.display().to_string()),
+    ))
+    .await;
+    let client = proxy.http1();
+    for _ in 0..3 {
+        let res = client.get(proxy.url("/api/echo")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["version"], "HTTP/1.1", "ALPN chose http/1.1");
+        assert_eq!(body["uri"], "/api/echo");
+    }
+    assert_eq!(up.connections(), 1, "one TLS connection, kept alive");
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn an_upstream_that_closes_its_idle_connection_fails_no_request() {
     let up = Upstream::start().await;
     let proxy = proxy_to(&up).await;

@@ -127,6 +127,18 @@ impl Upstream {
         Self::spawn(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
     }
 
+    /// An HTTPS upstream like [`Upstream::start_tls`] that offers only `http/1.1` by ALPN.
+    pub async fn start_tls_http1() -> Upstream {
+        let certs = super::certs();
+        coatcheck::tls::install_provider();
+        let cert =
+            coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
+        let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
+        let mut cfg = (*cfg).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::spawn(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
     async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
