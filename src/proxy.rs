@@ -34,7 +34,7 @@ pub(crate) const PRIME_BYTES: usize = 64 * 1024;
 pub(crate) const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
-use crate::upstream::{Progress, Upstream};
+use crate::upstream::{Progress, Upstream, UpstreamError};
 
 /// What the caller decided about the request before it leaves.
 pub struct Forward<'a> {
@@ -384,8 +384,9 @@ async fn deadline(progress: &Progress, timeout: Duration) {
 
 /// Which side broke the exchange. Failures of the client's own request body (the size limit, a
 /// malformed chunked framing, a stall) surface here as errors of the upstream call, but they are
-/// the client's: 413, 400 or 408, never a 502 that blames the upstream.
-fn classify(e: hyper_util::client::legacy::Error, route: &Route) -> Error {
+/// the client's: 413, 400 or 408, never a 502 that blames the upstream. Every other failure,
+/// connecting (refused, timed out, TLS) or on the connection (closed, malformed answer), is a 502.
+fn classify(e: UpstreamError, route: &Route) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
         if s.is::<http_body_util::LengthLimitError>() {

@@ -1,25 +1,36 @@
-//! Upstreams: where a route's requests go, and the pooled hyper-util clients that carry them.
+//! Upstreams: where a route's requests go, and the connections that carry them.
 //!
-//! HTTP/1.1 keep-alive to every upstream; HTTP/2 to an https upstream that offers `h2` by ALPN;
-//! a separate HTTP/1.1-only client for upgrades (WebSocket cannot ride HTTP/2 here).
+//! HTTP/1.1 keep-alive to every upstream through a pool of hyper connections of its own
+//! ([`pool`]); HTTP/2 to an https upstream that offers `h2` by ALPN and upgrades (WebSocket cannot
+//! ride HTTP/2 here) through hyper-util's pooled clients.
 //!
 //! Each serving runtime (one per core, see `app`) has its own pools: a pooled connection's task
-//! runs on the runtime that opened it, so a request never waits on another core's wake-up.
+//! runs on the runtime that opened it, so a request never waits on another core's wake-up, and
+//! the pool's lock is never contended.
+
+mod pool;
 
 use std::cell::Cell;
+use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Uri};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
 use url::Url;
 
+use self::pool::Pool;
 use crate::body::{UpstreamBody, Watch, Watched};
 use crate::tls::{self, TlsError};
 
@@ -29,10 +40,12 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pool slots per upstream: serving runtime `i` uses slot `i % POOL_SLOTS` (slot 0: any other
-/// thread). Only the slots in use hold a client.
+/// thread). Only the slots in use hold a pool or a client.
 const POOL_SLOTS: usize = 64;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Watched<UpstreamBody, Progress>>;
+/// A request body on its way upstream.
+type SendBody = Watched<UpstreamBody, Progress>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, SendBody>;
 
 thread_local! {
     /// Which serving runtime this thread runs (0: none, e.g. the main runtime or a test's).
@@ -44,10 +57,36 @@ pub(crate) fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
-/// The clients of one serving runtime.
-struct Pools {
+/// hyper-util's clients of one serving runtime, for HTTP/2 and upgrades.
+struct Clients {
     client: HttpClient,
     upgrade_client: HttpClient,
+}
+
+/// Why a request got no answer from its upstream: the connection could not be made, or the
+/// exchange on it failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    #[error("connecting to the upstream failed")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting to the upstream took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("the TLS handshake with the upstream failed")]
+    Tls(#[source] std::io::Error),
+    #[error("the request to the upstream failed")]
+    Send(#[source] hyper::Error),
+    /// From hyper-util's client (HTTP/2 and upgrades).
+    #[error("the request to the upstream failed")]
+    Client(#[source] hyper_util::client::legacy::Error),
+}
+
+/// A boxed future of an exchange with the upstream.
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
+
+/// A new connection: HTTP/1.1, or an upstream that chose HTTP/2 by ALPN.
+enum Connected {
+    Http1(SendRequest<SendBody>),
+    Http2,
 }
 
 /// One configured upstream.
@@ -56,16 +95,25 @@ pub struct Upstream {
     pub name: Arc<str>,
     scheme: Scheme,
     authority: Authority,
+    /// `host:port` to connect to (the port defaulted from the scheme).
+    addr: String,
+    /// The name the upstream's certificate must hold (https).
+    server_name: ServerName<'static>,
     /// The upstream URL's path without its trailing slash ("" for "/").
     base_path: String,
     /// `Host` value sent upstream unless the route preserves the client's.
     pub host: HeaderValue,
     tls: rustls::ClientConfig,
-    pools: Box<[OnceLock<Box<Pools>>]>,
+    /// The TLS connector of the HTTP/1.1 pool (offers `h2` and `http/1.1`); `None` for http.
+    tls_connector: Option<tokio_rustls::TlsConnector>,
+    /// The upstream chose HTTP/2 by ALPN: its requests go through hyper-util's client.
+    speaks_h2: AtomicBool,
+    pools: Box<[OnceLock<Arc<Pool<SendBody>>>]>,
+    clients: Box<[OnceLock<Box<Clients>>]>,
 }
 
 impl Upstream {
-    /// Builds the upstream and its clients; `ca` adds a trust anchor for an https upstream.
+    /// Builds the upstream; `ca` adds a trust anchor for an https upstream.
     pub fn new(url: &Url, ca: Option<&Path>, ca_key: &'static str) -> Result<Upstream, TlsError> {
         let roots = tls::root_store(ca_key, ca)?;
         let tls = tls::client_config(roots, &[])?;
@@ -73,23 +121,36 @@ impl Upstream {
         let host = url.host_str().unwrap_or_default().to_owned();
         let authority = match url.port() {
             Some(p) => format!("{host}:{p}"),
-            None => host,
+            None => host.clone(),
         };
+        let https = url.scheme() == "https";
+        let server_name = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ServerName::from(std::net::IpAddr::from(ip)),
+            Some(url::Host::Ipv6(ip)) => ServerName::from(std::net::IpAddr::from(ip)),
+            _ => ServerName::try_from(host.clone())
+                .unwrap_or_else(|_| ServerName::try_from("localhost").expect("a valid DNS name")),
+        };
+        let tls_connector = https.then(|| {
+            let mut cfg = tls.clone();
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        });
         Ok(Upstream {
             name: Arc::from(url.as_str().trim_end_matches('/')),
-            scheme: if url.scheme() == "https" {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            },
+            scheme: if https { Scheme::HTTPS } else { Scheme::HTTP },
             host: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
             authority: authority
                 .parse()
                 .unwrap_or_else(|_| Authority::from_static("localhost")),
+            addr: format!("{host}:{}", url.port_or_known_default().unwrap_or(80)),
+            server_name,
             base_path: url.path().trim_end_matches('/').to_owned(),
             tls,
+            tls_connector,
+            speaks_h2: AtomicBool::new(false),
             pools: (0..POOL_SLOTS).map(|_| OnceLock::new()).collect(),
+            clients: (0..POOL_SLOTS).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -113,28 +174,157 @@ impl Upstream {
 
     /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1). The
     /// [`Progress`] tells when its body last moved towards the upstream.
-    pub fn send(&self, req: Request<UpstreamBody>, upgrade: bool) -> (ResponseFuture, Progress) {
+    ///
+    /// The answer is a boxed future: the caller's futures hold it in several places, and an
+    /// inline one (it holds the request) would make each of them, and the copies made of them
+    /// per request, larger.
+    pub(crate) fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        upgrade: bool,
+    ) -> (Boxed<'_, Response<Incoming>>, Progress) {
         let progress = Progress::new();
         let req = req.map(|inner| Watched::new(inner, progress.clone()));
-        let pools = self.pools();
         let response = if upgrade {
-            pools.upgrade_client.request(req)
+            let response = self.clients().upgrade_client.request(req);
+            Box::pin(async move { response.await.map_err(UpstreamError::Client) })
+        } else if self.speaks_h2.load(Ordering::Relaxed) {
+            self.send_h2(req)
         } else {
-            pools.client.request(req)
+            self.send_http1(req)
         };
         (response, progress)
     }
 
-    /// This thread's clients, made on first use.
-    fn pools(&self) -> &Pools {
+    /// Sends a request on a pooled HTTP/1.1 connection, or on a new one. A pooled connection
+    /// that turns out closed before the request was written (the upstream closed it while idle)
+    /// costs one more try on a new connection, as hyper-util's `retry_canceled_requests` does.
+    fn send_http1(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
+        let pool = self.pool();
+        let Some(mut sender) = pool.take() else {
+            return self.send_new(req);
+        };
+        // hyper hands the request to the connection's task now; the future waits for the answer.
+        let response = sender.try_send_request(origin_form(req));
+        pool.put(sender);
+        Box::pin(async move {
+            match response.await {
+                Ok(res) => Ok(res),
+                Err(mut e) => match e.take_message() {
+                    Some(mut req) => {
+                        *req.uri_mut() = self.absolute(req.uri());
+                        self.send_new(req).await
+                    }
+                    None => Err(UpstreamError::Send(e.into_error())),
+                },
+            }
+        })
+    }
+
+    /// Sends a request on a new connection (boxed: a rare path, and the connect future is large).
+    fn send_new(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
+        Box::pin(async move {
+            let mut sender = match self.connect().await? {
+                Connected::Http1(sender) => sender,
+                Connected::Http2 => return self.send_h2(req).await,
+            };
+            let response = sender.try_send_request(origin_form(req));
+            self.pool().put(sender);
+            let res = response.await;
+            res.map_err(|e| UpstreamError::Send(e.into_error()))
+        })
+    }
+
+    /// Sends a request through hyper-util's client, which speaks HTTP/2 to this upstream.
+    fn send_h2(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
+        let response = self.clients().client.request(req);
+        Box::pin(async move { response.await.map_err(UpstreamError::Client) })
+    }
+
+    /// Opens a connection: TCP (`CONNECT_TIMEOUT`, `TCP_NODELAY`), TLS for https, then HTTP/1.1
+    /// unless the upstream chose `h2`.
+    ///
+    /// Boxed by a plain function: awaited inline, the connect future (a TLS session, several
+    /// KiB) would be part of the future that awaits it.
+    fn connect(&self) -> Boxed<'_, Connected> {
+        Box::pin(self.connect_unboxed())
+    }
+
+    async fn connect_unboxed(&self) -> Result<Connected, UpstreamError> {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.addr)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => return Err(UpstreamError::ConnectTimeout(CONNECT_TIMEOUT)),
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(upstream = %self.name, error = %e, "TCP_NODELAY not set");
+        }
+        let Some(connector) = &self.tls_connector else {
+            return handshake(tcp).await;
+        };
+        let tls = connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(UpstreamError::Tls)?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            // This connection is dropped; hyper-util's client opens (and pools) its own.
+            self.speaks_h2.store(true, Ordering::Relaxed);
+            return Ok(Connected::Http2);
+        }
+        handshake(tls).await
+    }
+
+    /// `uri` (origin form) made absolute again for hyper-util's client.
+    fn absolute(&self, uri: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    }
+
+    /// This thread's HTTP/1.1 pool, made on first use.
+    fn pool(&self) -> &Arc<Pool<SendBody>> {
         let slot = WORKER.with(Cell::get) % POOL_SLOTS;
-        self.pools[slot].get_or_init(|| {
-            Box::new(Pools {
+        self.pools[slot].get_or_init(|| Pool::new(POOL_IDLE_TIMEOUT))
+    }
+
+    /// This thread's hyper-util clients, made on first use.
+    fn clients(&self) -> &Clients {
+        let slot = WORKER.with(Cell::get) % POOL_SLOTS;
+        self.clients[slot].get_or_init(|| {
+            Box::new(Clients {
                 client: build_client(self.tls.clone(), true),
                 upgrade_client: build_client(self.tls.clone(), false),
             })
         })
     }
+}
+
+/// Starts HTTP/1.1 on a new connection; its task runs on this runtime until the connection ends.
+async fn handshake<T>(io: T) -> Result<Connected, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Send)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(Connected::Http1(sender))
+}
+
+/// The request with its URI in origin form (`/path?query`), as HTTP/1.1 sends it to an origin
+/// server (RFC 9112 §3.2.1); the `Host` header names the upstream.
+fn origin_form(mut req: Request<SendBody>) -> Request<SendBody> {
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = std::mem::take(req.uri_mut()).into_parts().path_and_query;
+    *req.uri_mut() = Uri::from_parts(origin).unwrap_or_default();
+    req
 }
 
 /// When a request body last made progress towards the upstream (a chunk sent, or its end); the

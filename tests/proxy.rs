@@ -288,6 +288,115 @@ async fn upstream_statuses_and_redirects_pass_through_unchanged() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Upstream connections
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn consecutive_requests_reuse_one_upstream_connection() {
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    // One client connection: one serving runtime, one pool.
+    let client = proxy.http1();
+    for i in 0..5 {
+        let res = client
+            .get(proxy.url(&format!("/api/echo?i={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            body["uri"],
+            format!("/api/echo?i={i}"),
+            "origin form upstream"
+        );
+    }
+    // A streamed answer read to its end gives its connection back too.
+    let res = client
+        .get(proxy.url("/api/download?bytes=300000&chunked=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.bytes().await.unwrap().len(), 300_000);
+    let res = client.get(proxy.url("/api/echo")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.bytes().await.unwrap();
+    assert_eq!(up.connections(), 1, "keep-alive: one upstream connection");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_speaks_only_http1_gets_reused_connections() {
+    let up = Upstream::start_tls_http1().await;
+    let certs = support::certs();
+    let proxy = start_proxy(&route(
+        "/api/",
+        &up.url(),
+        &format!("ca = {:?}", certs.ca.display().to_string()),
+    ))
+    .await;
+    let client = proxy.http1();
+    for _ in 0..3 {
+        let res = client.get(proxy.url("/api/echo")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["version"], "HTTP/1.1", "ALPN chose http/1.1");
+        assert_eq!(body["uri"], "/api/echo");
+    }
+    assert_eq!(up.connections(), 1, "one TLS connection, kept alive");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_its_idle_connection_fails_no_request() {
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let client = proxy.http1();
+    for round in 1..=3 {
+        let res = client.get(proxy.url("/api/echo")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "round {round}");
+        res.bytes().await.unwrap();
+        assert_eq!(up.connections(), round);
+        // The upstream's keep-alive timeout runs out: it closes the idle connection silently.
+        up.close_idle_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_open_connections_that_are_then_reused() {
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let client = proxy.http1();
+    let burst = || {
+        futures_util::future::join_all((0..8).map(|_| async {
+            let res = client
+                .get(proxy.url("/api/slow?ms=50"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.bytes().await.unwrap();
+        }))
+    };
+    burst().await;
+    let opened = up.connections();
+    assert!(
+        opened >= 2,
+        "requests in flight at once need their own connections"
+    );
+    burst().await;
+    burst().await;
+    assert!(
+        up.connections() <= opened + 2,
+        "{} connections after {opened}: idle ones were not reused",
+        up.connections()
+    );
+    proxy.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Streaming
 // ---------------------------------------------------------------------------------------------
 

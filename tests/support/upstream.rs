@@ -81,6 +81,10 @@ pub struct State {
     pub cancelled: AtomicUsize,
     /// Bytes received by `/upload` so far (all requests).
     pub upload_bytes: AtomicU64,
+    /// Connections accepted so far.
+    pub connections: AtomicUsize,
+    /// Tells every connection to close once idle (see [`Upstream::close_idle_connections`]).
+    close_idle: Notify,
     /// Signalled on every change above.
     pub changed: Notify,
 }
@@ -123,6 +127,18 @@ impl Upstream {
         Self::spawn(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
     }
 
+    /// An HTTPS upstream like [`Upstream::start_tls`] that offers only `http/1.1` by ALPN.
+    pub async fn start_tls_http1() -> Upstream {
+        let certs = super::certs();
+        coatcheck::tls::install_provider();
+        let cert =
+            coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
+        let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
+        let mut cfg = (*cfg).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::spawn(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
     async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -136,20 +152,12 @@ impl Upstream {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(req, st).await) }
-                    });
-                    let builder = auto::Builder::new(TokioExecutor::new());
                     match tls {
-                        None => {
-                            let _ = builder
-                                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                                .await;
-                        }
+                        None => serve(tcp, st).await,
                         Some(acceptor) => {
                             let Ok(Ok(stream)) =
                                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
@@ -157,9 +165,7 @@ impl Upstream {
                             else {
                                 return;
                             };
-                            let _ = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                                .await;
+                            serve(stream, st).await;
                         }
                     }
                 });
@@ -184,6 +190,18 @@ impl Upstream {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection that is idle (a keep-alive connection between requests) without a
+    /// word, as an upstream whose keep-alive timeout ran out does; busy ones close after their
+    /// answer.
+    pub fn close_idle_connections(&self) {
+        self.state.close_idle.notify_waiters();
+    }
+
     /// The most recent request seen.
     pub fn last(&self) -> Option<Seen> {
         self.state.seen.lock().unwrap().last().cloned()
@@ -200,6 +218,29 @@ impl Upstream {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return cond(&self.state);
             }
+        }
+    }
+}
+
+/// Serves one connection (HTTP/1.1 with upgrades, or HTTP/2) until it ends or is told to close.
+async fn serve<I>(io: I, st: Arc<State>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = {
+        let st = st.clone();
+        service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(handle(req, st).await) }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = st.close_idle.notified() => conn.as_mut().graceful_shutdown(),
         }
     }
 }
