@@ -411,12 +411,11 @@ pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&str) -> bool) {
             changed = true;
             continue;
         };
-        for pair in s.split(';') {
-            let pair = pair.trim();
+        for pair in cookie_pairs(s) {
             if pair.is_empty() {
                 continue;
             }
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+            let (name, _) = split_pair(pair);
             if is_own(name) {
                 changed = true;
             } else {
@@ -441,18 +440,40 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     let mut found = None;
     for v in headers.get_all(header::COOKIE) {
         let Ok(s) = v.to_str() else { continue };
-        for pair in s.split(';') {
-            if let Some((n, value)) = pair.trim().split_once('=')
-                && n.trim() == name
+        for pair in cookie_pairs(s) {
+            if let (n, Some(value)) = split_pair(pair)
+                && n == name
             {
                 if found.is_some() {
                     return None;
                 }
-                found = Some(value.trim());
+                found = Some(value);
             }
         }
     }
     found
+}
+
+/// The `;`-separated pairs of a `Cookie` value, trimmed (RFC 6265 §4.2.1). Every authenticated
+/// request parses its cookie twice (the session's, then the ones forwarded): the separators are
+/// found with `memchr` and only ASCII space is trimmed (a value that `to_str` accepted has no other).
+fn cookie_pairs(s: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    memchr::memchr_iter(b';', s.as_bytes())
+        .chain(std::iter::once(s.len()))
+        .map(move |end| {
+            let pair = s[start..end].trim_ascii();
+            start = end + 1;
+            pair
+        })
+}
+
+/// A cookie pair's name and value, each trimmed; no `=`: all name, no value.
+fn split_pair(pair: &str) -> (&str, Option<&str>) {
+    match memchr::memchr(b'=', pair.as_bytes()) {
+        Some(i) => (pair[..i].trim_ascii(), Some(pair[i + 1..].trim_ascii())),
+        None => (pair, None),
+    }
 }
 
 #[cfg(test)]
@@ -788,6 +809,49 @@ mod properties {
                 let fwd = h["forwarded"].to_str().unwrap();
                 prop_assert!(fwd.starts_with("for="), "{}", fwd);
                 prop_assert!(!fwd.contains(','), "{}", fwd);
+            }
+        }
+
+        #[test]
+        fn cookie_parsing_finds_what_a_split_and_trim_finds(
+            value in "[ \t;=ab]{0,24}",
+            name in "[ab]{1,2}",
+        ) {
+            // The reference: the parser before memchr (str::split, str::trim, split_once).
+            let reference = |s: &str| -> Option<String> {
+                let mut found = None;
+                for pair in s.split(';') {
+                    if let Some((n, v)) = pair.trim().split_once('=') && n.trim() == name {
+                        if found.is_some() {
+                            return None;
+                        }
+                        found = Some(v.trim().to_owned());
+                    }
+                }
+                found
+            };
+            let with_cookie = || {
+                let mut h = HeaderMap::new();
+                h.insert(header::COOKIE, HeaderValue::from_str(&value).unwrap());
+                h
+            };
+            let h = with_cookie();
+            prop_assert_eq!(cookie(&h, &name).map(str::to_owned), reference(&value));
+            let mut kept = with_cookie();
+            remove_cookies(&mut kept, |n| n == name);
+            let rest = kept.get("cookie").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            let expected: Vec<&str> = value
+                .split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(n, _)| n).trim() != name)
+                .collect();
+            let changed = value.split(';').map(str::trim).any(|p| {
+                !p.is_empty() && p.split_once('=').map_or(p, |(n, _)| n).trim() == name
+            });
+            if changed {
+                prop_assert_eq!(rest, expected.join("; "));
+            } else {
+                prop_assert_eq!(rest, value.clone());
             }
         }
 
