@@ -87,15 +87,9 @@ pub fn run(args: SessionsArgs) -> ExitCode {
         }
     };
     let (method, url) = request(&target.base, &args.action);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(call(method, url, &target.token)) {
         Ok(answer) => {
