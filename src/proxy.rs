@@ -145,6 +145,11 @@ fn replayable(route: &Route, parts: &http::request::Parts, body: &Incoming) -> b
 /// Reads a body to keep for a replay: each frame within the idle limit, the whole within the
 /// route timeout.
 async fn keep_body(route: &Route, body: Stalling<Incoming>) -> Result<Bytes, Error> {
+    // A request without a body (most replayable requests: a GET, a DELETE) has nothing to read:
+    // no timer is armed and nothing is collected.
+    if http_body::Body::is_end_stream(body.inner()) {
+        return Ok(Bytes::new());
+    }
     let collect = Limited::new(body, route.retry_body_bytes as usize).collect();
     match tokio::time::timeout(route.timeout, collect).await {
         Err(_) => Err(Error::RequestTimeout(route.timeout)),
