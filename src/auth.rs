@@ -278,21 +278,18 @@ impl Auth {
         req: Request<Incoming>,
         mut fwd: Forward<'_>,
     ) -> Result<Response<Body>, Error> {
-        if route.auth == AuthMode::Bearer {
-            return self.forward_bearer(upstream, route, req, fwd).await;
+        // The other route kinds are boxed: awaited inline, their futures would be part of (and
+        // moved with) every session-carrying request's future.
+        match route.auth {
+            AuthMode::Bearer => {
+                return Box::pin(self.forward_bearer(upstream, route, req, fwd)).await;
+            }
+            AuthMode::Client => {
+                return Box::pin(self.forward_client(upstream, route, req, fwd)).await;
+            }
+            _ => {}
         }
         let upgrade = headers::is_upgrade_request(req.headers());
-        if route.auth == AuthMode::Client {
-            // No user: no session is looked up; coatcheck's own token replaces the client's.
-            self.csrf()
-                .check(req.headers(), req.method(), route.csrf, upgrade)?;
-            let tokens = self
-                .client_tokens
-                .as_ref()
-                .ok_or_else(|| Error::Internal("auth = \"client\" needs [oidc]".into()))?;
-            fwd.authorization = Some(tokens.bearer(route).await?);
-            return proxy::forward(upstream, route, req, fwd, &proxy::Plain).await;
-        }
         let lookup = match self
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)
@@ -318,12 +315,8 @@ impl Auth {
             }
             // `optional`: forwarded without a token; an ended session's cookie is cleared.
             other => {
-                let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
-                if matches!(other, Lookup::Ended) {
-                    res.headers_mut()
-                        .append(header::SET_COOKIE, self.clear_session_cookie());
-                }
-                return Ok(res);
+                let ended = matches!(other, Lookup::Ended);
+                return Box::pin(self.forward_anonymous(upstream, route, req, fwd, ended)).await;
             }
         };
         policy::check_roles(route, session.data.claims.roles())?;
@@ -340,6 +333,44 @@ impl Auth {
             },
         )
         .await
+    }
+
+    /// `auth = "client"`: no user, so no session is looked up; coatcheck's own token replaces
+    /// the client's.
+    async fn forward_client(
+        &self,
+        upstream: &Upstream,
+        route: &Route,
+        req: Request<Incoming>,
+        mut fwd: Forward<'_>,
+    ) -> Result<Response<Body>, Error> {
+        let upgrade = headers::is_upgrade_request(req.headers());
+        self.csrf()
+            .check(req.headers(), req.method(), route.csrf, upgrade)?;
+        let tokens = self
+            .client_tokens
+            .as_ref()
+            .ok_or_else(|| Error::Internal("auth = \"client\" needs [oidc]".into()))?;
+        fwd.authorization = Some(tokens.bearer(route).await?);
+        proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
+    }
+
+    /// `auth = "optional"` without a live session: forwarded without a token; the cookie of an
+    /// `ended` session is cleared.
+    async fn forward_anonymous(
+        &self,
+        upstream: &Upstream,
+        route: &Route,
+        req: Request<Incoming>,
+        fwd: Forward<'_>,
+        ended: bool,
+    ) -> Result<Response<Body>, Error> {
+        let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
+        if ended {
+            res.headers_mut()
+                .append(header::SET_COOKIE, self.clear_session_cookie());
+        }
+        Ok(res)
     }
 
     /// A POST to `capture.login_path`: checked like any state-changing request (CSRF header,

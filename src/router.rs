@@ -338,7 +338,8 @@ impl Router {
                 ));
             }
             if req.method() == Method::POST && path.matched.as_ref() == capture.login_path() {
-                return auth.capture_login(&entry.upstream, route, req, fwd).await;
+                // Boxed: the login's future is large and rare; inline, every request would carry it.
+                return Box::pin(auth.capture_login(&entry.upstream, route, req, fwd)).await;
             }
         }
         match (route.auth, &self.auth) {

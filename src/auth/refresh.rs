@@ -106,12 +106,14 @@ impl Refresher {
         if !self.due(&s) {
             return Ok(s);
         }
-        self.traced_refresh(s, false).await
+        // Boxed, here and below: the refresh (a lease, a token request) is a large future that
+        // would otherwise be part of every forwarded request's future, and moved with it.
+        Box::pin(self.traced_refresh(s, false)).await
     }
 
     /// After the upstream rejected the token: refresh once, unless someone already did.
     pub async fn after_rejection(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
-        self.traced_refresh(s, true).await
+        Box::pin(self.traced_refresh(s, true)).await
     }
 
     /// [`Self::refresh`] inside a `session.refresh` span (its outcome: `ok` or the error code).
