@@ -124,6 +124,7 @@ impl TlsServer {
                 hold: Arc::new((permit, ip_guard, Open::new(&self.metrics.connections_open))),
                 closing: self.closing.clone(),
                 tunnels_open: self.metrics.upgrades_open.clone(),
+                deadline: None,
             };
             tokio::spawn(
                 self.clone()
@@ -151,7 +152,7 @@ impl TlsServer {
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         remote: SocketAddr,
-        slot: ConnectionSlot,
+        mut slot: ConnectionSlot,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let limits = &self.limits;
@@ -170,6 +171,8 @@ impl TlsServer {
         // HTTP/2 carries PING frames (ours, and clients' own) that would keep an idle connection
         // open forever if bytes counted as activity: there, only requests do.
         let count_bytes = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+        // HTTP/1.1 serves one request at a time: they share one route-deadline timer.
+        slot.deadline = count_bytes.then(|| Arc::new(crate::proxy::ConnectionDeadline::new()));
         let activity = Arc::new(Activity::new());
         let head_watch =
             count_bytes.then(|| HeadWatch::new(limits.max_header_bytes, handshake_timeout));

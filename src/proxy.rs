@@ -189,6 +189,45 @@ pub(crate) struct ConnectionSlot {
     pub(crate) closing: CancellationToken,
     /// `coatcheck_upgrades_open`: held up while a tunnel made from this connection is open.
     pub(crate) tunnels_open: prometheus_client::metrics::gauge::Gauge,
+    /// The route-deadline timer of an HTTP/1.1 connection's requests (`None` on HTTP/2, whose
+    /// concurrent requests each arm their own).
+    pub(crate) deadline: Option<Arc<ConnectionDeadline>>,
+}
+
+/// One route-deadline timer shared by the requests of an HTTP/1.1 connection, which come one at a
+/// time. Each request re-arms it; tokio records a later instant on a timer that is still
+/// registered without touching its timer wheel (the entry is moved when its old instant comes), so
+/// a request costs no timer registration and no removal. The timer stays registered between
+/// requests; when it fires on an idle connection it wakes that connection's task once, to no effect.
+pub(crate) struct ConnectionDeadline {
+    sleep: std::sync::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
+}
+
+impl ConnectionDeadline {
+    pub(crate) fn new() -> Self {
+        ConnectionDeadline {
+            sleep: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Resolves at `due` (at once when `due` has passed).
+    async fn until(&self, due: Instant) {
+        {
+            let mut sleep = self.sleep.lock().unwrap_or_else(|p| p.into_inner());
+            match sleep.as_mut() {
+                Some(s) => s.as_mut().reset(due.into()),
+                None => *sleep = Some(Box::pin(tokio::time::sleep_until(due.into()))),
+            }
+        }
+        std::future::poll_fn(|cx| {
+            let mut sleep = self.sleep.lock().unwrap_or_else(|p| p.into_inner());
+            match sleep.as_mut() {
+                Some(s) => s.as_mut().poll(cx),
+                None => std::task::Poll::Ready(()),
+            }
+        })
+        .await;
+    }
 }
 
 /// Splits a client request, refusing a declared body over the route's limit up front and taking
@@ -301,7 +340,7 @@ pub async fn send(
             span.fail(e.code());
             e
         })?,
-        () = deadline(&progress, route.timeout) => {
+        () = deadline(&progress, route.timeout, slot.as_ref().and_then(|s| s.deadline.as_deref())) => {
             span.fail("gateway_timeout");
             return Err(Error::GatewayTimeout(route.timeout));
         }
@@ -377,13 +416,16 @@ async fn tunnel(
 /// Resolves once the upstream has had `timeout` since the request body last moved (since the
 /// request was sent, for a request without a body): an upload is not counted against the
 /// upstream, but neither may it stall for longer than `timeout`.
-async fn deadline(progress: &Progress, timeout: Duration) {
+async fn deadline(progress: &Progress, timeout: Duration, shared: Option<&ConnectionDeadline>) {
     loop {
         let due = progress.last() + timeout;
-        if Instant::now() >= due {
+        match shared {
+            Some(timer) => timer.until(due).await,
+            None => tokio::time::sleep_until(due.into()).await,
+        }
+        if Instant::now() >= progress.last() + timeout {
             return;
         }
-        tokio::time::sleep_until(due.into()).await;
     }
 }
 

@@ -1434,6 +1434,44 @@ async fn an_upstream_that_breaks_the_exchange_gets_502() {
     proxy.stop().await;
 }
 
+/// The requests of one HTTP/1.1 connection share one deadline timer, re-armed for each: every
+/// request gets its whole `timeout` counted from its own start (not from an earlier request's), and
+/// the timer works again after it has fired.
+#[tokio::test]
+async fn the_requests_of_one_connection_each_get_their_whole_timeout() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&route("/api/", &up.url(), "timeout = \"400ms\"")).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    let get = |ms: u64| format!("GET /api/slow?ms={ms} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    // 250 ms into a 400 ms timeout, the next request starts: had it kept the first one's deadline,
+    // it would be cut 150 ms later.
+    for round in 0..2 {
+        conn.send(get(250).as_bytes()).await;
+        assert_eq!(conn.read_response().await.status, 200, "round {round}");
+        let start = Instant::now();
+        conn.send(get(320).as_bytes()).await;
+        let res = conn.read_response().await;
+        assert_eq!(
+            res.status,
+            200,
+            "round {round}: {res:?} after {:?}",
+            start.elapsed()
+        );
+        // A request that outlives its timeout is cut at its own deadline (the timer fires) …
+        let start = Instant::now();
+        conn.send(get(5000).as_bytes()).await;
+        let res = conn.read_response().await;
+        assert_eq!(res.status, 504, "round {round}: {res:?}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_secs(3),
+            "round {round}: 504 after {took:?}"
+        );
+        // … and the same connection's timer serves the next round.
+    }
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_upstream_gets_504_and_is_cancelled() {
     let up = Upstream::start().await;
