@@ -207,10 +207,10 @@ pub struct Sessions {
     pub cookie: CookieSpec,
     store: Arc<Backend>,
     metrics: Arc<Metrics>,
-    cache: moka::future::Cache<[u8; 16], Arc<Session>>,
+    cache: moka::future::Cache<[u8; 16], Arc<Session>, HandleHash>,
     /// Sessions ended recently (here or on another instance): a load that raced the end must not
     /// put them back in the cache.
-    ended: moka::sync::Cache<[u8; 16], ()>,
+    ended: moka::sync::Cache<[u8; 16], (), HandleHash>,
     /// Whether this instance hears every event (false while the subscription is down).
     told: AtomicBool,
     /// `/bff/events` streams waiting for their session to end, by session.
@@ -220,6 +220,42 @@ pub struct Sessions {
     pub idle: Duration,
     pub absolute: Duration,
     touch_interval: Duration,
+}
+
+/// Hashes a cache key, a handle: its first eight bytes, which are already the output of SHA-256
+/// (the handle is a hash of the ticket id), so no second keyed hash (SipHash) is needed. Only the
+/// handles of tickets coatcheck issued are ever inserted (a presented ticket is verified before its
+/// session is cached), so a client cannot fill a bucket by choosing handles.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct HandleHash;
+
+impl std::hash::BuildHasher for HandleHash {
+    type Hasher = HandleHasher;
+
+    fn build_hasher(&self) -> HandleHasher {
+        HandleHasher(0)
+    }
+}
+
+/// See [`HandleHash`]: folds the bytes it is given (a handle's, after its length) into 64 bits.
+pub(crate) struct HandleHasher(u64);
+
+impl std::hash::Hasher for HandleHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        for chunk in bytes.chunks(8) {
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_usize(&mut self, _len: usize) {
+        // The length prefix of a 16-byte key: the same for every key.
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Decrypts a record's sealed data with the session's record key and decodes it (`None`: altered,
@@ -287,11 +323,11 @@ impl Sessions {
             cache: moka::future::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
                 .time_to_live(keep)
-                .build(),
+                .build_with_hasher(HandleHash),
             ended: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_capacity.max(1000))
                 .time_to_live(keep)
-                .build(),
+                .build_with_hasher(HandleHash),
             told: AtomicBool::new(true),
             watchers: std::sync::Mutex::default(),
             streams: AtomicUsize::new(0),
@@ -847,6 +883,22 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn the_handle_hash_depends_on_every_byte_of_the_handle() {
+        use std::hash::BuildHasher;
+        let base = [0x5au8; 16];
+        let h = HandleHash.hash_one(base);
+        let mut seen = std::collections::HashSet::from([h]);
+        for i in 0..16 {
+            let mut k = base;
+            k[i] ^= 1;
+            assert!(
+                seen.insert(HandleHash.hash_one(k)),
+                "byte {i} did not change the hash"
+            );
+        }
+    }
 
     fn cfg() -> config::Session {
         config::Session {
