@@ -173,9 +173,10 @@ pub struct Session {
     /// When this copy was read from (or written to) the store: a cached copy is served without
     /// asking the store for `session.cache.ttl` after it.
     read_at: Instant,
-    record_key: Secret<[u8; 32]>,
     /// The cookie's bytes this copy was verified for: the same cookie again needs no second MAC.
-    ticket: Option<Secret<[u8; TICKET_LEN]>>,
+    /// The record key is derived from them when a write needs it ([`Session::record_key`]), not
+    /// kept beside them.
+    ticket: Secret<[u8; TICKET_LEN]>,
 }
 
 impl Session {
@@ -340,8 +341,7 @@ impl Sessions {
         // store lookup).
         let verified = cached
             .as_ref()
-            .and_then(|s| s.ticket.as_ref())
-            .is_some_and(|t| presented.is(t.expose()));
+            .is_some_and(|s| presented.is(s.ticket.expose()));
         if !verified && presented.verify(&self.keys.load()).is_none() {
             return Ok(Lookup::None);
         }
@@ -395,12 +395,7 @@ impl Sessions {
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
-        let session = Session::from_parts(
-            record,
-            data,
-            Secret::new(record_key),
-            Some(Secret::new(presented.bytes())),
-        );
+        let session = Session::from_parts(record, data, Secret::new(presented.bytes()));
         if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
             let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
             // A failed idle-clock write never fails a read: the next miss tries again.
@@ -585,12 +580,7 @@ impl Sessions {
         self.store.create(record.clone()).await?;
         let signed = ticket.signed(&self.keys.load());
         let session = self
-            .remember(Session::from_parts(
-                record,
-                data,
-                Secret::new(key),
-                Some(Secret::new(signed)),
-            ))
+            .remember(Session::from_parts(record, data, Secret::new(signed)))
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
         Ok((ticket::cookie_value(&signed), session))
@@ -608,7 +598,7 @@ impl Sessions {
         data: SessionData,
     ) -> Result<Option<Arc<Session>>, Error> {
         let sealed = secret::seal(
-            current.record_key.expose(),
+            current.record_key().expose(),
             current.handle.as_bytes(),
             &data.encode(),
         );
@@ -635,12 +625,7 @@ impl Sessions {
         }
         let version = record.version;
         let updated = self
-            .remember(Session::from_parts(
-                record,
-                data,
-                current.record_key.clone(),
-                current.ticket.clone(),
-            ))
+            .remember(Session::from_parts(record, data, current.ticket.clone()))
             .await;
         self.announce(Event::Changed {
             handle: current.handle.clone(),
@@ -682,15 +667,10 @@ impl Sessions {
             self.evict(&current.handle).await;
             return Ok(None);
         };
-        let data = open_record(current.record_key.expose(), &record)
+        let data = open_record(current.record_key().expose(), &record)
             .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
         Ok(self
-            .remember(Session::from_parts(
-                record,
-                data,
-                current.record_key.clone(),
-                current.ticket.clone(),
-            ))
+            .remember(Session::from_parts(record, data, current.ticket.clone()))
             .await)
     }
 
@@ -809,14 +789,27 @@ impl Drop for EndWatch {
     }
 }
 
+/// What comes before the access token in `Authorization` (RFC 6750 §2.1).
+const BEARER: &[u8] = b"Bearer ";
+
 impl Session {
+    /// The key of the session's store record, derived from the ticket it was verified for (on a
+    /// write or a reload only: a read that finds it cached needs none).
+    fn record_key(&self) -> Secret<[u8; 32]> {
+        Secret::new(ticket::record_key_of(self.ticket.expose()))
+    }
+
     fn from_parts(
         record: Record,
         mut data: SessionData,
-        record_key: Secret<[u8; 32]>,
-        ticket: Option<Secret<[u8; TICKET_LEN]>>,
+        ticket: Secret<[u8; TICKET_LEN]>,
     ) -> Session {
-        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", data.access_token.expose()))
+        // Built in place, the one copy of the token (no formatted string copied once more).
+        let token = data.access_token.expose().as_bytes();
+        let mut value = Vec::with_capacity(BEARER.len() + token.len());
+        value.extend_from_slice(BEARER);
+        value.extend_from_slice(token);
+        let mut bearer = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
             .unwrap_or(HeaderValue::from_static("Bearer invalid"));
         bearer.set_sensitive(true);
         // In memory the access token lives once, in `bearer` (a cached session is mostly tokens).
@@ -836,7 +829,6 @@ impl Session {
             access_deadline,
             last_seen: AtomicU64::new(record.last_seen),
             read_at: Instant::now(),
-            record_key,
             ticket,
         }
     }
@@ -1141,10 +1133,10 @@ mod tests {
         // A write (here a refresh) stores it in the binary format; it still opens.
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
         let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
-        let opened = open_record(updated.record_key.expose(), &stored).unwrap();
+        let opened = open_record(updated.record_key().expose(), &stored).unwrap();
         assert_same(&opened, &d);
         let plain = secret::open(
-            updated.record_key.expose(),
+            updated.record_key().expose(),
             stored.handle.as_bytes(),
             &stored.sealed,
         )
@@ -1210,7 +1202,7 @@ mod tests {
             let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
             let version = r.version;
             r.version += 1;
-            r.sealed = secret::seal(created.record_key.expose(), r.handle.as_bytes(), &p);
+            r.sealed = secret::seal(created.record_key().expose(), r.handle.as_bytes(), &p);
             assert!(s.store.save(r, version).await.unwrap());
             s.cache.invalidate_all();
             assert!(matches!(
