@@ -179,6 +179,13 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.bytes()?).ok()
     }
 
+    /// A string's bytes, checked to be UTF-8 without making a `&str` of them (claim names and
+    /// values are mostly short ASCII, checked inline before any call to the full validation).
+    fn utf8(&mut self) -> Option<&'a [u8]> {
+        let b = self.bytes()?;
+        (b.is_ascii() || std::str::from_utf8(b).is_ok()).then_some(b)
+    }
+
     /// What is left to read.
     pub(crate) fn rest(&self) -> &'a [u8] {
         self.0
@@ -253,8 +260,7 @@ impl<'a> Reader<'a> {
         let n = self.count()?;
         let mut roles = None;
         for _ in 0..n {
-            let key = self.str()?;
-            if key == "roles" {
+            if self.utf8()? == b"roles" {
                 roles = Some(Reader(self.0));
             }
             self.skip_value(1)?;
@@ -283,7 +289,7 @@ impl<'a> Reader<'a> {
                 f64::from_le_bytes(*b).is_finite().then_some(())?;
             }
             tag::STRING => {
-                self.str()?;
+                self.utf8()?;
             }
             tag::ARRAY => {
                 let n = self.count()?;
@@ -294,7 +300,7 @@ impl<'a> Reader<'a> {
             tag::OBJECT => {
                 let n = self.count()?;
                 for _ in 0..n {
-                    self.str()?;
+                    self.utf8()?;
                     self.skip_value(depth + 2)?;
                 }
             }
@@ -402,6 +408,27 @@ mod tests {
         deep.extend(std::iter::repeat_n([tag::ARRAY, 1], 200).flatten());
         deep.push(tag::NULL);
         assert_eq!(Reader::new(1, &deep).unwrap().object(), None);
+    }
+
+    #[test]
+    fn a_string_s_bytes_are_checked_as_utf8_with_or_without_making_a_str() {
+        for (bytes, ok) in [
+            (&b""[..], true),
+            (b"roles", true),
+            ("Ünï €".as_bytes(), true),
+            (b"\xff", false),
+            (b"ab\xc3", false),
+            (b"\xed\xa0\x80", false),
+        ] {
+            let mut w = Writer::new(1, 0);
+            w.bytes(bytes);
+            let enc = w.finish();
+            let utf8 = Reader::new(1, &enc).unwrap().utf8();
+            let str = Reader::new(1, &enc).unwrap().str();
+            assert_eq!(utf8.is_some(), ok, "{bytes:?}");
+            assert_eq!(str.is_some(), ok, "{bytes:?}");
+            assert_eq!(utf8, str.map(str::as_bytes));
+        }
     }
 
     #[test]
