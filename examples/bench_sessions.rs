@@ -66,10 +66,15 @@ fn session_config(store: StoreKind, cache_capacity: u64) -> config::Session {
     }
 }
 
+/// `n` bytes in one allocation of exactly `n`, as a login holds a token (serde_json copies each
+/// string of the token response once, at its length). Until 2026-11-30 the token grew by
+/// `push_str`, and a cached session kept the capacity it grew to (1,024 bytes for the ID token).
 fn token(n: usize, seed: usize) -> Secret {
-    let mut s = format!("{seed:016x}.");
+    const PATTERN: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6ImF0K2p3dCJ9";
+    let mut s = String::with_capacity(n);
+    s.push_str(&format!("{seed:016x}."));
     while s.len() < n {
-        s.push_str("eyJhbGciOiJSUzI1NiIsInR5cCI6ImF0K2p3dCJ9");
+        s.push_str(&PATTERN[..(n - s.len()).min(PATTERN.len())]);
     }
     s.truncate(n);
     Secret::new(s)

@@ -125,6 +125,15 @@ impl SessionData {
         if plain.first() == Some(&b'{') {
             return serde_json::from_slice(plain).ok();
         }
+        let (mut data, access_token) = SessionData::decode_binary(plain)?;
+        data.access_token = Secret::new(access_token.to_owned());
+        Some(data)
+    }
+
+    /// [`SessionData::decode`] of the binary form, with the access token left where it is in
+    /// `plain` (checked to be UTF-8, not copied; the field is empty): a session opened from the
+    /// store writes it once, into its bearer.
+    fn decode_binary(plain: &[u8]) -> Option<(SessionData, &str)> {
         let mut r = store::binary::Reader::new(DATA_V1, plain)?;
         let iss = r.string()?;
         let sub = r.string()?;
@@ -134,19 +143,21 @@ impl SessionData {
             _ => return None,
         };
         let claims = claims::Claims::read(&mut r)?;
+        let id_token = r.opt_string()?.map(Secret::new);
+        let access_token = r.str()?;
         let data = SessionData {
             iss,
             sub,
             claims,
             issuer,
-            id_token: r.opt_string()?.map(Secret::new),
-            access_token: Secret::new(r.string()?),
+            id_token,
+            access_token: Secret::default(),
             access_expires_at: r.uint()?,
             access_issued_at: r.uint()?,
             refresh_token: r.opt_string()?.map(Secret::new),
         };
         r.end()?;
-        Some(data)
+        Some((data, access_token))
     }
 }
 
@@ -173,9 +184,10 @@ pub struct Session {
     /// When this copy was read from (or written to) the store: a cached copy is served without
     /// asking the store for `session.cache.ttl` after it.
     read_at: Instant,
-    record_key: Secret<[u8; 32]>,
     /// The cookie's bytes this copy was verified for: the same cookie again needs no second MAC.
-    ticket: Option<Secret<[u8; TICKET_LEN]>>,
+    /// The record key is derived from them when a write needs it ([`Session::record_key`]), not
+    /// kept beside them.
+    ticket: Secret<[u8; TICKET_LEN]>,
 }
 
 impl Session {
@@ -258,11 +270,30 @@ impl std::hash::Hasher for HandleHasher {
     }
 }
 
-/// Decrypts a record's sealed data with the session's record key and decodes it (`None`: altered,
-/// wrong key, or a payload that does not decode).
-fn open_record(key: &[u8; 32], record: &Record) -> Option<SessionData> {
+/// Decrypts a record's sealed data with the session's record key and decodes it into the
+/// session's data and its bearer (`None`: altered, wrong key, or a payload that does not decode).
+/// The access token goes from the plaintext straight into the bearer.
+fn open_record(key: &[u8; 32], record: &Record) -> Option<(SessionData, HeaderValue)> {
     let plain = secret::open(key, record.handle.as_bytes(), &record.sealed)?;
-    SessionData::decode(&plain)
+    if plain.first() == Some(&b'{') {
+        let data = SessionData::decode(&plain)?;
+        let bearer = bearer(data.access_token.expose().as_bytes());
+        return Some((data, bearer));
+    }
+    let (data, access_token) = SessionData::decode_binary(&plain)?;
+    Some((data, bearer(access_token.as_bytes())))
+}
+
+/// `Authorization: Bearer <token>` (RFC 6750 §2.1), marked sensitive: built in place, the one
+/// copy of the token a session keeps (no formatted string copied once more).
+fn bearer(token: &[u8]) -> HeaderValue {
+    let mut value = Vec::with_capacity(BEARER.len() + token.len());
+    value.extend_from_slice(BEARER);
+    value.extend_from_slice(token);
+    let mut bearer = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+        .unwrap_or(HeaderValue::from_static("Bearer invalid"));
+    bearer.set_sensitive(true);
+    bearer
 }
 
 /// Hash identifying a user across their sessions (issuer + subject).
@@ -376,8 +407,7 @@ impl Sessions {
         // store lookup).
         let verified = cached
             .as_ref()
-            .and_then(|s| s.ticket.as_ref())
-            .is_some_and(|t| presented.is(t.expose()));
+            .is_some_and(|s| presented.is(s.ticket.expose()));
         if !verified && presented.verify(&self.keys.load()).is_none() {
             return Ok(Lookup::None);
         }
@@ -425,18 +455,13 @@ impl Sessions {
             return Ok(Lookup::Ended);
         };
         let record_key = presented.ticket().record_key();
-        let Some(data) = open_record(&record_key, &record) else {
+        let Some((data, bearer)) = open_record(&record_key, &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket or did not decode; treating it as ended");
             return Ok(Lookup::Ended);
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
-        let session = Session::from_parts(
-            record,
-            data,
-            Secret::new(record_key),
-            Some(Secret::new(presented.bytes())),
-        );
+        let session = Session::from_parts(record, data, bearer, Secret::new(presented.bytes()));
         if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
             let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
             // A failed idle-clock write never fails a read: the next miss tries again.
@@ -614,18 +639,24 @@ impl Sessions {
             last_seen: now,
             idle_expires_at: now + self.idle.as_secs().min(self.absolute.as_secs()),
             absolute_expires_at: now + self.absolute.as_secs(),
-            user_agent: ua.chars().take(MAX_USER_AGENT).collect(),
+            // The first MAX_USER_AGENT characters, copied once at their length.
+            user_agent: ua[..ua
+                .char_indices()
+                .nth(MAX_USER_AGENT)
+                .map_or(ua.len(), |(i, _)| i)]
+                .to_owned(),
             idp_sid: idp_sid.map(|s| subject_key("sid", s)),
             sealed,
         };
         self.store.create(record.clone()).await?;
         let signed = ticket.signed(&self.keys.load());
+        let bearer = bearer(data.access_token.expose().as_bytes());
         let session = self
             .remember(Session::from_parts(
                 record,
                 data,
-                Secret::new(key),
-                Some(Secret::new(signed)),
+                bearer,
+                Secret::new(signed),
             ))
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
@@ -644,7 +675,7 @@ impl Sessions {
         data: SessionData,
     ) -> Result<Option<Arc<Session>>, Error> {
         let sealed = secret::seal(
-            current.record_key.expose(),
+            current.record_key().expose(),
             current.handle.as_bytes(),
             &data.encode(),
         );
@@ -670,11 +701,12 @@ impl Sessions {
             }
         }
         let version = record.version;
+        let bearer = bearer(data.access_token.expose().as_bytes());
         let updated = self
             .remember(Session::from_parts(
                 record,
                 data,
-                current.record_key.clone(),
+                bearer,
                 current.ticket.clone(),
             ))
             .await;
@@ -718,13 +750,13 @@ impl Sessions {
             self.evict(&current.handle).await;
             return Ok(None);
         };
-        let data = open_record(current.record_key.expose(), &record)
+        let (data, bearer) = open_record(current.record_key().expose(), &record)
             .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
         Ok(self
             .remember(Session::from_parts(
                 record,
                 data,
-                current.record_key.clone(),
+                bearer,
                 current.ticket.clone(),
             ))
             .await)
@@ -845,16 +877,24 @@ impl Drop for EndWatch {
     }
 }
 
+/// What comes before the access token in `Authorization` (RFC 6750 §2.1).
+const BEARER: &[u8] = b"Bearer ";
+
 impl Session {
+    /// The key of the session's store record, derived from the ticket it was verified for (on a
+    /// write or a reload only: a read that finds it cached needs none).
+    fn record_key(&self) -> Secret<[u8; 32]> {
+        Secret::new(ticket::record_key_of(self.ticket.expose()))
+    }
+
+    /// A session of `data` whose access token is `bearer`'s ([`bearer`]; `data`'s own, if any,
+    /// is dropped).
     fn from_parts(
         record: Record,
         mut data: SessionData,
-        record_key: Secret<[u8; 32]>,
-        ticket: Option<Secret<[u8; TICKET_LEN]>>,
+        bearer: HeaderValue,
+        ticket: Secret<[u8; TICKET_LEN]>,
     ) -> Session {
-        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", data.access_token.expose()))
-            .unwrap_or(HeaderValue::from_static("Bearer invalid"));
-        bearer.set_sensitive(true);
         // In memory the access token lives once, in `bearer` (a cached session is mostly tokens).
         data.access_token = Secret::default();
         let access_deadline =
@@ -872,7 +912,6 @@ impl Session {
             access_deadline,
             last_seen: AtomicU64::new(record.last_seen),
             read_at: Instant::now(),
-            record_key,
             ticket,
         }
     }
@@ -992,6 +1031,26 @@ mod tests {
             !json.contains("at-secret") && !json.contains("alice"),
             "{json}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_user_agent_is_kept_to_its_first_characters_without_spare_capacity() {
+        let s = Sessions::new(&cfg()).unwrap();
+        for (ua, kept) in [
+            (String::new(), String::new()),
+            ("Mozilla/5.0".to_owned(), "Mozilla/5.0".to_owned()),
+            ("x".repeat(300), "x".repeat(MAX_USER_AGENT)),
+            ("a".repeat(MAX_USER_AGENT), "a".repeat(MAX_USER_AGENT)),
+            // Not visible ASCII: not kept at all (as before).
+            ("é".repeat(300), String::new()),
+        ] {
+            let value = HeaderValue::from_bytes(ua.as_bytes()).unwrap();
+            let (_, created) = s.create(data(), Some(&value), None).await.unwrap();
+            assert_eq!(created.user_agent, kept);
+            assert_eq!(created.user_agent.capacity(), kept.len());
+            let stored = s.store.load(&created.handle, now()).await.unwrap().unwrap();
+            assert_eq!(stored.user_agent, kept);
+        }
     }
 
     #[tokio::test]
@@ -1193,14 +1252,16 @@ mod tests {
         // A write (here a refresh) stores it in the binary format; it still opens.
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
         let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
-        let opened = open_record(updated.record_key.expose(), &stored).unwrap();
-        assert_same(&opened, &d);
+        let (opened, bearer) = open_record(updated.record_key().expose(), &stored).unwrap();
+        assert_eq!(bearer, "Bearer at-secret");
+        assert_eq!(opened.claims, d.claims);
         let plain = secret::open(
-            updated.record_key.expose(),
+            updated.record_key().expose(),
             stored.handle.as_bytes(),
             &stored.sealed,
         )
         .unwrap();
+        assert_same(&SessionData::decode(&plain).unwrap(), &d);
         assert_eq!(plain[0], DATA_V1, "new writes seal the binary payload");
         drop(s);
         std::fs::remove_file(path).ok();
@@ -1262,7 +1323,7 @@ mod tests {
             let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
             let version = r.version;
             r.version += 1;
-            r.sealed = secret::seal(created.record_key.expose(), r.handle.as_bytes(), &p);
+            r.sealed = secret::seal(created.record_key().expose(), r.handle.as_bytes(), &p);
             assert!(s.store.save(r, version).await.unwrap());
             s.cache.invalidate_all();
             assert!(matches!(
@@ -1313,6 +1374,9 @@ mod tests {
                 refresh_token: refresh.map(Secret::new),
             };
             let bin = d.encode();
+            let (rest, token) = SessionData::decode_binary(&bin).expect("decodes");
+            proptest::prop_assert_eq!(token, d.access_token.expose().as_str());
+            proptest::prop_assert!(rest.access_token.expose().is_empty());
             let back = SessionData::decode(&bin).expect("decodes");
             proptest::prop_assert_eq!(
                 serde_json::to_value(&back).unwrap(),

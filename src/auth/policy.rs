@@ -18,10 +18,23 @@ pub fn roles(claims: &Map<String, Value>) -> Vec<Box<str>> {
     }
 }
 
-/// Checks the route's `roles` against the roles a session or token has ([`roles`]). No roles
+/// The roles a session or token has, asked one at a time: a token's [`roles`], or a session's
+/// (`Claims::roles`, which keeps them as positions in its encoded claims).
+pub trait RoleSet {
+    /// Whether `role` is one of them.
+    fn has(&self, role: &str) -> bool;
+}
+
+impl<T: AsRef<[Box<str>]> + ?Sized> RoleSet for &T {
+    fn has(&self, role: &str) -> bool {
+        self.as_ref().iter().any(|h| **h == *role)
+    }
+}
+
+/// Checks the route's `roles` against the roles a session or token has ([`RoleSet`]). No roles
 /// configured: any session passes. Otherwise one match is needed, else 403.
-pub fn check_roles(route: &Route, has: &[Box<str>]) -> Result<(), Error> {
-    if route.roles.is_empty() || route.roles.iter().any(|r| has.iter().any(|h| **h == **r)) {
+pub fn check_roles(route: &Route, has: impl RoleSet) -> Result<(), Error> {
+    if route.roles.is_empty() || route.roles.iter().any(|r| has.has(r)) {
         return Ok(());
     }
     Err(Error::Forbidden(format!(

@@ -80,6 +80,12 @@ fn handle_of(id: &[u8]) -> [u8; 16] {
     out
 }
 
+/// The record key ([`Ticket::record_key`]) of a ticket's bytes already verified (a cached
+/// session keeps them, not the key as well).
+pub fn record_key_of(verified: &[u8; TICKET_LEN]) -> [u8; 32] {
+    Presented(Secret::new(*verified)).ticket().record_key()
+}
+
 /// The bytes of a cookie value as presented, decoded but not yet verified.
 pub struct Presented(Secret<[u8; TICKET_LEN]>);
 
@@ -256,6 +262,20 @@ mod tests {
         let back = Ticket::verify(v.expose(), &k).unwrap();
         assert_eq!(back.handle(), t.handle());
         assert_eq!(back.record_key(), t.record_key());
+    }
+
+    #[test]
+    fn the_record_key_of_a_ticket_s_verified_bytes_is_the_ticket_s() {
+        let k = keys(1);
+        let t = Ticket::generate();
+        let signed = t.signed(&k);
+        assert_eq!(record_key_of(&signed), t.record_key());
+        let verified = Presented::decode(t.encode(&k).expose())
+            .unwrap()
+            .verify(&k)
+            .unwrap();
+        assert_eq!(record_key_of(&signed), verified.record_key());
+        assert_ne!(record_key_of(&signed), Ticket::generate().record_key());
     }
 
     #[test]

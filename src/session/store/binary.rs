@@ -125,6 +125,7 @@ pub(crate) const fn sized(n: usize) -> usize {
 }
 
 /// Reads one encoded value; every method is `None` on malformed or truncated input.
+#[derive(Clone, Copy)]
 pub(crate) struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -170,7 +171,24 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn string(&mut self) -> Option<String> {
-        std::str::from_utf8(self.bytes()?).ok().map(str::to_owned)
+        self.str().map(str::to_owned)
+    }
+
+    /// A string, borrowed from the input (checked to be UTF-8, not copied).
+    pub(crate) fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    /// A string's bytes, checked to be UTF-8 without making a `&str` of them (claim names and
+    /// values are mostly short ASCII, checked inline before any call to the full validation).
+    fn utf8(&mut self) -> Option<&'a [u8]> {
+        let b = self.bytes()?;
+        (b.is_ascii() || std::str::from_utf8(b).is_ok()).then_some(b)
+    }
+
+    /// What is left to read.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.0
     }
 
     pub(crate) fn opt_bytes(&mut self) -> Option<Option<&'a [u8]>> {
@@ -191,15 +209,6 @@ impl<'a> Reader<'a> {
     /// An object written by [`Writer::object`].
     pub(crate) fn object(&mut self) -> Option<serde_json::Map<String, serde_json::Value>> {
         self.object_at(0)
-    }
-
-    /// An object written by [`Writer::object`], and its encoded bytes as they were read.
-    pub(crate) fn object_and_bytes(
-        &mut self,
-    ) -> Option<(serde_json::Map<String, serde_json::Value>, &'a [u8])> {
-        let start = self.0;
-        let m = self.object_at(0)?;
-        Some((m, &start[..start.len() - self.0.len()]))
     }
 
     fn object_at(&mut self, depth: usize) -> Option<serde_json::Map<String, serde_json::Value>> {
@@ -241,6 +250,90 @@ impl<'a> Reader<'a> {
             tag::OBJECT => Value::Object(self.object_at(depth + 1)?),
             _ => return None,
         })
+    }
+
+    /// Reads past an object written by [`Writer::object`] without building it, checking every
+    /// value as [`Reader::object`] does (so exactly the objects it refuses are refused), and
+    /// returns a reader at the value of its `roles` member: the last one, as the decoded map keeps
+    /// it. Opening a session needs the roles only; the rest of the claims stays encoded.
+    pub(crate) fn object_roles(&mut self) -> Option<Option<Reader<'a>>> {
+        let n = self.count()?;
+        let mut roles = None;
+        for _ in 0..n {
+            if self.utf8()? == b"roles" {
+                roles = Some(Reader(self.0));
+            }
+            self.skip_value(1)?;
+        }
+        Some(roles)
+    }
+
+    /// Reads past one value as [`Reader::value_at`] would read it, refusing what it refuses: an
+    /// unknown tag, nesting past [`MAX_DEPTH`], a negative integer beyond `i64`, a float that is
+    /// not finite (JSON has none), a string that is not UTF-8.
+    fn skip_value(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match self.u8()? {
+            tag::NULL | tag::FALSE | tag::TRUE => {}
+            tag::UINT => {
+                self.uint()?;
+            }
+            tag::NEG => {
+                i64::try_from(self.uint()?).ok()?;
+            }
+            tag::FLOAT => {
+                let (b, rest) = self.0.split_first_chunk::<8>()?;
+                self.0 = rest;
+                f64::from_le_bytes(*b).is_finite().then_some(())?;
+            }
+            tag::STRING => {
+                self.utf8()?;
+            }
+            tag::ARRAY => {
+                let n = self.count()?;
+                for _ in 0..n {
+                    self.skip_value(depth + 1)?;
+                }
+            }
+            tag::OBJECT => {
+                let n = self.count()?;
+                for _ in 0..n {
+                    self.utf8()?;
+                    self.skip_value(depth + 2)?;
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// The roles a value read by [`Reader::object_roles`] grants, as byte ranges of the input
+    /// (each a whole UTF-8 string): an array's string elements (other elements are passed over),
+    /// or the space-separated names of a string (as `str::split_whitespace` splits them).
+    /// Anything else grants none.
+    pub(crate) fn roles(mut self, mut each: impl FnMut(&'a [u8])) -> Option<()> {
+        match self.u8()? {
+            tag::STRING => self
+                .str()?
+                .split_whitespace()
+                .for_each(|r| each(r.as_bytes())),
+            tag::ARRAY => {
+                let n = self.count()?;
+                for _ in 0..n {
+                    if self.0.first() == Some(&tag::STRING) {
+                        self.u8()?;
+                        // Checked to be UTF-8 by `object_roles`.
+                        each(self.bytes()?);
+                    } else {
+                        self.skip_value(2)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Some(())
     }
 
     /// A varint element count, refused if more elements than bytes are left (each takes one at
@@ -315,6 +408,27 @@ mod tests {
         deep.extend(std::iter::repeat_n([tag::ARRAY, 1], 200).flatten());
         deep.push(tag::NULL);
         assert_eq!(Reader::new(1, &deep).unwrap().object(), None);
+    }
+
+    #[test]
+    fn a_string_s_bytes_are_checked_as_utf8_with_or_without_making_a_str() {
+        for (bytes, ok) in [
+            (&b""[..], true),
+            (b"roles", true),
+            ("Ünï €".as_bytes(), true),
+            (b"\xff", false),
+            (b"ab\xc3", false),
+            (b"\xed\xa0\x80", false),
+        ] {
+            let mut w = Writer::new(1, 0);
+            w.bytes(bytes);
+            let enc = w.finish();
+            let utf8 = Reader::new(1, &enc).unwrap().utf8();
+            let str = Reader::new(1, &enc).unwrap().str();
+            assert_eq!(utf8.is_some(), ok, "{bytes:?}");
+            assert_eq!(str.is_some(), ok, "{bytes:?}");
+            assert_eq!(utf8, str.map(str::as_bytes));
+        }
     }
 
     #[test]
