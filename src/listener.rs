@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -189,7 +189,12 @@ impl TlsServer {
         let svc = service_fn(move |mut req: Request<Incoming>| {
             let router = routers.load_full();
             let guard = InFlight::new(activity.clone());
-            req.extensions_mut().insert(slot.clone());
+            // Only an HTTP/1.1 request can become a tunnel (`proxy::split`; HTTP/2 has no protocol
+            // switch, RFC 9113 §8.6): other requests are not handed the slot, which would cost
+            // each of them an extensions map, allocated and hashed into, for nothing.
+            if req.version() == Version::HTTP_11 {
+                req.extensions_mut().insert(slot.clone());
+            }
             let activity = activity.clone();
             async move {
                 if activity.oversized.load(Ordering::Acquire) {

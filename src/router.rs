@@ -206,7 +206,13 @@ impl Router {
         let own_answer = matches!(res.body(), http_body_util::Either::Right(_));
         let bad_request = res.status() == StatusCode::BAD_REQUEST;
         let h = res.headers_mut();
-        h.insert(headers::X_REQUEST_ID.clone(), record.request_id.clone());
+        // Never indexed by HPACK (RFC 7541 §7.1.3): the id is new on every answer, so an HTTP/2
+        // dynamic-table entry for it would never be used again; it would only cost the encoder a
+        // table insert and a walk of the ids already held on every response, and push out the
+        // entries that do repeat (content-type, HSTS). HTTP/1.1 ignores the flag.
+        let mut id = record.request_id.clone();
+        id.set_sensitive(true);
+        h.insert(headers::X_REQUEST_ID.clone(), id);
         // The edge owns transport security: coatcheck's HSTS replaces an upstream's.
         if let Some(hsts) = &self.hsts {
             h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());

@@ -2066,3 +2066,177 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
             .any(|v| v["path"] == "/healthz" && v["status"] == 200)
     );
 }
+
+/// Client I/O that keeps a copy of every byte it reads (the plaintext under TLS).
+struct Recording<T> {
+    inner: T,
+    read: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recording<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let got = buf.filled()[before..].to_vec();
+        self.read.lock().unwrap().extend_from_slice(&got);
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Recording<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How an HPACK field representation stores its field (RFC 7541 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hpack {
+    /// §6.1: a reference to a table entry.
+    Indexed,
+    /// §6.2.1: a literal the decoder adds to its dynamic table.
+    Incremental,
+    /// §6.2.2: a literal not added to the table.
+    WithoutIndexing,
+    /// §6.2.3: a literal that no hop may ever add to a table.
+    NeverIndexed,
+}
+
+/// The representation of each field of an HPACK header block, in order (size updates skipped).
+fn hpack_representations(mut block: &[u8]) -> Vec<Hpack> {
+    fn int(block: &mut &[u8], prefix: u32) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = usize::from(block[0]) & max;
+        *block = &block[1..];
+        if v == max {
+            let mut shift = 0;
+            loop {
+                let b = block[0];
+                *block = &block[1..];
+                v += usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn string(block: &mut &[u8]) {
+        let len = int(block, 7);
+        *block = &block[len..];
+    }
+    let mut out = Vec::new();
+    while !block.is_empty() {
+        let b = block[0];
+        let (kind, prefix) = match b {
+            _ if b & 0x80 != 0 => (Hpack::Indexed, 7),
+            _ if b & 0xc0 == 0x40 => (Hpack::Incremental, 6),
+            _ if b & 0xe0 == 0x20 => {
+                int(&mut block, 5);
+                continue;
+            }
+            _ if b & 0xf0 == 0x10 => (Hpack::NeverIndexed, 4),
+            _ => (Hpack::WithoutIndexing, 4),
+        };
+        let name = int(&mut block, prefix);
+        if kind != Hpack::Indexed {
+            if name == 0 {
+                string(&mut block);
+            }
+            string(&mut block);
+        }
+        out.push(kind);
+    }
+    out
+}
+
+#[tokio::test]
+async fn http2_answers_send_their_request_id_as_a_never_indexed_literal() {
+    // The id is new on every answer: an HPACK table entry for it would never be referenced, and
+    // would push out fields that repeat. The fields that do repeat still come from the table.
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let tls = support::tls_connect(proxy.addr, &[b"h2"]).await;
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let io = Recording {
+        inner: tls,
+        read: read.clone(),
+    };
+    let (mut send, conn) = h2::client::handshake(io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let req = http::Request::get(proxy.url("/api/echo")).body(()).unwrap();
+        send = send.ready().await.unwrap();
+        let (res, _) = send.send_request(req, true).unwrap();
+        let res = tokio::time::timeout(WAIT, res).await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        let (head, mut body) = res.into_parts();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+        answers.push(head.headers);
+    }
+    // The server's HEADERS frames, in stream order (each fits one frame: END_HEADERS).
+    let bytes = read.lock().unwrap().clone();
+    let mut blocks = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = (usize::from(bytes[at]) << 16)
+            | (usize::from(bytes[at + 1]) << 8)
+            | usize::from(bytes[at + 2]);
+        if bytes[at + 3] == 1 {
+            assert_ne!(bytes[at + 4] & 0x4, 0, "END_HEADERS on the HEADERS frame");
+            blocks.push(bytes[at + 9..at + 9 + len].to_vec());
+        }
+        at += 9 + len;
+    }
+    assert_eq!(blocks.len(), 3);
+    let mut ids = Vec::new();
+    for (i, (block, headers)) in blocks.iter().zip(&answers).enumerate() {
+        let kinds = hpack_representations(block);
+        // The first field is :status; then the regular fields in the order they were decoded.
+        assert_eq!(kinds.len(), headers.len() + 1, "answer {i}: {kinds:?}");
+        let kind_of = |name: &str| {
+            let at = headers.iter().position(|(k, _)| k == name).unwrap();
+            kinds[at + 1]
+        };
+        assert_eq!(kind_of("x-request-id"), Hpack::NeverIndexed, "answer {i}");
+        if i > 0 {
+            assert_eq!(
+                kind_of("strict-transport-security"),
+                Hpack::Indexed,
+                "answer {i}: HSTS comes from the table"
+            );
+        }
+        ids.push(headers["x-request-id"].clone());
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "{ids:?}");
+    drop(send);
+    conn.abort();
+    proxy.stop().await;
+}
