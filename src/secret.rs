@@ -20,6 +20,11 @@ impl<T> Secret<T> {
     pub fn expose(&self) -> &T {
         &self.0
     }
+
+    /// The wrapped value, moved out (a secret that changes hands, not a copy).
+    pub fn into_inner(self) -> T {
+        self.0
+    }
 }
 
 impl<T> fmt::Debug for Secret<T> {

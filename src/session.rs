@@ -122,18 +122,20 @@ impl SessionData {
     /// The session data from a sealed plaintext: [`SessionData::encode`]'s, or the JSON that
     /// versions before the binary format sealed (its first byte is `{`). `None` if neither.
     pub fn decode(plain: &[u8]) -> Option<SessionData> {
-        if plain.first() == Some(&b'{') {
-            return serde_json::from_slice(plain).ok();
-        }
-        let (mut data, access_token) = SessionData::decode_binary(plain)?;
-        data.access_token = Secret::new(access_token.to_owned());
+        let (mut data, access_token) = SessionData::decode_parts(plain)?;
+        data.access_token = Secret::new(access_token.into_owned());
         Some(data)
     }
 
-    /// [`SessionData::decode`] of the binary form, with the access token left where it is in
-    /// `plain` (checked to be UTF-8, not copied; the field is empty): a session opened from the
-    /// store writes it once, into its bearer.
-    fn decode_binary(plain: &[u8]) -> Option<(SessionData, &str)> {
+    /// [`SessionData::decode`] with the access token apart (the field is left empty): borrowed
+    /// from `plain` in the binary form, checked to be UTF-8 but not copied, so that a session
+    /// opened from the store writes it once, into its bearer.
+    fn decode_parts(plain: &[u8]) -> Option<(SessionData, std::borrow::Cow<'_, str>)> {
+        if plain.first() == Some(&b'{') {
+            let mut data: SessionData = serde_json::from_slice(plain).ok()?;
+            let access_token = std::mem::take(&mut data.access_token).into_inner();
+            return Some((data, access_token.into()));
+        }
         let mut r = store::binary::Reader::new(DATA_V1, plain)?;
         let iss = r.string()?;
         let sub = r.string()?;
@@ -157,7 +159,7 @@ impl SessionData {
             refresh_token: r.opt_string()?.map(Secret::new),
         };
         r.end()?;
-        Some((data, access_token))
+        Some((data, access_token.into()))
     }
 }
 
@@ -275,12 +277,7 @@ impl std::hash::Hasher for HandleHasher {
 /// The access token goes from the plaintext straight into the bearer.
 fn open_record(key: &[u8; 32], record: &Record) -> Option<(SessionData, HeaderValue)> {
     let plain = secret::open(key, record.handle.as_bytes(), &record.sealed)?;
-    if plain.first() == Some(&b'{') {
-        let data = SessionData::decode(&plain)?;
-        let bearer = bearer(data.access_token.expose().as_bytes());
-        return Some((data, bearer));
-    }
-    let (data, access_token) = SessionData::decode_binary(&plain)?;
+    let (data, access_token) = SessionData::decode_parts(&plain)?;
     Some((data, bearer(access_token.as_bytes())))
 }
 
@@ -1374,8 +1371,8 @@ mod tests {
                 refresh_token: refresh.map(Secret::new),
             };
             let bin = d.encode();
-            let (rest, token) = SessionData::decode_binary(&bin).expect("decodes");
-            proptest::prop_assert_eq!(token, d.access_token.expose().as_str());
+            let (rest, token) = SessionData::decode_parts(&bin).expect("decodes");
+            proptest::prop_assert_eq!(token.as_ref(), d.access_token.expose().as_str());
             proptest::prop_assert!(rest.access_token.expose().is_empty());
             let back = SessionData::decode(&bin).expect("decodes");
             proptest::prop_assert_eq!(
