@@ -110,6 +110,14 @@ impl Drop for Upstream {
     }
 }
 
+/// coatcheck's own server configuration with the test certificates (`h2` and `http/1.1`).
+fn tls_config() -> Arc<rustls::ServerConfig> {
+    let certs = super::certs();
+    coatcheck::tls::install_provider();
+    let cert = coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
+    coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration")
+}
+
 impl Upstream {
     /// A plain-HTTP upstream (HTTP/1.1, and HTTP/2 with prior knowledge).
     pub async fn start() -> Upstream {
@@ -119,22 +127,12 @@ impl Upstream {
     /// An HTTPS upstream with the test certificates (valid for `localhost` and `127.0.0.1`),
     /// offering `h2` and `http/1.1` by ALPN.
     pub async fn start_tls() -> Upstream {
-        let certs = super::certs();
-        coatcheck::tls::install_provider();
-        let cert =
-            coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
-        let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
-        Self::spawn(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
+        Self::spawn(Some(tokio_rustls::TlsAcceptor::from(tls_config()))).await
     }
 
     /// An HTTPS upstream like [`Upstream::start_tls`] that offers only `http/1.1` by ALPN.
     pub async fn start_tls_http1() -> Upstream {
-        let certs = super::certs();
-        coatcheck::tls::install_provider();
-        let cert =
-            coatcheck::tls::ServerCert::load(&certs.cert, &certs.key).expect("test certs load");
-        let cfg = coatcheck::tls::server_config(Arc::new(cert)).expect("TLS configuration");
-        let mut cfg = (*cfg).clone();
+        let mut cfg = (*tls_config()).clone();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self::spawn(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
     }
