@@ -31,7 +31,7 @@ use redb::{Database, MultimapTableDefinition, TableDefinition};
 use serde_json::{Value, json};
 
 use coatcheck::config::{self, StoreKind};
-use coatcheck::secret::{self, Secret};
+use coatcheck::secret::Secret;
 use coatcheck::session::store::Record;
 use coatcheck::session::ticket::{Keys, Ticket};
 use coatcheck::session::{Lookup, SessionData, Sessions, now, subject_key};
@@ -115,7 +115,7 @@ fn data(i: usize) -> SessionData {
 fn record(ticket: &Ticket, data: &SessionData, cfg: &config::Session) -> Record {
     let handle = ticket.handle();
     let now = now();
-    let sealed = secret::seal(&ticket.record_key(), handle.as_bytes(), &data.encode());
+    let sealed = ticket.seal_record(&handle, &data.encode());
     Record {
         handle,
         subject: subject_key(&data.iss, &data.sub),

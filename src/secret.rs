@@ -116,18 +116,25 @@ const NONCE_LEN: usize = 12;
 /// Encrypts and authenticates `plaintext` with AES-256-GCM under `key`, binding `aad`.
 /// Output: random 96-bit nonce ‖ ciphertext ‖ tag.
 pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    seal_after(&[], key, aad, plaintext)
+}
+
+/// [`seal`], written after `prefix` in one buffer: `prefix` ‖ nonce ‖ ciphertext ‖ tag (the
+/// prefix is not authenticated: it only tells a reader how to open what follows).
+pub fn seal_after(prefix: &[u8], key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"));
     let mut nonce = [0u8; NONCE_LEN];
     random_bytes(&mut nonce);
-    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+    let mut out = Vec::with_capacity(prefix.len() + NONCE_LEN + plaintext.len() + 16);
+    out.extend_from_slice(prefix);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad),
-            &mut out[NONCE_LEN..],
+            &mut out[prefix.len() + NONCE_LEN..],
         )
         .expect("AES-GCM seal of an in-memory buffer");
     out.extend_from_slice(tag.as_ref());

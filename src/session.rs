@@ -187,7 +187,7 @@ pub struct Session {
     /// asking the store for `session.cache.ttl` after it.
     read_at: Instant,
     /// The cookie's bytes this copy was verified for: the same cookie again needs no second MAC.
-    /// The record key is derived from them when a write needs it ([`Session::record_key`]), not
+    /// The record key is derived from them when a write needs it ([`Session::ticket`]), not
     /// kept beside them.
     ticket: Secret<[u8; TICKET_LEN]>,
 }
@@ -272,11 +272,12 @@ impl std::hash::Hasher for HandleHasher {
     }
 }
 
-/// Decrypts a record's sealed data with the session's record key and decodes it into the
-/// session's data and its bearer (`None`: altered, wrong key, or a payload that does not decode).
-/// The access token goes from the plaintext straight into the bearer.
-fn open_record(key: &[u8; 32], record: &Record) -> Option<(SessionData, HeaderValue)> {
-    let plain = secret::open(key, record.handle.as_bytes(), &record.sealed)?;
+/// Decrypts a record's sealed data with the session's ticket ([`Ticket::open_record`]) and
+/// decodes it into the session's data and its bearer (`None`: altered, another ticket's, or a
+/// payload that does not decode). The access token goes from the plaintext straight into the
+/// bearer.
+fn open_record(ticket: &Ticket, record: &Record) -> Option<(SessionData, HeaderValue)> {
+    let plain = ticket.open_record(&record.handle, &record.sealed)?;
     let (data, access_token) = SessionData::decode_parts(&plain)?;
     Some((data, bearer(access_token.as_bytes())))
 }
@@ -451,8 +452,7 @@ impl Sessions {
             self.cache.invalidate(&key).await;
             return Ok(Lookup::Ended);
         };
-        let record_key = presented.ticket().record_key();
-        let Some((data, bearer)) = open_record(&record_key, &record) else {
+        let Some((data, bearer)) = open_record(&presented.ticket(), &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket or did not decode; treating it as ended");
             return Ok(Lookup::Ended);
         };
@@ -625,8 +625,7 @@ impl Sessions {
         let ticket = Ticket::generate();
         let handle = ticket.handle();
         let now = now();
-        let key = ticket.record_key();
-        let sealed = secret::seal(&key, handle.as_bytes(), &data.encode());
+        let sealed = ticket.seal_record(&handle, &data.encode());
         let ua = user_agent.and_then(|v| v.to_str().ok()).unwrap_or("");
         let record = Record {
             handle: handle.clone(),
@@ -671,11 +670,9 @@ impl Sessions {
         current: &Session,
         data: SessionData,
     ) -> Result<Option<Arc<Session>>, Error> {
-        let sealed = secret::seal(
-            current.record_key().expose(),
-            current.handle.as_bytes(),
-            &data.encode(),
-        );
+        let sealed = current
+            .ticket()
+            .seal_record(&current.handle, &data.encode());
         let last_seen = current.last_seen.load(Ordering::Relaxed);
         let record = Record {
             handle: current.handle.clone(),
@@ -747,7 +744,7 @@ impl Sessions {
             self.evict(&current.handle).await;
             return Ok(None);
         };
-        let (data, bearer) = open_record(current.record_key().expose(), &record)
+        let (data, bearer) = open_record(&current.ticket(), &record)
             .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
         Ok(self
             .remember(Session::from_parts(
@@ -878,10 +875,10 @@ impl Drop for EndWatch {
 const BEARER: &[u8] = b"Bearer ";
 
 impl Session {
-    /// The key of the session's store record, derived from the ticket it was verified for (on a
-    /// write or a reload only: a read that finds it cached needs none).
-    fn record_key(&self) -> Secret<[u8; 32]> {
-        Secret::new(ticket::record_key_of(self.ticket.expose()))
+    /// The ticket this session was verified for, whose record key seals and opens its store
+    /// record (on a write or a reload only: a read that finds it cached needs none).
+    fn ticket(&self) -> Ticket {
+        ticket::of_verified(self.ticket.expose())
     }
 
     /// A session of `data` whose access token is `bearer`'s ([`bearer`]; `data`'s own, if any,
@@ -1209,11 +1206,7 @@ mod tests {
     fn legacy_record(ticket: &Ticket, data: &SessionData) -> Vec<u8> {
         let handle = ticket.handle();
         let t = now();
-        let sealed = secret::seal(
-            &ticket.record_key(),
-            handle.as_bytes(),
-            &serde_json::to_vec(data).unwrap(),
-        );
+        let sealed = ticket.seal_record_as_before_v2(&handle, &serde_json::to_vec(data).unwrap());
         let record = Record {
             handle,
             subject: subject_key(&data.iss, &data.sub),
@@ -1249,17 +1242,53 @@ mod tests {
         // A write (here a refresh) stores it in the binary format; it still opens.
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
         let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
-        let (opened, bearer) = open_record(updated.record_key().expose(), &stored).unwrap();
+        let (opened, bearer) = open_record(&updated.ticket(), &stored).unwrap();
         assert_eq!(bearer, "Bearer at-secret");
         assert_eq!(opened.claims, d.claims);
-        let plain = secret::open(
-            updated.record_key().expose(),
-            stored.handle.as_bytes(),
-            &stored.sealed,
-        )
-        .unwrap();
+        let plain = updated
+            .ticket()
+            .open_record(&stored.handle, &stored.sealed)
+            .unwrap();
         assert_same(&SessionData::decode(&plain).unwrap(), &d);
         assert_eq!(plain[0], DATA_V1, "new writes seal the binary payload");
+        assert!(stored.sealed.starts_with(ticket::SEALED_V2));
+        drop(s);
+        std::fs::remove_file(path).ok();
+    }
+
+    #[tokio::test]
+    async fn a_binary_record_sealed_under_the_previous_record_key_opens_and_a_write_reseals_it() {
+        let (c, path) = embedded_cfg("hkdf");
+        let ticket = Ticket::generate();
+        let handle = ticket.handle();
+        let t = now();
+        let d = data();
+        let record = Record {
+            handle: handle.clone(),
+            subject: subject_key(&d.iss, &d.sub),
+            version: 1,
+            created_at: t,
+            last_seen: t,
+            idle_expires_at: t + 1800,
+            absolute_expires_at: t + 43200,
+            user_agent: "browser".into(),
+            idp_sid: None,
+            sealed: ticket.seal_record_as_before_v2(&handle, &d.encode()),
+        };
+        plant(&path, &handle, &record.encode());
+        let s = Sessions::new(&c).unwrap();
+        let cookie = ticket.encode(&s.keys());
+        let Lookup::Live(found) = s.lookup(&cookie_headers(&cookie), TTL).await.unwrap() else {
+            panic!("a record sealed by the version before the one-step record key must open")
+        };
+        assert_eq!(found.bearer, "Bearer at-secret");
+        let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
+        let stored = s.store.load(&handle, now()).await.unwrap().unwrap();
+        assert!(stored.sealed.starts_with(ticket::SEALED_V2));
+        let (_, bearer) = open_record(&updated.ticket(), &stored).unwrap();
+        assert_eq!(bearer, "Bearer at-secret");
+        let plain = ticket.open_record(&handle, &stored.sealed).unwrap();
+        assert_same(&SessionData::decode(&plain).unwrap(), &d);
         drop(s);
         std::fs::remove_file(path).ok();
     }
@@ -1279,11 +1308,7 @@ mod tests {
             absolute_expires_at: t + 43200,
             user_agent: String::new(),
             idp_sid: None,
-            sealed: secret::seal(
-                &ticket.record_key(),
-                ticket.handle().as_bytes(),
-                &data().encode(),
-            ),
+            sealed: ticket.seal_record(&ticket.handle(), &data().encode()),
         }
         .encode();
         let mut bad: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
@@ -1320,7 +1345,7 @@ mod tests {
             let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
             let version = r.version;
             r.version += 1;
-            r.sealed = secret::seal(created.record_key().expose(), r.handle.as_bytes(), &p);
+            r.sealed = created.ticket().seal_record(&r.handle, &p);
             assert!(s.store.save(r, version).await.unwrap());
             s.cache.invalidate_all();
             assert!(matches!(

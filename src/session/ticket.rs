@@ -5,7 +5,7 @@
 //! or altered ticket fails the MAC before any store lookup. A cached session remembers the exact
 //! bytes of the ticket it was verified for, so the same cookie again needs no second MAC. The store never sees the id or
 //! the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
-//! under a key derived from the secret ([`Ticket::record_key`]).
+//! under a key derived from the secret ([`Ticket::seal_record`]).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -80,11 +80,19 @@ fn handle_of(id: &[u8]) -> [u8; 16] {
     out
 }
 
-/// The record key ([`Ticket::record_key`]) of a ticket's bytes already verified (a cached
-/// session keeps them, not the key as well).
-pub fn record_key_of(verified: &[u8; TICKET_LEN]) -> [u8; 32] {
-    Presented(Secret::new(*verified)).ticket().record_key()
+/// The ticket of bytes already verified (a cached session keeps them, not the record key as
+/// well: that is derived when a write or a reload needs it).
+pub fn of_verified(verified: &[u8; TICKET_LEN]) -> Ticket {
+    Presented(Secret::new(*verified)).ticket()
 }
+
+/// The label of [`Ticket::record_key`]'s derivation.
+const RECORD_KEY_LABEL: &[u8; 19] = b"coatcheck record v2";
+
+/// What starts a record's payload sealed under [`Ticket::record_key`]. Payloads sealed before it
+/// (under [`Ticket::hkdf_record_key`]) start with their random nonce, which may by chance start
+/// with these bytes too: [`Ticket::open_record`] then falls back to the older key.
+pub(crate) const SEALED_V2: &[u8; 4] = b"cck\x02";
 
 /// The bytes of a cookie value as presented, decoded but not yet verified.
 pub struct Presented(Secret<[u8; TICKET_LEN]>);
@@ -193,12 +201,52 @@ impl Ticket {
     }
 
     /// The key that encrypts this session's store record; only the cookie holder can derive it.
+    /// NIST SP 800-56C rev. 2's one-step key derivation with SHA-256: SHA-256(counter 1 ‖ secret
+    /// ‖ label ‖ id), 55 bytes, so one SHA-256 block. The secret is 128 uniformly random bits, so
+    /// HKDF's extract step (the earlier [`Ticket::hkdf_record_key`]) adds nothing; its two HMACs
+    /// cost 0.56 µs on every cache miss against 0.09 µs for this.
     pub fn record_key(&self) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(&1u32.to_be_bytes());
+        ctx.update(self.secret.expose());
+        ctx.update(RECORD_KEY_LABEL);
+        ctx.update(&self.id);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// The record key of payloads sealed before [`SEALED_V2`] (HKDF-SHA256 with the id as salt):
+    /// they are still opened, never sealed again.
+    fn hkdf_record_key(&self) -> [u8; 32] {
         secret::derive_key(
             self.secret.expose(),
             &self.id,
             b"coatcheck session record v1",
         )
+    }
+
+    /// Encrypts a session's payload for its store record ([`SEALED_V2`] ‖ AES-256-GCM under
+    /// [`Ticket::record_key`], bound to the record's `handle`).
+    pub fn seal_record(&self, handle: &str, plain: &[u8]) -> Vec<u8> {
+        secret::seal_after(SEALED_V2, &self.record_key(), handle.as_bytes(), plain)
+    }
+
+    /// A payload as versions before [`SEALED_V2`] sealed it (tests of records they wrote).
+    #[cfg(test)]
+    pub(crate) fn seal_record_as_before_v2(&self, handle: &str, plain: &[u8]) -> Vec<u8> {
+        secret::seal(&self.hkdf_record_key(), handle.as_bytes(), plain)
+    }
+
+    /// Decrypts a record's payload sealed by [`Ticket::seal_record`], or by a version before it
+    /// (under [`Ticket::hkdf_record_key`]); `None` if it was altered or is not this ticket's.
+    pub fn open_record(&self, handle: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        if let Some(v2) = sealed.strip_prefix(SEALED_V2)
+            && let Some(plain) = secret::open(&self.record_key(), handle.as_bytes(), v2)
+        {
+            return Some(plain);
+        }
+        secret::open(&self.hkdf_record_key(), handle.as_bytes(), sealed)
     }
 }
 
@@ -269,13 +317,77 @@ mod tests {
         let k = keys(1);
         let t = Ticket::generate();
         let signed = t.signed(&k);
-        assert_eq!(record_key_of(&signed), t.record_key());
+        assert_eq!(of_verified(&signed).record_key(), t.record_key());
         let verified = Presented::decode(t.encode(&k).expose())
             .unwrap()
             .verify(&k)
             .unwrap();
-        assert_eq!(record_key_of(&signed), verified.record_key());
-        assert_ne!(record_key_of(&signed), Ticket::generate().record_key());
+        assert_eq!(of_verified(&signed).record_key(), verified.record_key());
+        assert_ne!(
+            of_verified(&signed).record_key(),
+            Ticket::generate().record_key()
+        );
+    }
+
+    #[test]
+    fn the_record_key_is_the_sp_800_56c_one_step_derivation_and_not_the_hkdf_one() {
+        let t = Ticket {
+            id: [0x11; ID_LEN],
+            secret: Secret::new([0x22; SECRET_LEN]),
+        };
+        let mut input = vec![0, 0, 0, 1];
+        input.extend_from_slice(&[0x22; SECRET_LEN]);
+        input.extend_from_slice(b"coatcheck record v2");
+        input.extend_from_slice(&[0x11; ID_LEN]);
+        assert_eq!(input.len(), 55, "one SHA-256 block");
+        assert_eq!(t.record_key(), secret::sha256(&input));
+        assert_ne!(t.record_key(), t.hkdf_record_key());
+    }
+
+    /// AES-256-GCM with a chosen nonce (the older format: nonce ‖ ciphertext ‖ tag).
+    fn seal_with_nonce(key: &[u8; 32], nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).unwrap());
+        let mut out = [&nonce[..], plain].concat();
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[12..],
+            )
+            .unwrap();
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    #[test]
+    fn records_sealed_under_either_key_open_and_nothing_else_does() {
+        let t = Ticket::generate();
+        let h = t.handle();
+        let new = t.seal_record(&h, b"payload");
+        assert!(new.starts_with(SEALED_V2));
+        assert_eq!(t.open_record(&h, &new).unwrap(), b"payload");
+        // Sealed by a version before the one-step key: random nonce first, HKDF key.
+        let old = secret::seal(&t.hkdf_record_key(), h.as_bytes(), b"old payload");
+        assert_eq!(t.open_record(&h, &old).unwrap(), b"old payload");
+        // An older payload whose random nonce happens to start with SEALED_V2's bytes.
+        let mut nonce = [7u8; 12];
+        nonce[..4].copy_from_slice(SEALED_V2);
+        let lookalike = seal_with_nonce(&t.hkdf_record_key(), nonce, h.as_bytes(), b"rare");
+        assert!(lookalike.starts_with(SEALED_V2));
+        assert_eq!(t.open_record(&h, &lookalike).unwrap(), b"rare");
+        // Another ticket, another handle, or an altered byte: nothing opens.
+        let other = Ticket::generate();
+        assert!(other.open_record(&h, &new).is_none());
+        assert!(other.open_record(&h, &old).is_none());
+        assert!(t.open_record(&other.handle(), &new).is_none());
+        for i in 0..new.len() {
+            let mut bad = new.clone();
+            bad[i] ^= 1;
+            assert!(t.open_record(&h, &bad).is_none(), "byte {i} altered");
+        }
+        assert!(t.open_record(&h, &new[..new.len() - 1]).is_none());
+        assert!(t.open_record(&h, SEALED_V2).is_none());
     }
 
     #[test]
