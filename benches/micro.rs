@@ -37,6 +37,7 @@ fn session_config() -> config::Session {
         persistent: false,
         touch_interval: Duration::from_secs(60),
         keys: vec![Secret::new(vec![7u8; 32])],
+        record_key: config::RecordKey::OneStep,
         store: StoreKind::Memory,
         cache_capacity: 1000,
         cache_ttl: TTL,

@@ -60,6 +60,7 @@ fn session_config(store: StoreKind, cache_capacity: u64) -> config::Session {
         // keeps this a pure read-path measurement.
         touch_interval: Duration::from_secs(24 * 3600),
         keys: vec![Secret::new(KEY.to_vec())],
+        record_key: config::RecordKey::OneStep,
         store,
         cache_capacity,
         cache_ttl: Duration::from_secs(3600),
@@ -115,7 +116,7 @@ fn data(i: usize) -> SessionData {
 fn record(ticket: &Ticket, data: &SessionData, cfg: &config::Session) -> Record {
     let handle = ticket.handle();
     let now = now();
-    let sealed = ticket.seal_record(&handle, &data.encode());
+    let sealed = ticket.seal_record(cfg.record_key, &handle, &data.encode());
     Record {
         handle,
         subject: subject_key(&data.iss, &data.sub),

@@ -226,7 +226,7 @@ pub struct Server {
     pub hsts: Option<http::HeaderValue>,
 }
 
-pub use file::UnderscoreHeaders;
+pub use file::{RecordKey, UnderscoreHeaders};
 
 /// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +323,8 @@ pub struct Session {
     pub touch_interval: Duration,
     /// Decoded keys; the first signs, all verify.
     pub keys: Vec<Secret<Vec<u8>>>,
+    /// How the key of a record this process writes is derived (`session.record_key`).
+    pub record_key: RecordKey,
     pub store: StoreKind,
     pub cache_capacity: u64,
     pub cache_ttl: Duration,
@@ -1233,6 +1235,7 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
         persistent: s.persistent.unwrap_or(false),
         touch_interval,
         keys,
+        record_key: s.record_key.unwrap_or_default(),
         store,
         cache_capacity,
         cache_ttl: p.duration(
@@ -2051,6 +2054,29 @@ mod tests {
         base(&format!(
             "[oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n{session}\n[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n"
         ))
+    }
+
+    #[test]
+    fn session_record_key_is_one_step_by_default_hkdf_on_request_and_nothing_else() {
+        let parse = |extra: &str| Config::from_toml(&session_base(extra), Path::new("t.toml"));
+        assert_eq!(parse("").unwrap().session.record_key, RecordKey::OneStep);
+        assert_eq!(
+            parse("record_key = \"hkdf\"\n").unwrap().session.record_key,
+            RecordKey::Hkdf
+        );
+        assert_eq!(
+            parse("record_key = \"one_step\"\n")
+                .unwrap()
+                .session
+                .record_key,
+            RecordKey::OneStep
+        );
+        let p = problems(&session_base("record_key = \"sha1\"\n"));
+        assert!(
+            p.iter()
+                .any(|p| p.key.contains("record_key") && p.reason.contains("one_step")),
+            "{p:?}"
+        );
     }
 
     #[test]

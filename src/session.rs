@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, header};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::{self, StoreKind};
+use crate::config::{self, RecordKey, StoreKind};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proxy::headers;
@@ -234,6 +234,8 @@ pub struct Sessions {
     pub idle: Duration,
     pub absolute: Duration,
     touch_interval: Duration,
+    /// How the key of a record this process writes is derived (`session.record_key`).
+    record_key: RecordKey,
 }
 
 /// Hashes a cache key, a handle: its first eight bytes, which are already the output of SHA-256
@@ -363,6 +365,7 @@ impl Sessions {
             idle: cfg.idle_timeout,
             absolute: cfg.absolute_timeout,
             touch_interval: cfg.touch_interval,
+            record_key: cfg.record_key,
         })
     }
 
@@ -625,7 +628,7 @@ impl Sessions {
         let ticket = Ticket::generate();
         let handle = ticket.handle();
         let now = now();
-        let sealed = ticket.seal_record(&handle, &data.encode());
+        let sealed = ticket.seal_record(self.record_key, &handle, &data.encode());
         let ua = user_agent.and_then(|v| v.to_str().ok()).unwrap_or("");
         let record = Record {
             handle: handle.clone(),
@@ -672,7 +675,7 @@ impl Sessions {
     ) -> Result<Option<Arc<Session>>, Error> {
         let sealed = current
             .ticket()
-            .seal_record(&current.handle, &data.encode());
+            .seal_record(self.record_key, &current.handle, &data.encode());
         let last_seen = current.last_seen.load(Ordering::Relaxed);
         let record = Record {
             handle: current.handle.clone(),
@@ -941,6 +944,7 @@ mod tests {
             absolute_timeout: Duration::from_secs(43200),
             persistent: false,
             touch_interval: Duration::from_secs(60),
+            record_key: RecordKey::OneStep,
             keys: vec![Secret::new(vec![7u8; 32])],
             store: StoreKind::Memory,
             cache_capacity: 100,
@@ -1206,7 +1210,8 @@ mod tests {
     fn legacy_record(ticket: &Ticket, data: &SessionData) -> Vec<u8> {
         let handle = ticket.handle();
         let t = now();
-        let sealed = ticket.seal_record_as_before_v2(&handle, &serde_json::to_vec(data).unwrap());
+        let sealed =
+            ticket.seal_record(RecordKey::Hkdf, &handle, &serde_json::to_vec(data).unwrap());
         let record = Record {
             handle,
             subject: subject_key(&data.iss, &data.sub),
@@ -1273,7 +1278,7 @@ mod tests {
             absolute_expires_at: t + 43200,
             user_agent: "browser".into(),
             idp_sid: None,
-            sealed: ticket.seal_record_as_before_v2(&handle, &d.encode()),
+            sealed: ticket.seal_record(RecordKey::Hkdf, &handle, &d.encode()),
         };
         plant(&path, &handle, &record.encode());
         let s = Sessions::new(&c).unwrap();
@@ -1294,6 +1299,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_record_key_hkdf_records_are_written_as_older_versions_read_them() {
+        let s = Sessions::new(&config::Session {
+            record_key: RecordKey::Hkdf,
+            ..cfg()
+        })
+        .unwrap();
+        let (_, created) = s.create(data(), None, None).await.unwrap();
+        let updated = s.update(&created, data()).await.unwrap().unwrap();
+        let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
+        assert!(!stored.sealed.starts_with(ticket::SEALED_V2));
+        // What a version before the one-step key does: HKDF-SHA256 of the secret, the id as salt.
+        let signed = created.ticket.expose();
+        let key = secret::derive_key(
+            &signed[16..32],
+            &signed[..16],
+            b"coatcheck session record v1",
+        );
+        let plain = secret::open(&key, stored.handle.as_bytes(), &stored.sealed).unwrap();
+        assert_same(&SessionData::decode(&plain).unwrap(), &data());
+    }
+
+    #[tokio::test]
     async fn a_garbled_or_truncated_stored_record_is_an_ended_session_not_a_panic_or_an_outage() {
         let (c, path) = embedded_cfg("garbled");
         let ticket = Ticket::generate();
@@ -1308,7 +1335,7 @@ mod tests {
             absolute_expires_at: t + 43200,
             user_agent: String::new(),
             idp_sid: None,
-            sealed: ticket.seal_record(&ticket.handle(), &data().encode()),
+            sealed: ticket.seal_record(RecordKey::OneStep, &ticket.handle(), &data().encode()),
         }
         .encode();
         let mut bad: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
@@ -1345,7 +1372,9 @@ mod tests {
             let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
             let version = r.version;
             r.version += 1;
-            r.sealed = created.ticket().seal_record(&r.handle, &p);
+            r.sealed = created
+                .ticket()
+                .seal_record(RecordKey::OneStep, &r.handle, &p);
             assert!(s.store.save(r, version).await.unwrap());
             s.cache.invalidate_all();
             assert!(matches!(

@@ -291,6 +291,7 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
     let keys_reload = !s.keys.is_empty() && !n.keys.is_empty();
     keep("session.keys", keys_reload || s.keys == n.keys);
     keep("session.store", s.store == n.store);
+    keep("session.record_key", s.record_key == n.record_key);
     keep(
         "session.cache.capacity",
         s.cache_capacity == n.cache_capacity,
@@ -401,10 +402,14 @@ mod tests {
             .replace("MDEy", "QUJD")
             .replace(
                 "[session]\n",
-                "[session]\nstore = { kind = \"memory\" }\ncache = { ttl = \"5s\" }\n",
+                "[session]\nstore = { kind = \"memory\" }\ncache = { ttl = \"5s\" }\nrecord_key = \"hkdf\"\n",
             );
         let mut next = config("", &format!("{text}{ROUTE}"));
-        assert_eq!(keep_running(&running, &mut next), ["session.store", "oidc"]);
+        assert_eq!(
+            keep_running(&running, &mut next),
+            ["session.store", "session.record_key", "oidc"]
+        );
+        assert_eq!(next.session.record_key, running.session.record_key);
         assert_eq!(next.oidc, running.oidc);
         assert!(next.session.keys != running.session.keys);
         assert_eq!(next.session.keys.len(), 1);

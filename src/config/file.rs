@@ -96,6 +96,19 @@ pub struct LogFile {
     pub format: Option<String>,
 }
 
+/// `session.record_key`: how the key of a record the process writes is derived from its ticket
+/// (records written either way are read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKey {
+    /// NIST SP 800-56C rev. 2 one-step derivation with SHA-256 (default).
+    #[default]
+    OneStep,
+    /// HKDF-SHA256, as versions before `one_step`: for a rolling upgrade, while older instances
+    /// still read the same store.
+    Hkdf,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionFile {
@@ -105,6 +118,7 @@ pub struct SessionFile {
     pub absolute_timeout: Option<String>,
     pub persistent: Option<bool>,
     pub touch_interval: Option<String>,
+    pub record_key: Option<RecordKey>,
     #[serde(default)]
     pub keys: Vec<String>,
     #[serde(default)]

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::HeaderValue;
 
-use crate::config::SameSite;
+use crate::config::{RecordKey, SameSite};
 use crate::secret::{self, Secret};
 
 const ID_LEN: usize = 16;
@@ -226,16 +226,17 @@ impl Ticket {
         )
     }
 
-    /// Encrypts a session's payload for its store record ([`SEALED_V2`] ‖ AES-256-GCM under
-    /// [`Ticket::record_key`], bound to the record's `handle`).
-    pub fn seal_record(&self, handle: &str, plain: &[u8]) -> Vec<u8> {
-        secret::seal_after(SEALED_V2, &self.record_key(), handle.as_bytes(), plain)
-    }
-
-    /// A payload as versions before [`SEALED_V2`] sealed it (tests of records they wrote).
-    #[cfg(test)]
-    pub(crate) fn seal_record_as_before_v2(&self, handle: &str, plain: &[u8]) -> Vec<u8> {
-        secret::seal(&self.hkdf_record_key(), handle.as_bytes(), plain)
+    /// Encrypts a session's payload for its store record, bound to the record's `handle`:
+    /// [`SEALED_V2`] ‖ AES-256-GCM under [`Ticket::record_key`], or with `session.record_key =
+    /// "hkdf"` as versions before it sealed (AES-256-GCM under [`Ticket::hkdf_record_key`]), which
+    /// they can still read during a rolling upgrade.
+    pub fn seal_record(&self, kind: RecordKey, handle: &str, plain: &[u8]) -> Vec<u8> {
+        match kind {
+            RecordKey::OneStep => {
+                secret::seal_after(SEALED_V2, &self.record_key(), handle.as_bytes(), plain)
+            }
+            RecordKey::Hkdf => secret::seal(&self.hkdf_record_key(), handle.as_bytes(), plain),
+        }
     }
 
     /// Decrypts a record's payload sealed by [`Ticket::seal_record`], or by a version before it
@@ -364,11 +365,15 @@ mod tests {
     fn records_sealed_under_either_key_open_and_nothing_else_does() {
         let t = Ticket::generate();
         let h = t.handle();
-        let new = t.seal_record(&h, b"payload");
+        let new = t.seal_record(RecordKey::OneStep, &h, b"payload");
         assert!(new.starts_with(SEALED_V2));
         assert_eq!(t.open_record(&h, &new).unwrap(), b"payload");
-        // Sealed by a version before the one-step key: random nonce first, HKDF key.
-        let old = secret::seal(&t.hkdf_record_key(), h.as_bytes(), b"old payload");
+        // Sealed as by a version before the one-step key: random nonce first, HKDF key.
+        let old = t.seal_record(RecordKey::Hkdf, &h, b"old payload");
+        assert!(
+            secret::open(&t.hkdf_record_key(), h.as_bytes(), &old).is_some(),
+            "what an older version opens"
+        );
         assert_eq!(t.open_record(&h, &old).unwrap(), b"old payload");
         // An older payload whose random nonce happens to start with SEALED_V2's bytes.
         let mut nonce = [7u8; 12];
