@@ -1205,14 +1205,10 @@ mod tests {
         txn.commit().unwrap();
     }
 
-    /// A record exactly as versions before the binary format wrote it: the record as JSON with the
-    /// sealed payload in base64, the payload `SessionData` as JSON.
-    fn legacy_record(ticket: &Ticket, data: &SessionData) -> Vec<u8> {
-        let handle = ticket.handle();
+    /// A record as a login at this moment stores it, with `sealed` as its payload.
+    fn stored_record(handle: String, data: &SessionData, sealed: Vec<u8>) -> Record {
         let t = now();
-        let sealed =
-            ticket.seal_record(RecordKey::Hkdf, &handle, &serde_json::to_vec(data).unwrap());
-        let record = Record {
+        Record {
             handle,
             subject: subject_key(&data.iss, &data.sub),
             version: 1,
@@ -1223,8 +1219,16 @@ mod tests {
             user_agent: "old browser".into(),
             idp_sid: None,
             sealed,
-        };
-        let json = serde_json::to_vec(&record).unwrap();
+        }
+    }
+
+    /// A record exactly as versions before the binary format wrote it: the record as JSON with the
+    /// sealed payload in base64, the payload `SessionData` as JSON.
+    fn legacy_record(ticket: &Ticket, data: &SessionData) -> Vec<u8> {
+        let handle = ticket.handle();
+        let sealed =
+            ticket.seal_record(RecordKey::Hkdf, &handle, &serde_json::to_vec(data).unwrap());
+        let json = serde_json::to_vec(&stored_record(handle, data, sealed)).unwrap();
         assert_eq!(json.first(), Some(&b'{'));
         json
     }
@@ -1266,20 +1270,9 @@ mod tests {
         let (c, path) = embedded_cfg("hkdf");
         let ticket = Ticket::generate();
         let handle = ticket.handle();
-        let t = now();
         let d = data();
-        let record = Record {
-            handle: handle.clone(),
-            subject: subject_key(&d.iss, &d.sub),
-            version: 1,
-            created_at: t,
-            last_seen: t,
-            idle_expires_at: t + 1800,
-            absolute_expires_at: t + 43200,
-            user_agent: "browser".into(),
-            idp_sid: None,
-            sealed: ticket.seal_record(RecordKey::Hkdf, &handle, &d.encode()),
-        };
+        let sealed = ticket.seal_record(RecordKey::Hkdf, &handle, &d.encode());
+        let record = stored_record(handle.clone(), &d, sealed);
         plant(&path, &handle, &record.encode());
         let s = Sessions::new(&c).unwrap();
         let cookie = ticket.encode(&s.keys());
