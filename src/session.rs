@@ -167,9 +167,9 @@ impl SessionData {
 ///
 /// Laid out for the cache, where a session is this struct, its claims, its bearer and one block of
 /// strings: the handle and the subject keys are kept as the 16 bytes they are hashes of (formatted
-/// as hex where a string is needed: [`Session::handle`], [`Session::subject`], a store write), and
+/// as hex where a string is needed: `Session::handle`, `Session::subject`, a store write), and
 /// the issuer, subject, user agent, ID token and refresh token share one allocation (`strings`).
-/// [`Session::full_data`] puts the [`SessionData`] back together for a refresh or a logout.
+/// `Session::full_data` puts the [`SessionData`] back together for a refresh or a logout.
 pub struct Session {
     /// Public handle (also the store key), as bytes: see [`Session::handle`].
     handle: [u8; 16],
