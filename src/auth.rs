@@ -319,7 +319,7 @@ impl Auth {
                 return Box::pin(self.forward_anonymous(upstream, route, req, fwd, ended)).await;
             }
         };
-        policy::check_roles(route, session.data.claims.roles())?;
+        policy::check_roles(route, session.claims().roles())?;
         let session = self.refresher.fresh(session).await?;
         fwd.authorization = Some(session.bearer.clone());
         proxy::forward(
@@ -521,7 +521,7 @@ impl proxy::Phases for SessionPhases<'_> {
         if !is_invalid_token(res) {
             return Ok(None);
         }
-        tracing::info!(session = %self.session.handle, "upstream rejected the access token; refreshing once and replaying");
+        tracing::info!(session = %self.session.handle(), "upstream rejected the access token; refreshing once and replaying");
         let session = self
             .auth
             .refresher

@@ -164,19 +164,36 @@ impl SessionData {
 }
 
 /// A live, decrypted session.
+///
+/// Laid out for the cache, where a session is this struct, its claims, its bearer and one block of
+/// strings: the handle and the subject keys are kept as the 16 bytes they are hashes of (formatted
+/// as hex where a string is needed: `Session::handle`, `Session::subject`, a store write), and
+/// the issuer, subject, user agent, ID token and refresh token share one allocation (`strings`).
+/// `Session::full_data` puts the [`SessionData`] back together for a refresh or a logout.
 pub struct Session {
-    /// Public handle (also the store key).
-    pub handle: String,
-    pub subject: String,
+    /// Public handle (also the store key), as bytes: see [`Session::handle`].
+    handle: [u8; 16],
+    /// [`subject_key`] of the issuer and subject, as bytes: see [`Session::subject`].
+    subject: [u8; 16],
+    /// [`subject_key`] of `("sid", provider session)`, as bytes (written back on an update).
+    idp_sid: Option<[u8; 16]>,
+    /// Which issuer made the session.
+    issuer: crate::auth::issuer::IssuerKind,
     pub version: u64,
     pub created_at: u64,
     pub absolute_expires_at: u64,
-    pub user_agent: String,
-    pub idp_sid: Option<String>,
-    /// Tokens and claims. `data.access_token` is empty here: the token is held once, in `bearer`.
-    pub data: SessionData,
-    /// `Bearer <access token>`, ready to inject (marked sensitive).
+    /// Unix seconds at which the access token expires.
+    pub(crate) access_expires_at: u64,
+    /// Unix seconds at which the access token was received.
+    pub(crate) access_issued_at: u64,
+    /// The ID token's claims (`roles` drives route policy).
+    claims: claims::Claims,
+    /// `Bearer <access token>`, ready to inject (marked sensitive): the one copy of the access
+    /// token a session keeps.
     pub bearer: HeaderValue,
+    /// The issuer, the subject, the user agent, the ID token and the refresh token, in that order,
+    /// then their lengths (each a little-endian u32; [`ABSENT`]: none): one allocation, not five.
+    strings: Box<[u8]>,
     /// When the access token expires, on the monotonic clock: set when the tokens arrive (or the
     /// session is loaded), from their remaining lifetime.
     pub access_deadline: Instant,
@@ -190,6 +207,67 @@ pub struct Session {
     /// The record key is derived from them when a write needs it ([`Session::ticket`]), not
     /// kept beside them.
     ticket: Secret<[u8; TICKET_LEN]>,
+}
+
+/// The strings of [`Session::strings`], by position.
+const ISS: usize = 0;
+const SUB: usize = 1;
+const USER_AGENT: usize = 2;
+const ID_TOKEN: usize = 3;
+const REFRESH_TOKEN: usize = 4;
+const STRINGS: usize = 5;
+/// In [`Session::strings`], the length of a string the session does not have.
+const ABSENT: u32 = u32::MAX;
+
+/// [`Session::strings`] of these strings (`None`: absent).
+fn pack_strings(strings: [Option<&str>; STRINGS]) -> Box<[u8]> {
+    let len: usize = strings.iter().flatten().map(|s| s.len()).sum();
+    let mut buf = Vec::with_capacity(len + 4 * STRINGS);
+    for s in strings.iter().flatten() {
+        buf.extend_from_slice(s.as_bytes());
+    }
+    for s in strings {
+        // A string of 4 GiB cannot have arrived in an HTTP message.
+        let n = s.map_or(ABSENT, |s| u32::try_from(s.len()).unwrap_or(ABSENT));
+        buf.extend_from_slice(&n.to_le_bytes());
+    }
+    buf.into_boxed_slice()
+}
+
+/// A 16-byte hash (a handle, a subject key) as the 32 lowercase hex digits the store and the API
+/// name it by, formatted on the stack.
+#[derive(Clone, Copy)]
+pub(crate) struct Hex([u8; 32]);
+
+impl Hex {
+    fn of(bytes: &[u8; 16]) -> Hex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
+        }
+        Hex(out)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Hex digits only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Hex {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Session {
@@ -434,7 +512,7 @@ impl Sessions {
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
                 Some(s) if s.read_at.elapsed() < cache_ttl + OUTAGE_GRACE => {
-                    tracing::warn!(session = %s.handle, error = %e, "session store unavailable; serving the cached session");
+                    tracing::warn!(session = %s.handle(), error = %e, "session store unavailable; serving the cached session");
                     s.last_seen.fetch_max(now, Ordering::Relaxed);
                     Ok(Lookup::Live(s))
                 }
@@ -461,7 +539,12 @@ impl Sessions {
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
-        let session = Session::from_parts(record, data, bearer, Secret::new(presented.bytes()));
+        let Some(session) =
+            Session::from_parts(record, data, bearer, Secret::new(presented.bytes()))
+        else {
+            tracing::warn!(session = %handle, "a session record names no valid subject; treating it as ended");
+            return Ok(Lookup::Ended);
+        };
         if now.saturating_sub(last_seen) >= self.touch_interval.as_secs() {
             let idle_expires_at = (now + self.idle.as_secs()).min(absolute_expires_at);
             // A failed idle-clock write never fails a read: the next miss tries again.
@@ -482,7 +565,7 @@ impl Sessions {
     /// it was being read: then it is not cached.
     async fn remember(&self, session: Session) -> Option<Arc<Session>> {
         let session = Arc::new(session);
-        let key = handle_bytes(&session.handle)?;
+        let key = session.handle;
         if self.cache.policy().max_capacity() != Some(0) {
             self.cache.insert(key, session.clone()).await;
         }
@@ -523,7 +606,7 @@ impl Sessions {
     /// Registers a stream that waits for `session` to end (on any instance). `None` when this
     /// session or this instance has as many streams open as allowed.
     pub fn watch_end(self: &Arc<Self>, session: &Session) -> Option<EndWatch> {
-        let key = handle_bytes(&session.handle)?;
+        let key = session.handle;
         if self.streams.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
             self.streams.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -547,7 +630,7 @@ impl Sessions {
     /// Why the session has ended, as far as this instance knows without asking the store:
     /// its idle or absolute timeout passed, or its end was announced before a stream registered.
     pub async fn ended_by_now(&self, session: &Session, now: u64) -> Option<EndReason> {
-        let key = handle_bytes(&session.handle)?;
+        let key = session.handle;
         if self.ended.contains_key(&key) {
             return Some(EndReason::Revoked);
         }
@@ -650,13 +733,10 @@ impl Sessions {
         self.store.create(record.clone()).await?;
         let signed = ticket.signed(&self.keys.load());
         let bearer = bearer(data.access_token.expose().as_bytes());
+        let session = Session::from_parts(record, data, bearer, Secret::new(signed))
+            .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
         let session = self
-            .remember(Session::from_parts(
-                record,
-                data,
-                bearer,
-                Secret::new(signed),
-            ))
+            .remember(session)
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
         Ok((ticket::cookie_value(&signed), session))
@@ -673,42 +753,39 @@ impl Sessions {
         current: &Session,
         data: SessionData,
     ) -> Result<Option<Arc<Session>>, Error> {
+        let handle = current.handle();
         let sealed = current
             .ticket()
-            .seal_record(self.record_key, &current.handle, &data.encode());
+            .seal_record(self.record_key, &handle, &data.encode());
         let last_seen = current.last_seen.load(Ordering::Relaxed);
         let record = Record {
-            handle: current.handle.clone(),
-            subject: current.subject.clone(),
+            handle: handle.to_string(),
+            subject: current.subject().to_string(),
             version: current.version + 1,
             created_at: current.created_at,
             last_seen,
             idle_expires_at: (last_seen + self.idle.as_secs()).min(current.absolute_expires_at),
             absolute_expires_at: current.absolute_expires_at,
-            user_agent: current.user_agent.clone(),
-            idp_sid: current.idp_sid.clone(),
+            user_agent: current.user_agent().to_owned(),
+            idp_sid: current.idp_sid.as_ref().map(|sid| Hex::of(sid).to_string()),
             sealed,
         };
         match self.store.save(record.clone(), current.version).await {
             Ok(true) => {}
             Ok(false) => return Ok(None),
             Err(e) => {
-                tracing::warn!(session = %current.handle, error = %e, "could not save refreshed tokens; serving them from memory and retrying the write");
+                tracing::warn!(session = %handle, error = %e, "could not save refreshed tokens; serving them from memory and retrying the write");
                 self.retry_save(record.clone(), current.version);
             }
         }
         let version = record.version;
         let bearer = bearer(data.access_token.expose().as_bytes());
-        let updated = self
-            .remember(Session::from_parts(
-                record,
-                data,
-                bearer,
-                current.ticket.clone(),
-            ))
-            .await;
+        let updated = match Session::from_parts(record, data, bearer, current.ticket.clone()) {
+            Some(session) => self.remember(session).await,
+            None => None,
+        };
         self.announce(Event::Changed {
-            handle: current.handle.clone(),
+            handle: handle.to_string(),
             version,
         })
         .await;
@@ -743,20 +820,16 @@ impl Sessions {
 
     /// Reloads a session from the store (after a lost compare-and-set), bypassing the cache.
     pub async fn reload(&self, current: &Session) -> Result<Option<Arc<Session>>, Error> {
-        let Some(record) = self.store.load(&current.handle, now()).await? else {
-            self.evict(&current.handle).await;
+        let handle = current.handle();
+        let Some(record) = self.store.load(&handle, now()).await? else {
+            self.evict(&handle).await;
             return Ok(None);
         };
         let (data, bearer) = open_record(&current.ticket(), &record)
             .ok_or_else(|| Error::internal("session record no longer decrypts"))?;
-        Ok(self
-            .remember(Session::from_parts(
-                record,
-                data,
-                bearer,
-                current.ticket.clone(),
-            ))
-            .await)
+        let session = Session::from_parts(record, data, bearer, current.ticket.clone())
+            .ok_or_else(|| Error::internal("session record names no valid subject"))?;
+        Ok(self.remember(session).await)
     }
 
     /// Ends one session: deleted from the store, dropped from every instance's cache.
@@ -884,32 +957,118 @@ impl Session {
         ticket::of_verified(self.ticket.expose())
     }
 
-    /// A session of `data` whose access token is `bearer`'s ([`bearer`]; `data`'s own, if any,
-    /// is dropped).
+    /// A session of `record` and `data` whose access token is `bearer`'s ([`bearer`]; `data`'s
+    /// own, if any, is dropped). `None` if the record's subject or provider session is not a
+    /// [`subject_key`] (only coatcheck writes records: a garbled one).
     fn from_parts(
         record: Record,
-        mut data: SessionData,
+        data: SessionData,
         bearer: HeaderValue,
         ticket: Secret<[u8; TICKET_LEN]>,
-    ) -> Session {
-        // In memory the access token lives once, in `bearer` (a cached session is mostly tokens).
-        data.access_token = Secret::default();
+    ) -> Option<Session> {
+        let handle = handle_bytes(&record.handle)?;
+        let subject = handle_bytes(&record.subject)?;
+        let idp_sid = match &record.idp_sid {
+            Some(sid) => Some(handle_bytes(sid)?),
+            None => None,
+        };
+        let strings = pack_strings([
+            Some(&data.iss),
+            Some(&data.sub),
+            Some(&record.user_agent),
+            data.id_token.as_ref().map(|t| t.expose().as_str()),
+            data.refresh_token.as_ref().map(|t| t.expose().as_str()),
+        ]);
         let access_deadline =
             Instant::now() + Duration::from_secs(data.access_expires_at.saturating_sub(now()));
-        Session {
-            handle: record.handle,
-            subject: record.subject,
+        Some(Session {
+            handle,
+            subject,
+            idp_sid,
+            issuer: data.issuer,
             version: record.version,
             created_at: record.created_at,
             absolute_expires_at: record.absolute_expires_at,
-            user_agent: record.user_agent,
-            idp_sid: record.idp_sid,
-            data,
+            access_expires_at: data.access_expires_at,
+            access_issued_at: data.access_issued_at,
+            claims: data.claims,
             bearer,
+            strings,
             access_deadline,
             last_seen: AtomicU64::new(record.last_seen),
             read_at: Instant::now(),
             ticket,
+        })
+    }
+
+    /// The public handle (32 lowercase hex digits; also the store key).
+    pub(crate) fn handle(&self) -> Hex {
+        Hex::of(&self.handle)
+    }
+
+    /// The [`subject_key`] of the session's issuer and subject (what the store lists it by).
+    pub(crate) fn subject(&self) -> Hex {
+        Hex::of(&self.subject)
+    }
+
+    /// Which issuer made the session.
+    pub(crate) fn issuer(&self) -> crate::auth::issuer::IssuerKind {
+        self.issuer
+    }
+
+    /// The ID token's claims (shown by `/bff/user`; `roles` drives route policy).
+    pub(crate) fn claims(&self) -> &claims::Claims {
+        &self.claims
+    }
+
+    /// The string at `which` ([`ISS`] …) of `strings`; `None` if absent.
+    fn string(&self, which: usize) -> Option<&str> {
+        let b = &self.strings[..];
+        let lens = b.len().checked_sub(4 * STRINGS)?;
+        let len = |i: usize| {
+            let at = lens + 4 * i;
+            let n = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?);
+            (n != ABSENT).then_some(n as usize)
+        };
+        let start = (0..which).filter_map(len).sum::<usize>();
+        // Copied from `&str`s whole: always UTF-8.
+        std::str::from_utf8(b.get(start..start + len(which)?)?).ok()
+    }
+
+    /// The issuer (`iss`) the session's subject belongs to.
+    pub(crate) fn iss(&self) -> &str {
+        self.string(ISS).unwrap_or_default()
+    }
+
+    /// The subject (`sub`) at the issuer.
+    pub(crate) fn sub(&self) -> &str {
+        self.string(SUB).unwrap_or_default()
+    }
+
+    /// The browser's `User-Agent` when the session was created (its first characters).
+    fn user_agent(&self) -> &str {
+        self.string(USER_AGENT).unwrap_or_default()
+    }
+
+    /// The refresh token (a copy), if the session has one.
+    pub(crate) fn refresh_token(&self) -> Option<Secret> {
+        self.string(REFRESH_TOKEN)
+            .map(|t| Secret::new(t.to_owned()))
+    }
+
+    /// The session's data, tokens copied (but for the access token: it is left empty, the bearer
+    /// holds it), for an issuer's refresh or logout.
+    pub(crate) fn full_data(&self) -> SessionData {
+        SessionData {
+            iss: self.iss().to_owned(),
+            sub: self.sub().to_owned(),
+            claims: self.claims.clone(),
+            issuer: self.issuer,
+            id_token: self.string(ID_TOKEN).map(|t| Secret::new(t.to_owned())),
+            access_token: Secret::default(),
+            access_expires_at: self.access_expires_at,
+            access_issued_at: self.access_issued_at,
+            refresh_token: self.refresh_token(),
         }
     }
 }
@@ -983,7 +1142,7 @@ mod tests {
         let Lookup::Live(found) = s.lookup(&cookie_headers(&value), TTL).await.unwrap() else {
             panic!("not found")
         };
-        assert_eq!(found.handle, created.handle);
+        assert_eq!(found.handle().as_str(), created.handle().as_str());
         assert_eq!(found.bearer, "Bearer at-secret");
     }
 
@@ -1023,7 +1182,7 @@ mod tests {
         let AnyStore::Memory(m) = s.store.inner() else {
             unreachable!()
         };
-        let rec = m.load(&created.handle, now()).await.unwrap().unwrap();
+        let rec = m.load(&created.handle(), now()).await.unwrap().unwrap();
         let json = serde_json::to_string(&rec).unwrap();
         assert!(
             !json.contains("at-secret") && !json.contains("alice"),
@@ -1044,18 +1203,95 @@ mod tests {
         ] {
             let value = HeaderValue::from_bytes(ua.as_bytes()).unwrap();
             let (_, created) = s.create(data(), Some(&value), None).await.unwrap();
-            assert_eq!(created.user_agent, kept);
-            assert_eq!(created.user_agent.capacity(), kept.len());
-            let stored = s.store.load(&created.handle, now()).await.unwrap().unwrap();
+            assert_eq!(created.user_agent(), kept);
+            let stored = s
+                .store
+                .load(&created.handle(), now())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(stored.user_agent, kept);
         }
+    }
+
+    #[tokio::test]
+    async fn a_session_gives_back_its_identity_and_tokens_whole_absent_and_empty_apart() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let ua = HeaderValue::from_static("Mozilla/5.0 test");
+        for (id_token, refresh_token) in [
+            (Some("id.token.x"), Some("rt-é")),
+            (None, Some("")),
+            (Some(""), None),
+            (None, None),
+        ] {
+            let mut d = data();
+            d.claims = claims::Claims::new(&claims());
+            d.id_token = id_token.map(|t| Secret::new(t.into()));
+            d.refresh_token = refresh_token.map(|t| Secret::new(t.into()));
+            let (value, created) = s.create(d.clone(), Some(&ua), Some("sid-1")).await.unwrap();
+            s.cache.invalidate_all();
+            let Lookup::Live(found) = s.lookup(&cookie_headers(&value), TTL).await.unwrap() else {
+                panic!("not found")
+            };
+            for session in [&created, &found] {
+                d.access_token = Secret::default();
+                assert_same(&session.full_data(), &d);
+                assert_eq!(session.iss(), "https://idp");
+                assert_eq!(session.sub(), "alice");
+                assert_eq!(session.user_agent(), "Mozilla/5.0 test");
+                assert_eq!(
+                    session
+                        .refresh_token()
+                        .map(|t| t.expose().clone())
+                        .as_deref(),
+                    refresh_token
+                );
+                assert_eq!(session.bearer, "Bearer at-secret");
+                assert_eq!(
+                    session.subject().as_str(),
+                    subject_key("https://idp", "alice")
+                );
+            }
+            // An update writes back what the cache kept of the record.
+            let before = s
+                .store
+                .load(&created.handle(), now())
+                .await
+                .unwrap()
+                .unwrap();
+            let updated = s.update(&found, found.full_data()).await.unwrap().unwrap();
+            let after = s
+                .store
+                .load(&updated.handle(), now())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(after.handle, before.handle);
+            assert_eq!(after.subject, before.subject);
+            assert_eq!(after.user_agent, before.user_agent);
+            assert_eq!(after.idp_sid, before.idp_sid);
+            assert_eq!(after.idp_sid, Some(subject_key("sid", "sid-1")));
+        }
+    }
+
+    #[test]
+    fn a_cached_session_is_small() {
+        // The struct of every cached session (its strings, claims and bearer are apart): it was
+        // 432 bytes while handle and subject were hex strings and the tokens three `String`s.
+        assert!(
+            std::mem::size_of::<Session>() <= 272,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
     }
 
     #[tokio::test]
     async fn a_deleted_session_has_ended_even_if_it_was_cached() {
         let s = Sessions::new(&cfg()).unwrap();
         let (value, created) = s.create(data(), None, None).await.unwrap();
-        s.delete(&created.handle, EndReason::Logout).await.unwrap();
+        s.delete(&created.handle(), EndReason::Logout)
+            .await
+            .unwrap();
         assert!(matches!(
             s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Ended
@@ -1083,13 +1319,13 @@ mod tests {
         let s = Sessions::new(&cfg()).unwrap();
         let (value, created) = s.create(data(), None, None).await.unwrap();
         // Another instance deleted the record and announced it; this cache still holds it.
-        s.store.delete(&created.handle).await.unwrap();
+        s.store.delete(&created.handle()).await.unwrap();
         assert!(matches!(
             s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Live(_)
         ));
         s.apply(Event::Ended {
-            handle: created.handle.clone(),
+            handle: created.handle().to_string(),
             reason: EndReason::Logout,
         })
         .await;
@@ -1105,13 +1341,13 @@ mod tests {
         let (value, created) = s.create(data(), None, None).await.unwrap();
         s.cache.invalidate_all();
         // The end is announced while a request is between its store read and its cache insert.
-        s.forget_ended(&created.handle, EndReason::Logout).await;
+        s.forget_ended(&created.handle(), EndReason::Logout).await;
         let Lookup::Ended = s.lookup(&cookie_headers(&value), TTL).await.unwrap() else {
             panic!("a session ended meanwhile must not be served or cached");
         };
         assert!(
             s.cache
-                .get(&handle_bytes(&created.handle).unwrap())
+                .get(&handle_bytes(&created.handle()).unwrap())
                 .await
                 .is_none()
         );
@@ -1122,7 +1358,7 @@ mod tests {
         let s = Sessions::new(&cfg()).unwrap();
         let (value, created) = s.create(data(), None, None).await.unwrap();
         s.apply(Event::Lost).await;
-        s.store.delete(&created.handle).await.unwrap();
+        s.store.delete(&created.handle()).await.unwrap();
         assert!(
             matches!(
                 s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
@@ -1134,7 +1370,7 @@ mod tests {
         s.apply(Event::Resumed).await;
         s.cache.run_pending_tasks().await;
         assert_eq!(s.cached(), 0, "resuming flushes the cache");
-        s.store.delete(&created.handle).await.unwrap();
+        s.store.delete(&created.handle()).await.unwrap();
         assert!(matches!(
             s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::Ended
@@ -1145,15 +1381,15 @@ mod tests {
     async fn a_change_announced_for_an_older_copy_evicts_it_but_not_a_newer_one() {
         let s = Sessions::new(&cfg()).unwrap();
         let (_, v1) = s.create(data(), None, None).await.unwrap();
-        let key = handle_bytes(&v1.handle).unwrap();
+        let key = handle_bytes(&v1.handle()).unwrap();
         s.apply(Event::Changed {
-            handle: v1.handle.clone(),
+            handle: v1.handle().to_string(),
             version: 1,
         })
         .await;
         assert!(s.cache.get(&key).await.is_some(), "same version: kept");
         s.apply(Event::Changed {
-            handle: v1.handle.clone(),
+            handle: v1.handle().to_string(),
             version: 2,
         })
         .await;
@@ -1246,11 +1482,16 @@ mod tests {
             panic!("a record written by the JSON format must still open")
         };
         assert_eq!(found.bearer, "Bearer at-secret");
-        assert_eq!(found.data.claims, d.claims);
-        assert_eq!(found.data.refresh_token.as_ref().unwrap().expose(), "rt");
+        assert_eq!(found.claims(), &d.claims);
+        assert_eq!(found.refresh_token().unwrap().expose(), "rt");
         // A write (here a refresh) stores it in the binary format; it still opens.
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
-        let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
+        let stored = s
+            .store
+            .load(&updated.handle(), now())
+            .await
+            .unwrap()
+            .unwrap();
         let (opened, bearer) = open_record(&updated.ticket(), &stored).unwrap();
         assert_eq!(bearer, "Bearer at-secret");
         assert_eq!(opened.claims, d.claims);
@@ -1300,7 +1541,12 @@ mod tests {
         .unwrap();
         let (_, created) = s.create(data(), None, None).await.unwrap();
         let updated = s.update(&created, data()).await.unwrap().unwrap();
-        let stored = s.store.load(&updated.handle, now()).await.unwrap().unwrap();
+        let stored = s
+            .store
+            .load(&updated.handle(), now())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!stored.sealed.starts_with(ticket::SEALED_V2));
         // What a version before the one-step key does: HKDF-SHA256 of the secret, the id as salt.
         let signed = created.ticket.expose();
@@ -1362,7 +1608,12 @@ mod tests {
             vec![],
         ];
         for p in payloads {
-            let mut r = s.store.load(&created.handle, now()).await.unwrap().unwrap();
+            let mut r = s
+                .store
+                .load(&created.handle(), now())
+                .await
+                .unwrap()
+                .unwrap();
             let version = r.version;
             r.version += 1;
             r.sealed = created

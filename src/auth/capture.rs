@@ -359,13 +359,13 @@ impl crate::proxy::Phases for LoginPhases<'_> {
             && let Err(e) = self
                 .auth
                 .sessions
-                .delete(&old.handle, EndReason::Logout)
+                .delete(&old.handle(), EndReason::Logout)
                 .await
         {
-            tracing::warn!(session = %old.handle, error = %e, "could not end the previous session");
+            tracing::warn!(session = %old.handle(), error = %e, "could not end the previous session");
         }
         self.auth.metrics.login(crate::metrics::LoginResult::Ok);
-        tracing::info!(session = %created.handle, "logged in (capture)");
+        tracing::info!(session = %created.handle(), "logged in (capture)");
         self.capture.strip(&mut answer);
         let body = serde_json::to_vec(&answer).map_err(Error::internal)?;
         parts.headers.remove(header::CONTENT_LENGTH);

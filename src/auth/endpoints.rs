@@ -69,7 +69,7 @@ fn rfc3339(unix: u64) -> String {
 }
 
 fn logout_url(s: &Session) -> String {
-    format!("/bff/logout?sid={}", s.handle)
+    format!("/bff/logout?sid={}", s.handle())
 }
 
 async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
@@ -78,10 +78,10 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
     Ok(body::json(
         StatusCode::OK,
         &json!({
-            "sub": s.data.sub,
-            "claims": s.data.claims.to_map(),
+            "sub": s.sub(),
+            "claims": s.claims().to_map(),
             "session": {
-                "id": s.handle,
+                "id": s.handle().as_str(),
                 "created_at": rfc3339(s.created_at),
                 "expires_at": rfc3339(s.absolute_expires_at),
                 "idle_expires_at": rfc3339(s.idle_expires_at(auth.sessions.idle)),
@@ -94,22 +94,22 @@ async fn user(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Err
 /// Ends a session: store and cache, then (best effort, bounded) the refresh token at the provider.
 /// Returns where the browser should go next.
 async fn end_session(auth: &Auth, s: &Session) -> Result<String, Error> {
-    auth.sessions.delete(&s.handle, EndReason::Logout).await?;
-    if let Some(rt) = &s.data.refresh_token {
-        let revoke = async { auth.issuers.get(s.data.issuer)?.revoke(rt).await };
+    auth.sessions.delete(&s.handle(), EndReason::Logout).await?;
+    if let Some(rt) = &s.refresh_token() {
+        let revoke = async { auth.issuers.get(s.issuer())?.revoke(rt).await };
         match tokio::time::timeout(REVOKE_TIMEOUT, revoke).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::warn!(session = %s.handle, error = %e, "refresh token revocation failed; the session is ended locally")
+                tracing::warn!(session = %s.handle(), error = %e, "refresh token revocation failed; the session is ended locally")
             }
             Err(_) => {
-                tracing::warn!(session = %s.handle, "refresh token revocation timed out; the session is ended locally")
+                tracing::warn!(session = %s.handle(), "refresh token revocation timed out; the session is ended locally")
             }
         }
     }
-    tracing::info!(session = %s.handle, "logged out");
-    Ok(match auth.issuers.get(s.data.issuer) {
-        Ok(issuer) => issuer.logout_url(&s.data, &secret::random_token(16)),
+    tracing::info!(session = %s.handle(), "logged out");
+    Ok(match auth.issuers.get(s.issuer()) {
+        Ok(issuer) => issuer.logout_url(&s.full_data(), &secret::random_token(16)),
         Err(_) => auth.post_logout_redirect().to_owned(),
     })
 }
@@ -135,7 +135,8 @@ async fn logout_get(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
         }
     };
     // A cross-site <img src=/bff/logout> cannot know the session's id: it ends nothing.
-    if !sid.is_some_and(|sid| secret::constant_time_eq(sid.as_bytes(), session.handle.as_bytes())) {
+    if !sid.is_some_and(|sid| secret::constant_time_eq(sid.as_bytes(), session.handle().as_bytes()))
+    {
         return Err(Error::BadRequest(
             "sid does not name the current session".into(),
         ));
@@ -162,10 +163,10 @@ async fn logout_post(auth: &Auth, req: Request<Incoming>) -> Result<Response<Bod
 async fn sessions(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     csrf(auth, &req)?;
     let s = auth.require_session(&req).await?;
-    let records = auth.sessions.list(&s.subject).await?;
+    let records = auth.sessions.list(&s.subject()).await?;
     Ok(body::json(
         StatusCode::OK,
-        &session_list(records, Some(&s.handle)),
+        &session_list(records, Some(s.handle().as_str())),
     ))
 }
 
@@ -200,7 +201,7 @@ async fn delete_session(
     // Only the user's own sessions can be named; anything else is indistinguishable from absent.
     if !auth
         .sessions
-        .list(&s.subject)
+        .list(&s.subject())
         .await?
         .iter()
         .any(|r| r.handle == id)
@@ -209,13 +210,13 @@ async fn delete_session(
     }
     // Revoking the current session is a logout: its refresh token is revoked at the provider too.
     // (Other sessions' tokens are sealed under keys only their own cookies hold.)
-    if id == s.handle {
+    if id == s.handle().as_str() {
         end_session(auth, &s).await?;
     } else {
         auth.sessions.delete(id, EndReason::Revoked).await?;
     }
     let mut res = body::json(StatusCode::OK, &json!({"revoked": id}));
-    if id == s.handle {
+    if id == s.handle().as_str() {
         res.headers_mut()
             .append(header::SET_COOKIE, auth.clear_session_cookie());
     }
@@ -228,7 +229,7 @@ async fn logout_all(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
     let next = end_session(auth, &s).await?;
     let revoked = auth
         .sessions
-        .delete_subject(&s.subject, EndReason::Logout)
+        .delete_subject(&s.subject(), EndReason::Logout)
         .await?
         + 1;
     let mut res = body::json(

@@ -95,7 +95,7 @@ pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>
     let location = auth.oidc()?.authorize_url(&state, &nonce, &challenge)?;
     let name = login_cookie_name(auth.cookie_name(), &state);
     let previous = match auth.lookup(req.headers()).await {
-        Ok(Lookup::Live(s)) => Some(s.handle.clone()),
+        Ok(Lookup::Live(s)) => Some(s.handle().to_string()),
         _ => None,
     };
     let tx = Transaction {
@@ -353,7 +353,7 @@ async fn start_session(
         let _ = auth.sessions.delete(previous, EndReason::Logout).await;
     }
     if let Ok(Lookup::Live(old)) = auth.lookup(req.headers()).await {
-        let _ = auth.sessions.delete(&old.handle, EndReason::Logout).await;
+        let _ = auth.sessions.delete(&old.handle(), EndReason::Logout).await;
     }
     let data = SessionData {
         iss: auth.oidc()?.metadata()?.issuer.clone(),
@@ -374,7 +374,7 @@ async fn start_session(
             idp_sid.as_deref(),
         )
         .await?;
-    tracing::info!(session = %created.handle, "login complete; session created");
+    tracing::info!(session = %created.handle(), "login complete; session created");
     Ok(bounce(
         &tx.return_url,
         auth.sessions.set_cookie(&value),

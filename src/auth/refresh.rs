@@ -89,13 +89,10 @@ impl Refresher {
     /// Whether the access token should be refreshed now: judged on the monotonic clock
     /// ([`Session::access_deadline`]), so a wall-clock jump neither forces nor skips a refresh.
     fn due(&self, s: &Session) -> bool {
-        let lifetime = s
-            .data
-            .access_expires_at
-            .saturating_sub(s.data.access_issued_at);
+        let lifetime = s.access_expires_at.saturating_sub(s.access_issued_at);
         let margin = self
             .issuers
-            .refresh_before(s.data.issuer)
+            .refresh_before(s.issuer())
             .min(Duration::from_secs(lifetime / 2));
         Instant::now() + margin >= s.access_deadline
     }
@@ -125,7 +122,7 @@ impl Refresher {
     }
 
     async fn refresh(&self, seen: Arc<Session>, rejected: bool) -> Result<Arc<Session>, Error> {
-        let key = format!("refresh:{}", seen.handle);
+        let key = format!("refresh:{}", seen.handle());
         let deadline = Instant::now() + self.wait;
         let mut released = self.backend.subscribe();
         loop {
@@ -133,7 +130,7 @@ impl Refresher {
                 Ok(Some(token)) => {
                     let step = self.refresh_locked(&seen, rejected).await;
                     if let Err(e) = self.backend.release(&key, &token).await {
-                        tracing::warn!(session = %seen.handle, error = %e, "could not release the refresh lease; it expires by itself");
+                        tracing::warn!(session = %seen.handle(), error = %e, "could not release the refresh lease; it expires by itself");
                     }
                     if let Step::Done(s) = step? {
                         return Ok(s);
@@ -184,7 +181,7 @@ impl Refresher {
         e: StoreError,
     ) -> Result<Arc<Session>, Error> {
         self.metrics.refresh(RefreshResult::StoreUnavailable);
-        tracing::warn!(target: "coatcheck::refresh", session = %seen.handle, error = %e, "refresh postponed; session store unavailable");
+        tracing::warn!(target: "coatcheck::refresh", session = %seen.handle(), error = %e, "refresh postponed; session store unavailable");
         if !rejected && seen.token_valid() {
             return Ok(seen);
         }
@@ -216,7 +213,7 @@ impl Refresher {
         if !rejected && !self.due(&current) {
             return Ok(Step::Done(current));
         }
-        let Some(refresh_token) = current.data.refresh_token.clone() else {
+        let Some(refresh_token) = current.refresh_token() else {
             return if current.token_valid() && !rejected {
                 Ok(Step::Done(current))
             } else {
@@ -234,8 +231,12 @@ impl Refresher {
             Ok(false) => return Ok(Step::Wait),
             Err(e) => return self.store_blip(current, rejected, e).map(Step::Done),
         }
-        let issued = match self.issuers.get(current.data.issuer) {
-            Ok(issuer) => issuer.refresh(&current.data, &refresh_token, now).await,
+        let issued = match self.issuers.get(current.issuer()) {
+            Ok(issuer) => {
+                issuer
+                    .refresh(&current.full_data(), &refresh_token, now)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let data = match issued {
@@ -254,7 +255,7 @@ impl Refresher {
         match self.sessions.update(&current, data).await? {
             Some(updated) => {
                 self.metrics.refresh(RefreshResult::Ok);
-                tracing::info!(target: "coatcheck::refresh", session = %updated.handle, "access token refreshed");
+                tracing::info!(target: "coatcheck::refresh", session = %updated.handle(), "access token refreshed");
                 Ok(Step::Done(updated))
             }
             // Another instance won the compare-and-set: its result is in the store.
@@ -271,8 +272,10 @@ impl Refresher {
 
     async fn end(&self, s: &Session, why: &str, result: RefreshResult) -> Result<Step, Error> {
         self.metrics.refresh(result);
-        tracing::info!(target: "coatcheck::refresh", session = %s.handle, reason = why, "refresh refused; session ended");
-        self.sessions.delete(&s.handle, EndReason::Revoked).await?;
+        tracing::info!(target: "coatcheck::refresh", session = %s.handle(), reason = why, "refresh refused; session ended");
+        self.sessions
+            .delete(&s.handle(), EndReason::Revoked)
+            .await?;
         Err(self.expired())
     }
 
@@ -287,7 +290,7 @@ impl Refresher {
         } else {
             RefreshResult::IdpUnavailable
         });
-        tracing::warn!(target: "coatcheck::refresh", session = %current.handle, error = %e, "refresh failed; identity provider unavailable");
+        tracing::warn!(target: "coatcheck::refresh", session = %current.handle(), error = %e, "refresh failed; identity provider unavailable");
         if !rejected && current.token_valid() {
             return Ok(current);
         }
