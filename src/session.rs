@@ -1204,12 +1204,7 @@ mod tests {
             let value = HeaderValue::from_bytes(ua.as_bytes()).unwrap();
             let (_, created) = s.create(data(), Some(&value), None).await.unwrap();
             assert_eq!(created.user_agent(), kept);
-            let stored = s
-                .store
-                .load(&created.handle(), now())
-                .await
-                .unwrap()
-                .unwrap();
+            let stored = record_of(&s, &created.handle()).await;
             assert_eq!(stored.user_agent, kept);
         }
     }
@@ -1253,19 +1248,9 @@ mod tests {
                 );
             }
             // An update writes back what the cache kept of the record.
-            let before = s
-                .store
-                .load(&created.handle(), now())
-                .await
-                .unwrap()
-                .unwrap();
+            let before = record_of(&s, &created.handle()).await;
             let updated = s.update(&found, found.full_data()).await.unwrap().unwrap();
-            let after = s
-                .store
-                .load(&updated.handle(), now())
-                .await
-                .unwrap()
-                .unwrap();
+            let after = record_of(&s, &updated.handle()).await;
             assert_eq!(after.handle, before.handle);
             assert_eq!(after.subject, before.subject);
             assert_eq!(after.user_agent, before.user_agent);
@@ -1441,6 +1426,11 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// The record the store holds for `handle` (which must exist).
+    async fn record_of(s: &Sessions, handle: &str) -> Record {
+        s.store.load(handle, now()).await.unwrap().unwrap()
+    }
+
     /// A record as a login at this moment stores it, with `sealed` as its payload.
     fn stored_record(handle: String, data: &SessionData, sealed: Vec<u8>) -> Record {
         let t = now();
@@ -1486,12 +1476,7 @@ mod tests {
         assert_eq!(found.refresh_token().unwrap().expose(), "rt");
         // A write (here a refresh) stores it in the binary format; it still opens.
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
-        let stored = s
-            .store
-            .load(&updated.handle(), now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = record_of(&s, &updated.handle()).await;
         let (opened, bearer) = open_record(&updated.ticket(), &stored).unwrap();
         assert_eq!(bearer, "Bearer at-secret");
         assert_eq!(opened.claims, d.claims);
@@ -1522,7 +1507,7 @@ mod tests {
         };
         assert_eq!(found.bearer, "Bearer at-secret");
         let updated = s.update(&found, d.clone()).await.unwrap().unwrap();
-        let stored = s.store.load(&handle, now()).await.unwrap().unwrap();
+        let stored = record_of(&s, &handle).await;
         assert!(stored.sealed.starts_with(ticket::SEALED_V2));
         let (_, bearer) = open_record(&updated.ticket(), &stored).unwrap();
         assert_eq!(bearer, "Bearer at-secret");
@@ -1541,12 +1526,7 @@ mod tests {
         .unwrap();
         let (_, created) = s.create(data(), None, None).await.unwrap();
         let updated = s.update(&created, data()).await.unwrap().unwrap();
-        let stored = s
-            .store
-            .load(&updated.handle(), now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = record_of(&s, &updated.handle()).await;
         assert!(!stored.sealed.starts_with(ticket::SEALED_V2));
         // What a version before the one-step key does: HKDF-SHA256 of the secret, the id as salt.
         let signed = created.ticket.expose();
@@ -1608,12 +1588,7 @@ mod tests {
             vec![],
         ];
         for p in payloads {
-            let mut r = s
-                .store
-                .load(&created.handle(), now())
-                .await
-                .unwrap()
-                .unwrap();
+            let mut r = record_of(&s, &created.handle()).await;
             let version = r.version;
             r.version += 1;
             r.sealed = created
