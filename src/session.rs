@@ -241,12 +241,8 @@ pub(crate) struct Hex([u8; 32]);
 
 impl Hex {
     fn of(bytes: &[u8; 16]) -> Hex {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 32];
-        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 15)];
-        }
+        secret::hex_into(bytes, &mut out);
         Hex(out)
     }
 
@@ -528,7 +524,7 @@ impl Sessions {
         key: [u8; 16],
         now: u64,
     ) -> Result<Lookup, StoreError> {
-        let handle = secret::hex(&key);
+        let handle = Hex::of(&key);
         let Some(record) = self.store.load(&handle, now).await? else {
             self.cache.invalidate(&key).await;
             return Ok(Lookup::Ended);
