@@ -186,6 +186,15 @@ pub fn random_token(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0a, 0xab, 0xff]), "000aabff");
+        assert_eq!(super::hex(&[]), "");
+        let mut out = [b'x'; 5];
+        super::hex_into(&[0x1f, 0xe0], &mut out);
+        assert_eq!(&out, b"1fe0x");
+    }
+
+    #[test]
     fn sealed_data_opens_only_with_the_same_key_and_aad() {
         let k = derive_key(b"ikm", b"salt", b"test");
         let sealed = seal(&k, b"aad", b"hello");
