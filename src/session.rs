@@ -295,7 +295,7 @@ pub struct Sessions {
     pub cookie: CookieSpec,
     store: Arc<Backend>,
     metrics: Arc<Metrics>,
-    cache: moka::future::Cache<[u8; 16], Arc<Session>, HandleHash>,
+    cache: moka::sync::Cache<[u8; 16], Arc<Session>, HandleHash>,
     /// Sessions ended recently (here or on another instance): a load that raced the end must not
     /// put them back in the cache.
     ended: moka::sync::Cache<[u8; 16], (), HandleHash>,
@@ -425,7 +425,7 @@ impl Sessions {
             },
             store: Arc::new(Backend::new(store, metrics.clone())),
             metrics,
-            cache: moka::future::Cache::builder()
+            cache: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
                 .time_to_live(keep)
                 .build_with_hasher(HandleHash),
@@ -477,7 +477,7 @@ impl Sessions {
             return Ok(Lookup::None);
         };
         let key = presented.handle_bytes();
-        let cached = self.cache.get(&key).await;
+        let cached = self.cache.get(&key);
         // A cached copy was verified for exactly these bytes, or the MAC decides (before any
         // store lookup).
         let verified = cached
@@ -489,7 +489,7 @@ impl Sessions {
         let now = now();
         let cached = match cached {
             Some(s) if now >= s.idle_expires_at(self.idle) => {
-                self.cache.invalidate(&key).await;
+                self.cache.invalidate(&key);
                 return Ok(Lookup::Ended);
             }
             // The hot path: a fresh copy on an instance that hears every event.
@@ -526,7 +526,7 @@ impl Sessions {
     ) -> Result<Lookup, StoreError> {
         let handle = Hex::of(&key);
         let Some(record) = self.store.load(&handle, now).await? else {
-            self.cache.invalidate(&key).await;
+            self.cache.invalidate(&key);
             return Ok(Lookup::Ended);
         };
         let Some((data, bearer)) = open_record(&presented.ticket(), &record) else {
@@ -563,12 +563,12 @@ impl Sessions {
         let session = Arc::new(session);
         let key = session.handle;
         if self.cache.policy().max_capacity() != Some(0) {
-            self.cache.insert(key, session.clone()).await;
+            self.cache.insert(key, session.clone());
         }
         // Checked after the insert: an end announced in between is seen here, and one announced
         // later evicts the entry we just inserted.
         if self.ended.contains_key(&key) {
-            self.cache.invalidate(&key).await;
+            self.cache.invalidate(&key);
             return None;
         }
         Some(session)
@@ -579,7 +579,7 @@ impl Sessions {
     async fn evict_ended(&self, handle: &str) -> Option<[u8; 16]> {
         let k = handle_bytes(handle)?;
         self.ended.insert(k, ());
-        self.cache.invalidate(&k).await;
+        self.cache.invalidate(&k);
         Some(k)
     }
 
@@ -631,7 +631,7 @@ impl Sessions {
             return Some(EndReason::Revoked);
         }
         // The cached copy sees the requests of every tab; an uncached session was idle here.
-        let latest = self.cache.get(&key).await;
+        let latest = self.cache.get(&key);
         let s = latest.as_deref().unwrap_or(session);
         (now >= s.idle_expires_at(self.idle)).then_some(EndReason::Expired)
     }
@@ -641,13 +641,9 @@ impl Sessions {
         match event {
             Event::Changed { handle, version } => {
                 if let Some(k) = handle_bytes(&handle)
-                    && self
-                        .cache
-                        .get(&k)
-                        .await
-                        .is_some_and(|s| s.version < version)
+                    && self.cache.get(&k).is_some_and(|s| s.version < version)
                 {
-                    self.cache.invalidate(&k).await;
+                    self.cache.invalidate(&k);
                 }
             }
             Event::Ended { handle, reason } => self.forget_ended(&handle, reason).await,
@@ -874,7 +870,7 @@ impl Sessions {
 
     async fn evict(&self, handle: &str) {
         if let Some(k) = handle_bytes(handle) {
-            self.cache.invalidate(&k).await;
+            self.cache.invalidate(&k);
         }
     }
 
@@ -890,7 +886,7 @@ impl Sessions {
 
     /// Sessions held in the cache, after the cache's pending bookkeeping (for metrics scrapes).
     pub async fn cached_now(&self) -> u64 {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 
@@ -1329,7 +1325,6 @@ mod tests {
         assert!(
             s.cache
                 .get(&handle_bytes(&created.handle()).unwrap())
-                .await
                 .is_none()
         );
     }
@@ -1349,7 +1344,7 @@ mod tests {
         );
         let (value, created) = s.create(data(), None, None).await.unwrap();
         s.apply(Event::Resumed).await;
-        s.cache.run_pending_tasks().await;
+        s.cache.run_pending_tasks();
         assert_eq!(s.cached(), 0, "resuming flushes the cache");
         s.store.delete(&created.handle()).await.unwrap();
         assert!(matches!(
@@ -1368,13 +1363,13 @@ mod tests {
             version: 1,
         })
         .await;
-        assert!(s.cache.get(&key).await.is_some(), "same version: kept");
+        assert!(s.cache.get(&key).is_some(), "same version: kept");
         s.apply(Event::Changed {
             handle: v1.handle().to_string(),
             version: 2,
         })
         .await;
-        assert!(s.cache.get(&key).await.is_none(), "older copy: dropped");
+        assert!(s.cache.get(&key).is_none(), "older copy: dropped");
     }
 
     fn claims() -> serde_json::Map<String, serde_json::Value> {
