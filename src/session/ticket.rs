@@ -94,20 +94,53 @@ const RECORD_KEY_LABEL: &[u8; 19] = b"coatcheck record v2";
 /// with these bytes too: [`Ticket::open_record`] then falls back to the older key.
 pub(crate) const SEALED_V2: &[u8; 4] = b"cck\x02";
 
+/// The base64url alphabet's value of each byte, [`INVALID`] for a byte outside it.
+const BASE64URL: [u8; 256] = {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < alphabet.len() {
+        table[alphabet[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+const INVALID: u8 = 0xff;
+
+/// A cookie value's 86 base64url characters (no padding) as the ticket's 64 bytes: exactly what
+/// `URL_SAFE_NO_PAD` accepts (its alphabet, and zero in the last character's 4 unused bits), and
+/// `None` for anything else. Every request with a cookie decodes one; a fixed-size table walk costs
+/// about half the base64 crate's general decoder (≈ 350 instead of ≈ 810 instructions).
+fn decode_ticket(value: &[u8; ENCODED_LEN]) -> Option<[u8; TICKET_LEN]> {
+    let mut out = [0u8; TICKET_LEN];
+    // A valid digit is below 64 and `INVALID` has the top bit set: one OR over all digits tells.
+    let mut seen = 0u8;
+    let mut bits = |range: std::ops::Range<usize>| {
+        range.fold(0u64, |n, i| {
+            let d = BASE64URL[value[i] as usize];
+            seen |= d;
+            n << 6 | u64::from(d)
+        })
+    };
+    // Eight characters (48 bits) at a time: ten groups make the first 60 bytes.
+    for g in 0..10 {
+        let n = bits(8 * g..8 * g + 8);
+        out[6 * g..6 * g + 6].copy_from_slice(&n.to_be_bytes()[2..]);
+    }
+    // The last six characters: 36 bits, the last 4 bytes and 4 bits that must be zero.
+    let n = bits(80..ENCODED_LEN);
+    out[60..].copy_from_slice(&((n >> 4) as u32).to_be_bytes());
+    (seen & 0x80 == 0 && n & 0x0f == 0).then_some(out)
+}
+
 /// The bytes of a cookie value as presented, decoded but not yet verified.
 pub struct Presented(Secret<[u8; TICKET_LEN]>);
 
 impl Presented {
     /// Decodes a cookie value; `None` for anything of the wrong length or alphabet.
     pub fn decode(value: &str) -> Option<Presented> {
-        if value.len() != ENCODED_LEN {
-            return None;
-        }
-        let mut raw = [0u8; TICKET_LEN];
-        if URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()? != TICKET_LEN {
-            return None;
-        }
-        Some(Presented(Secret::new(raw)))
+        let value: &[u8; ENCODED_LEN] = value.as_bytes().try_into().ok()?;
+        decode_ticket(value).map(|raw| Presented(Secret::new(raw)))
     }
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine.
@@ -300,6 +333,40 @@ mod tests {
 
     fn keys(seed: u8) -> Keys {
         Keys::new(&[Secret::new(vec![seed; 32])])
+    }
+
+    #[test]
+    fn the_cookie_decoder_accepts_exactly_what_the_base64_crate_does() {
+        let mut raw = [0u8; TICKET_LEN];
+        for seed in 0..200u8 {
+            secret::random_bytes(&mut raw);
+            raw[0] = seed;
+            let text = URL_SAFE_NO_PAD.encode(raw);
+            let value: &[u8; ENCODED_LEN] = text.as_bytes().try_into().unwrap();
+            assert_eq!(decode_ticket(value), Some(raw));
+        }
+        let text = URL_SAFE_NO_PAD.encode([0xffu8; TICKET_LEN]);
+        let valid: [u8; ENCODED_LEN] = text.as_bytes().try_into().unwrap();
+        // Every byte at every position: accepted exactly when the base64 crate accepts it.
+        for pos in 0..ENCODED_LEN {
+            for byte in 0..=255u8 {
+                let mut v = valid;
+                v[pos] = byte;
+                let mut expected = [0u8; TICKET_LEN];
+                let crate_ok = URL_SAFE_NO_PAD.decode_slice(v, &mut expected) == Ok(TICKET_LEN);
+                let ours = decode_ticket(&v);
+                assert_eq!(ours.is_some(), crate_ok, "byte {byte:#04x} at {pos}");
+                if crate_ok {
+                    assert_eq!(ours, Some(expected));
+                }
+            }
+        }
+        assert!(Presented::decode(&text[1..]).is_none(), "too short");
+        assert!(Presented::decode(&format!("{text}A")).is_none(), "too long");
+        assert!(
+            Presented::decode(&format!("é{}", &text[2..])).is_none(),
+            "not ASCII"
+        );
     }
 
     #[test]
