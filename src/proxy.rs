@@ -309,15 +309,20 @@ pub fn rewrite(
         headers::remove_cookies(h, |name| headers::is_own_cookie(base, name));
     }
     // On a session or machine-token route the browser never chooses the upstream credential:
-    // whatever it sent is replaced (or removed). Public routes pass the client's own header.
-    if matches!(
-        route.auth,
-        AuthMode::Required | AuthMode::Optional | AuthMode::Client
-    ) {
-        h.remove(header::AUTHORIZATION);
-    }
-    if let Some(auth) = &fwd.authorization {
-        h.insert(header::AUTHORIZATION, auth.clone());
+    // whatever it sent is replaced (`insert` drops every earlier value) or removed. Public routes
+    // pass the client's own header.
+    match &fwd.authorization {
+        Some(auth) => {
+            h.insert(header::AUTHORIZATION, auth.clone());
+        }
+        None if matches!(
+            route.auth,
+            AuthMode::Required | AuthMode::Optional | AuthMode::Client
+        ) =>
+        {
+            h.remove(header::AUTHORIZATION);
+        }
+        None => {}
     }
     Ok(())
 }

@@ -399,39 +399,35 @@ pub fn is_own_cookie(base: &str, name: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with("-login"))
 }
 
-/// Removes the cookies `is_own` selects from the `Cookie` header(s), keeping every other cookie in order.
+/// Removes the cookies `is_own` selects from the `Cookie` header(s), keeping every other cookie in
+/// order (as one header). A header that is not visible ASCII is dropped. One pass: each header is
+/// checked once, and the cookies kept are gathered in one `String`, allocated only if there are any.
 pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&str) -> bool) {
-    if !headers.contains_key(header::COOKIE) {
-        return;
-    }
-    let mut kept: Vec<String> = Vec::new();
+    let mut kept = String::new();
     let mut changed = false;
     for v in headers.get_all(header::COOKIE) {
         let Ok(s) = v.to_str() else {
             changed = true;
             continue;
         };
-        for pair in cookie_pairs(s) {
-            if pair.is_empty() {
-                continue;
-            }
-            let (name, _) = split_pair(pair);
-            if is_own(name) {
+        for pair in cookie_pairs(s).filter(|pair| !pair.is_empty()) {
+            if is_own(split_pair(pair).0) {
                 changed = true;
             } else {
-                kept.push(pair.to_owned());
+                if !kept.is_empty() {
+                    kept.push_str("; ");
+                }
+                kept.push_str(pair);
             }
         }
     }
     if !changed {
         return;
     }
-    headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
-    {
-        headers.insert(header::COOKIE, v);
-    }
+    match HeaderValue::from_str(&kept) {
+        Ok(v) if !kept.is_empty() => headers.insert(header::COOKIE, v),
+        _ => headers.remove(header::COOKIE),
+    };
 }
 
 /// The value of cookie `name` in the request's `Cookie` header(s), if present exactly once.
