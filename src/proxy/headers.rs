@@ -94,7 +94,7 @@ pub(crate) fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<
             let name = set_cookie_name(v.as_bytes());
             // A name that is not text cannot be ours, but neither can it be judged: fail closed.
             let own = match std::str::from_utf8(name) {
-                Ok(n) => is_own_cookie(base, n),
+                Ok(n) => is_own_cookie(base, n.as_bytes()),
                 Err(_) => true,
             };
             if own {
@@ -394,51 +394,49 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// Whether cookie `name` is one of coatcheck's: the session cookie `base` or a login cookie
 /// `base-login-…`.
-pub fn is_own_cookie(base: &str, name: &str) -> bool {
-    name.strip_prefix(base)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with("-login"))
+pub fn is_own_cookie(base: &str, name: &[u8]) -> bool {
+    name.strip_prefix(base.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"-login"))
 }
 
 /// Removes the cookies `is_own` selects from the `Cookie` header(s), keeping every other cookie in
-/// order (as one header). A header that is not visible ASCII is dropped. One pass: each header is
-/// checked once, and the cookies kept are gathered in one `String`, allocated only if there are any.
-pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&str) -> bool) {
-    let mut kept = String::new();
+/// order and byte for byte (as one header). One pass: the cookies kept are gathered in one buffer,
+/// allocated only if there are any.
+pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&[u8]) -> bool) {
+    let mut kept = Vec::new();
     let mut changed = false;
     for v in headers.get_all(header::COOKIE) {
-        let Ok(s) = v.to_str() else {
-            changed = true;
-            continue;
-        };
-        for pair in cookie_pairs(s).filter(|pair| !pair.is_empty()) {
+        for pair in cookie_pairs(v.as_bytes()).filter(|pair| !pair.is_empty()) {
             if is_own(split_pair(pair).0) {
                 changed = true;
             } else {
                 if !kept.is_empty() {
-                    kept.push_str("; ");
+                    kept.extend_from_slice(b"; ");
                 }
-                kept.push_str(pair);
+                kept.extend_from_slice(pair);
             }
         }
     }
     if !changed {
         return;
     }
-    match HeaderValue::from_str(&kept) {
+    // The bytes kept came from valid header values, joined by "; ": valid too.
+    match HeaderValue::from_bytes(&kept) {
         Ok(v) if !kept.is_empty() => headers.insert(header::COOKIE, v),
         _ => headers.remove(header::COOKIE),
     };
 }
 
 /// The value of cookie `name` in the request's `Cookie` header(s), if present exactly once.
-/// (Two cookies with our name are refused: a sibling subdomain may have planted one.)
+/// (Two cookies with our name are refused: a sibling subdomain may have planted one.) The header
+/// is read as bytes: a browser may send another cookie with UTF-8 or other non-ASCII bytes in its
+/// value, and that must not hide ours.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     let mut found = None;
     for v in headers.get_all(header::COOKIE) {
-        let Ok(s) = v.to_str() else { continue };
-        for pair in cookie_pairs(s) {
+        for pair in cookie_pairs(v.as_bytes()) {
             if let (n, Some(value)) = split_pair(pair)
-                && n == name
+                && n == name.as_bytes()
             {
                 if found.is_some() {
                     return None;
@@ -447,15 +445,15 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
             }
         }
     }
-    found
+    std::str::from_utf8(found?).ok()
 }
 
-/// The `;`-separated pairs of a `Cookie` value, trimmed (RFC 6265 §4.2.1). Every authenticated
-/// request parses its cookie twice (the session's, then the ones forwarded): the separators are
-/// found with `memchr` and only ASCII space is trimmed (a value that `to_str` accepted has no other).
-fn cookie_pairs(s: &str) -> impl Iterator<Item = &str> {
+/// The `;`-separated pairs of a `Cookie` value, trimmed of ASCII whitespace (RFC 6265 §4.2.1).
+/// Every authenticated request parses its cookie twice (the session's, then the ones forwarded):
+/// the separators are found with `memchr`, and only the value picked out is checked as text.
+fn cookie_pairs(s: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut start = 0;
-    memchr::memchr_iter(b';', s.as_bytes())
+    memchr::memchr_iter(b';', s)
         .chain(std::iter::once(s.len()))
         .map(move |end| {
             let pair = s[start..end].trim_ascii();
@@ -465,8 +463,8 @@ fn cookie_pairs(s: &str) -> impl Iterator<Item = &str> {
 }
 
 /// A cookie pair's name and value, each trimmed; no `=`: all name, no value.
-fn split_pair(pair: &str) -> (&str, Option<&str>) {
-    match memchr::memchr(b'=', pair.as_bytes()) {
+fn split_pair(pair: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match memchr::memchr(b'=', pair) {
         Some(i) => (pair[..i].trim_ascii(), Some(pair[i + 1..].trim_ascii())),
         None => (pair, None),
     }
@@ -695,7 +693,7 @@ mod tests {
 
     #[test]
     fn only_coatchecks_own_cookies_are_removed() {
-        let own = |n: &str| is_own_cookie("__Host-coatcheck", n);
+        let own = |n: &[u8]| is_own_cookie("__Host-coatcheck", n);
         let mut h = map(&[
             (
                 "cookie",
@@ -708,6 +706,19 @@ mod tests {
         let mut h = map(&[("cookie", "__Host-coatcheck=secret")]);
         remove_cookies(&mut h, own);
         assert!(!h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn another_cookie_with_non_ascii_bytes_hides_nothing_and_is_forwarded_as_sent() {
+        let mut h = HeaderMap::new();
+        let raw = "name=Zo\u{eb}; __Host-coatcheck=ticket; theme=\u{1f311}".as_bytes();
+        h.insert(header::COOKIE, HeaderValue::from_bytes(raw).unwrap());
+        assert_eq!(cookie(&h, "__Host-coatcheck"), Some("ticket"));
+        remove_cookies(&mut h, |n| is_own_cookie("__Host-coatcheck", n));
+        assert_eq!(
+            h[header::COOKIE].as_bytes(),
+            "name=Zo\u{eb}; theme=\u{1f311}".as_bytes()
+        );
     }
 
     #[test]
@@ -834,7 +845,7 @@ mod properties {
             let h = with_cookie();
             prop_assert_eq!(cookie(&h, &name).map(str::to_owned), reference(&value));
             let mut kept = with_cookie();
-            remove_cookies(&mut kept, |n| n == name);
+            remove_cookies(&mut kept, |n| n == name.as_bytes());
             let rest = kept.get("cookie").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
             let expected: Vec<&str> = value
                 .split(';')
@@ -885,7 +896,7 @@ mod properties {
             strip_own_set_cookies(&mut h, "__Host-coatcheck");
             for v in h.get_all(header::SET_COOKIE) {
                 let name = std::str::from_utf8(set_cookie_name(v.as_bytes())).unwrap();
-                prop_assert!(!is_own_cookie("__Host-coatcheck", name), "{:?}", v);
+                prop_assert!(!is_own_cookie("__Host-coatcheck", name.as_bytes()), "{:?}", v);
             }
         }
     }
