@@ -115,8 +115,10 @@ impl TraceParent {
         out[i] = b'-';
         out[i + 1] = HEX[(self.flags >> 4) as usize];
         out[i + 2] = HEX[(self.flags & 0xf) as usize];
-        // Only ASCII hex digits and dashes: always a valid header value.
-        HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
+        // Only ASCII hex digits and dashes: always a valid header value. Owned as a whole, so
+        // that a clone (a request kept for a replay) shares it without allocating.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+            .unwrap_or(HeaderValue::from_static(""))
     }
 }
 

@@ -389,7 +389,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         hex[2 * i] = DIGITS[(b >> 4) as usize];
         hex[2 * i + 1] = DIGITS[(b & 15) as usize];
     }
-    HeaderValue::from_bytes(&hex).expect("hex digits are a valid header value")
+    // Owned as a whole: the id is cloned into the upstream request and the response, and a clone
+    // of bytes copied into a `Vec` (`from_bytes`) allocates again to share them.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
+        .expect("hex digits are a valid header value")
 }
 
 /// Whether cookie `name` is one of coatcheck's: the session cookie `base` or a login cookie
@@ -421,8 +424,8 @@ pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&[u8]) -> bool) {
         return;
     }
     // The bytes kept came from valid header values, joined by "; ": valid too.
-    match HeaderValue::from_bytes(&kept) {
-        Ok(v) if !kept.is_empty() => headers.insert(header::COOKIE, v),
+    match (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept)) {
+        Some(Ok(v)) => headers.insert(header::COOKIE, v),
         _ => headers.remove(header::COOKIE),
     };
 }

@@ -71,12 +71,28 @@ pub fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
     Secret::new(URL_SAFE_NO_PAD.encode(signed))
 }
 
-fn handle_of(id: &[u8]) -> [u8; 16] {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    ctx.update(b"coatcheck session handle v1");
-    ctx.update(id);
+/// SHA-256 of the concatenation of `parts`, gathered in a stack buffer of `N` bytes (their total
+/// length) for aws-lc's one-shot hash: a streaming `digest::Context` allocates, and frees three
+/// times, on every call, and the handle is hashed on every request with a cookie.
+fn sha256_of<const N: usize>(parts: &[&[u8]]) -> [u8; 32] {
+    let mut input = [0u8; N];
+    let mut at = 0;
+    for part in parts {
+        input[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    debug_assert_eq!(at, N, "the parts fill the buffer");
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input).as_ref());
+    out
+}
+
+const HANDLE_LABEL: &[u8; 27] = b"coatcheck session handle v1";
+
+fn handle_of(id: &[u8; ID_LEN]) -> [u8; 16] {
+    let digest = sha256_of::<{ HANDLE_LABEL.len() + ID_LEN }>(&[HANDLE_LABEL, id]);
     let mut out = [0u8; 16];
-    out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    out.copy_from_slice(&digest[..16]);
     out
 }
 
@@ -145,7 +161,12 @@ impl Presented {
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine.
     pub fn handle_bytes(&self) -> [u8; 16] {
-        handle_of(&self.0.expose()[..ID_LEN])
+        let (id, _) = self
+            .0
+            .expose()
+            .split_first_chunk::<ID_LEN>()
+            .expect("a ticket starts with its id");
+        handle_of(id)
     }
 
     /// The ticket, if its MAC verifies under one of `keys`.
@@ -239,14 +260,12 @@ impl Ticket {
     /// HKDF's extract step (the earlier [`Ticket::hkdf_record_key`]) adds nothing; its two HMACs
     /// cost 0.56 µs on every cache miss against 0.09 µs for this.
     pub fn record_key(&self) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        ctx.update(&1u32.to_be_bytes());
-        ctx.update(self.secret.expose());
-        ctx.update(RECORD_KEY_LABEL);
-        ctx.update(&self.id);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.finish().as_ref());
-        out
+        sha256_of::<{ 4 + SECRET_LEN + RECORD_KEY_LABEL.len() + ID_LEN }>(&[
+            &1u32.to_be_bytes(),
+            self.secret.expose(),
+            RECORD_KEY_LABEL,
+            &self.id,
+        ])
     }
 
     /// The record key of payloads sealed before [`SEALED_V2`] (HKDF-SHA256 with the id as salt):
@@ -367,6 +386,21 @@ mod tests {
             Presented::decode(&format!("é{}", &text[2..])).is_none(),
             "not ASCII"
         );
+    }
+
+    #[test]
+    fn the_handle_is_the_first_half_of_sha256_of_the_label_and_the_id() {
+        // Computed independently, with the streaming hash: a stored session is found by its
+        // handle, so the derivation must never change.
+        let t = Ticket::generate();
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(b"coatcheck session handle v1");
+        ctx.update(&t.id);
+        let expected = ctx.finish();
+        assert_eq!(t.handle_bytes(), expected.as_ref()[..16]);
+        let k = keys(3);
+        let presented = Presented::decode(t.encode(&k).expose()).unwrap();
+        assert_eq!(presented.handle_bytes(), expected.as_ref()[..16]);
     }
 
     #[test]
