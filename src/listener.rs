@@ -186,15 +186,15 @@ impl TlsServer {
         ));
         let client = remote.ip();
         let routers = self.routers.clone();
-        let svc = service_fn(move |mut req: Request<Incoming>| {
+        // Shared by the connection's requests: handing it to one costs one reference count (it
+        // used to travel as a request extension: a map and a box allocated per request).
+        let slot = Arc::new(slot);
+        let svc = service_fn(move |req: Request<Incoming>| {
             let router = routers.load_full();
             let guard = InFlight::new(activity.clone());
             // Only an HTTP/1.1 request can become a tunnel (`proxy::split`; HTTP/2 has no protocol
-            // switch, RFC 9113 §8.6): other requests are not handed the slot, which would cost
-            // each of them an extensions map, allocated and hashed into, for nothing.
-            if req.version() == Version::HTTP_11 {
-                req.extensions_mut().insert(slot.clone());
-            }
+            // switch, RFC 9113 §8.6) or share the connection's deadline timer.
+            let slot = (req.version() == Version::HTTP_11).then(|| slot.clone());
             let activity = activity.clone();
             async move {
                 if activity.oversized.load(Ordering::Acquire) {
@@ -205,7 +205,7 @@ impl TlsServer {
                     );
                 }
                 // Boxed: the request future is large, and hyper would otherwise move it by value.
-                let res = Box::pin(router.handle(req, client)).await;
+                let res = Box::pin(router.handle(req, client, slot)).await;
                 if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                     activity.upgraded.store(true, Ordering::Release);
                 }

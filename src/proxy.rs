@@ -54,6 +54,8 @@ pub struct Forward<'a> {
     pub authorization: Option<HeaderValue>,
     /// Name of coatcheck's session cookie: it and its login cookies never reach the upstream.
     pub own_cookie: Option<&'a str>,
+    /// The HTTP/1.1 client connection the request came on (`None` on HTTP/2).
+    pub(crate) slot: Option<&'a ConnectionSlot>,
 }
 
 /// What a caller adds to the forwarding of one request. Every method has a default that does
@@ -173,8 +175,8 @@ fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<UpstreamBody> {
     req
 }
 
-/// The client connection a request arrived on, as the listener hands it over (a request
-/// extension): an upgraded tunnel keeps the connection's slot (it still counts against
+/// The client connection a request arrived on, as the listener hands it to the router
+/// ([`Forward::slot`], HTTP/1.1 only): an upgraded tunnel keeps the connection's slot (it still counts against
 /// `max_connections` and the per-address cap) and closes when `closing` fires at the end of the
 /// shutdown grace.
 #[derive(Clone)]
@@ -336,7 +338,7 @@ pub async fn send(
     fwd: &Forward<'_>,
 ) -> Result<Response<Body>, Error> {
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
-    let slot = req.extensions_mut().remove::<ConnectionSlot>();
+    let slot = fwd.slot;
     let mut span = crate::trace::upstream(req.headers_mut(), &upstream.host);
     let (response, progress) = upstream.send(req, client_upgrade.is_some());
     let mut res = tokio::select! {
@@ -345,7 +347,7 @@ pub async fn send(
             span.fail(e.code());
             e
         })?,
-        () = deadline(&progress, route.timeout, slot.as_ref().and_then(|s| s.deadline.as_deref())) => {
+        () = deadline(&progress, route.timeout, slot.and_then(|s| s.deadline.as_deref())) => {
             span.fail("gateway_timeout");
             return Err(Error::GatewayTimeout(route.timeout));
         }
@@ -372,7 +374,7 @@ pub async fn send(
             ));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut res);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot.cloned()));
     }
     headers::strip_hop_by_hop(res.headers_mut(), upgraded);
     if let Some(base) = fwd.own_cookie {

@@ -21,7 +21,7 @@ use crate::body::{self, Body};
 use crate::config::{AuthMode, Cidr, Config, Route, UnderscoreHeaders};
 use crate::error::Error;
 use crate::metrics::{BFF_ROUTE, Metrics, NO_ROUTE};
-use crate::proxy::{self, headers};
+use crate::proxy::{self, ConnectionSlot, headers};
 use crate::telemetry::{AccessLog, AccessRecord, Logged};
 use crate::tls::TlsError;
 use crate::trace;
@@ -122,7 +122,14 @@ impl Router {
     }
 
     /// Handles one request from `peer`. Never fails: errors become JSON answers (DESIGN §5).
-    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Logged<Body>> {
+    /// `slot` is the HTTP/1.1 connection's ([`ConnectionSlot`]: its deadline timer, and what an
+    /// upgraded tunnel holds); `None` on HTTP/2.
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        slot: Option<Arc<ConnectionSlot>>,
+    ) -> Response<Logged<Body>> {
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
         let request_id = headers::request_id(req.headers());
         let http1 = req.version() <= Version::HTTP_11;
@@ -148,7 +155,7 @@ impl Router {
             error: None,
             span,
         });
-        let inner = self.handle_inner(req, peer, client, &request_id, &mut record);
+        let inner = self.handle_inner(req, peer, client, &request_id, slot.as_deref(), &mut record);
         let res = match trace::scope(hop, inner).await {
             Ok(res) => res,
             Err(e) => self.fail(&e, &mut record),
@@ -244,6 +251,7 @@ impl Router {
         peer: IpAddr,
         client: IpAddr,
         request_id: &HeaderValue,
+        slot: Option<&ConnectionSlot>,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, Error> {
         let size = header_bytes(&req);
@@ -333,6 +341,7 @@ impl Router {
             request_id,
             authorization: None,
             own_cookie,
+            slot,
         };
         if let Some(auth) = &self.auth
             && let Some(capture) = auth.capture()
