@@ -447,8 +447,29 @@ fn check_host<B>(req: &Request<B>) -> Result<(), Error> {
     Ok(())
 }
 
-/// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host, and no userinfo.
+/// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host, and no userinfo. The common form
+/// ([`is_plain_host_port`]) is accepted without `http`'s authority parser, which copies the bytes
+/// into a new allocation on every request.
 fn is_host_without_userinfo(h: &[u8]) -> bool {
+    is_plain_host_port(h) || is_host_without_userinfo_parsed(h)
+}
+
+/// A DNS name or IPv4 address (letters, digits, `.` and `-`), then optionally `:` and one to five
+/// digits: a subset of what [`is_host_without_userinfo_parsed`] accepts.
+fn is_plain_host_port(h: &[u8]) -> bool {
+    let (host, port) = match memchr::memchr(b':', h) {
+        Some(i) => (&h[..i], Some(&h[i + 1..])),
+        None => (h, None),
+    };
+    !host.is_empty()
+        && h.len() <= 255
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit))
+}
+
+fn is_host_without_userinfo_parsed(h: &[u8]) -> bool {
     !h.contains(&b'@')
         && h.len() <= 255
         && http::uri::Authority::try_from(h).is_ok()
@@ -698,6 +719,67 @@ fn matched_segment(decoded: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_host_fast_path_accepts_only_what_the_full_check_accepts() {
+        let parts: [&[u8]; 14] = [
+            b"a",
+            b"localhost",
+            b"127.0.0.1",
+            b"-",
+            b".",
+            b"x.y-z",
+            b":",
+            b":0",
+            b":8443",
+            b":123456",
+            b"[::1]",
+            b"@",
+            b"_",
+            b"%41",
+        ];
+        let mut plain = 0;
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let h = [a, b, c].concat();
+                    if is_plain_host_port(&h) {
+                        plain += 1;
+                        assert!(
+                            is_host_without_userinfo_parsed(&h),
+                            "{}",
+                            String::from_utf8_lossy(&h)
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            plain > 100,
+            "the fast path takes the common forms ({plain})"
+        );
+        assert!(is_plain_host_port(b"localhost:8443") && is_plain_host_port(b"10.0.0.1"));
+        for refused in [
+            &b"a:"[..],
+            b":80",
+            b"a:123456",
+            b"a:b",
+            b"[::1]:80",
+            b"u@h",
+            b"a_b",
+        ] {
+            assert!(
+                !is_plain_host_port(refused),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        assert!(
+            is_host_without_userinfo(b"[::1]:8443"),
+            "the full check still runs"
+        );
+        assert!(!is_host_without_userinfo(b"user@host"));
+    }
 
     fn norm(p: &str) -> Result<(String, String), u16> {
         NormalizedPath::parse(p)
