@@ -154,7 +154,9 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a request whose (already normalized, possibly stripped) path is `path`.
+    /// The upstream request target for a request whose (already normalized, possibly stripped)
+    /// path is `path`: origin-form (the upstream's base path, `path`, the query), as an HTTP/1.1
+    /// connection sends it. [`Upstream::send`] makes it absolute where a client needs that.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -165,11 +167,9 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
+        Ok(Uri::from_parts(parts)?)
     }
 
     /// Sends a request (HTTP/1.1 or, if negotiated, HTTP/2; `upgrade` forces HTTP/1.1). The
@@ -186,6 +186,7 @@ impl Upstream {
         let progress = Progress::new();
         let req = req.map(|inner| Watched::new(inner, progress.clone()));
         let response = if upgrade {
+            let req = self.absolute(req);
             let response = self.clients().upgrade_client.request(req);
             Box::pin(async move { response.await.map_err(UpstreamError::Client) })
         } else if self.speaks_h2.load(Ordering::Relaxed) {
@@ -205,16 +206,13 @@ impl Upstream {
             return self.send_new(req);
         };
         // hyper hands the request to the connection's task now; the future waits for the answer.
-        let response = sender.try_send_request(origin_form(req));
+        let response = sender.try_send_request(req);
         pool.put(sender);
         Box::pin(async move {
             match response.await {
                 Ok(res) => Ok(res),
                 Err(mut e) => match e.take_message() {
-                    Some(mut req) => {
-                        *req.uri_mut() = self.absolute(req.uri());
-                        self.send_new(req).await
-                    }
+                    Some(req) => self.send_new(req).await,
                     None => Err(UpstreamError::Send(e.into_error())),
                 },
             }
@@ -237,7 +235,7 @@ impl Upstream {
 
     /// Sends a request through hyper-util's client, which speaks HTTP/2 to this upstream.
     fn send_h2(&self, req: Request<SendBody>) -> Boxed<'_, Response<Incoming>> {
-        let response = self.clients().client.request(req);
+        let response = self.clients().client.request(self.absolute(req));
         Box::pin(async move { response.await.map_err(UpstreamError::Client) })
     }
 
@@ -275,13 +273,17 @@ impl Upstream {
         handshake(tls).await
     }
 
-    /// `uri` (origin form) made absolute again for hyper-util's client.
-    fn absolute(&self, uri: &Uri) -> Uri {
+    /// `req` with an absolute URI (this upstream's scheme and authority), as hyper-util's client
+    /// needs it (HTTP/2, and the upgrade client).
+    fn absolute<B>(&self, mut req: Request<B>) -> Request<B> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = uri.path_and_query().cloned();
-        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        req
     }
 
     /// This thread's HTTP/1.1 pool, made on first use.
@@ -397,8 +399,14 @@ mod tests {
             "route[0].ca",
         )
         .unwrap();
+        let target = u.uri("/users", Some("a=1")).unwrap();
+        assert_eq!(target.to_string(), "/v1/users?a=1", "origin-form");
+        let absolute = u.absolute(Request::new(()));
+        assert_eq!(absolute.uri().to_string(), "http://127.0.0.1:9000/");
+        let mut req = Request::new(());
+        *req.uri_mut() = target;
         assert_eq!(
-            u.uri("/users", Some("a=1")).unwrap().to_string(),
+            u.absolute(req).uri().to_string(),
             "http://127.0.0.1:9000/v1/users?a=1"
         );
         let u = Upstream::new(
@@ -407,7 +415,9 @@ mod tests {
             "route[0].ca",
         )
         .unwrap();
-        assert_eq!(u.uri("/", None).unwrap().to_string(), "https://[::1]:9443/");
+        let mut req = Request::new(());
+        *req.uri_mut() = u.uri("/", None).unwrap();
+        assert_eq!(u.absolute(req).uri().to_string(), "https://[::1]:9443/");
         assert_eq!(u.host, "[::1]:9443");
     }
 }
