@@ -96,25 +96,12 @@ impl TraceParent {
 
     /// The version-00 header value.
     pub fn to_header(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; TRACEPARENT_LEN];
-        out[..3].copy_from_slice(b"00-");
-        let mut i = 3;
-        for &b in self.trace_id.iter() {
-            out[i] = HEX[(b >> 4) as usize];
-            out[i + 1] = HEX[(b & 0xf) as usize];
-            i += 2;
-        }
-        out[i] = b'-';
-        i += 1;
-        for &b in self.span_id.iter() {
-            out[i] = HEX[(b >> 4) as usize];
-            out[i + 1] = HEX[(b & 0xf) as usize];
-            i += 2;
-        }
-        out[i] = b'-';
-        out[i + 1] = HEX[(self.flags >> 4) as usize];
-        out[i + 2] = HEX[(self.flags & 0xf) as usize];
+        // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+        let mut out: [u8; TRACEPARENT_LEN] =
+            *b"00-________________________________-________________-__";
+        crate::secret::hex_into(&self.trace_id, &mut out[3..35]);
+        crate::secret::hex_into(&self.span_id, &mut out[36..52]);
+        crate::secret::hex_into(&[self.flags], &mut out[53..55]);
         // Only ASCII hex digits and dashes: always a valid header value. Owned as a whole, so
         // that a clone (a request kept for a replay) shares it without allocating.
         HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))

@@ -379,16 +379,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     });
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut hex = [0u8; 32];
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in prefix
-        .to_be_bytes()
-        .iter()
-        .chain(n.to_be_bytes().iter())
-        .enumerate()
-    {
-        hex[2 * i] = DIGITS[(b >> 4) as usize];
-        hex[2 * i + 1] = DIGITS[(b & 15) as usize];
-    }
+    let (high, low) = hex.split_at_mut(16);
+    crate::secret::hex_into(&prefix.to_be_bytes(), high);
+    crate::secret::hex_into(&n.to_be_bytes(), low);
     // Owned as a whole: the id is cloned into the upstream request and the response, and a clone
     // of bytes copied into a `Vec` (`from_bytes`) allocates again to share them.
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
