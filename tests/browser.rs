@@ -209,8 +209,16 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
         .collect();
     assert_eq!(
         api_calls.len(),
-        2,
-        "the page's fetch and the app's button; nothing after logout"
+        3,
+        "the page's fetch, the app's button, the fetch beside a UTF-8 app cookie; nothing after logout"
+    );
+    // Browsers send cookie values as they were set: an app cookie holding UTF-8 must neither hide
+    // the session nor be lost on the way to the API.
+    assert_eq!(report["whoami_with_utf8_cookie"], 200, "{report}");
+    assert_eq!(
+        api_calls[2].header("cookie"),
+        Some("e2e-theme=Zo\u{eb}\u{1f311}"),
+        "the app's cookie reaches the API byte for byte, without coatcheck's"
     );
     for seen in &api_calls {
         let auth = seen.header("authorization").unwrap_or_default();

@@ -206,6 +206,27 @@ async function main() {
     result.api_button = (await page.locator('#api-result').textContent()).split('\n')[0];
     check(result.api_button === 'HTTP 200', `the app's API call showed ${result.api_button}`);
 
+    go('an app cookie holding UTF-8 beside the session');
+    // Browsers send a cookie's value as it was set, UTF-8 included: the session cookie must still
+    // be found, and the app's cookie must reach the API as it was sent.
+    await page.evaluate(() => {
+      document.cookie = 'e2e-theme=Zo\u00eb\u{1f311}; path=/; secure';
+    });
+    const withUtf8 = await pageFetch('/api/whoami', { headers: { 'X-CSRF': '1' } });
+    result.whoami_with_utf8_cookie = withUtf8.status;
+    check(withUtf8.status === 200, `/api/whoami beside a UTF-8 app cookie answered ${withUtf8.status}`);
+    const forwarded = Array.isArray(withUtf8.body?.headers)
+      ? withUtf8.body.headers.filter(([n]) => n.toLowerCase() === 'cookie').map(([, v]) => v).join('; ')
+      : null;
+    if (forwarded !== null) {
+      result.forwarded_cookie = forwarded;
+      check(forwarded.includes('e2e-theme=Zo\u00eb\u{1f311}'), `the API got Cookie: ${forwarded}`);
+      check(!forwarded.includes(`${cookieName}=`), `the session cookie reached the API: ${forwarded}`);
+    }
+    await page.evaluate(() => {
+      document.cookie = 'e2e-theme=; path=/; secure; max-age=0';
+    });
+
     if (process.env.E2E_RELOGIN) {
       go('log in again');
       const first = await pageFetch('/bff/user', { headers: { 'X-CSRF': '1' } });
