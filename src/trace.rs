@@ -102,10 +102,8 @@ impl TraceParent {
         crate::secret::hex_into(&self.trace_id, &mut out[3..35]);
         crate::secret::hex_into(&self.span_id, &mut out[36..52]);
         crate::secret::hex_into(&[self.flags], &mut out[53..55]);
-        // Only ASCII hex digits and dashes: always a valid header value. Owned as a whole, so
-        // that a clone (a request kept for a replay) shares it without allocating.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
-            .unwrap_or(HeaderValue::from_static(""))
+        // Only ASCII hex digits and dashes: always a valid header value.
+        crate::proxy::headers::shared_value(out).unwrap_or(HeaderValue::from_static(""))
     }
 }
 

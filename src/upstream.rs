@@ -156,7 +156,7 @@ impl Upstream {
 
     /// The upstream request target for a request whose (already normalized, possibly stripped)
     /// path is `path`: origin-form (the upstream's base path, `path`, the query), as an HTTP/1.1
-    /// connection sends it. [`Upstream::send`] makes it absolute where a client needs that.
+    /// connection sends it (RFC 9112 §3.2.1; the `Host` header names the upstream). [`Upstream::send`] makes it absolute where a client needs that.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -226,7 +226,7 @@ impl Upstream {
                 Connected::Http1(sender) => sender,
                 Connected::Http2 => return self.send_h2(req).await,
             };
-            let response = sender.try_send_request(origin_form(req));
+            let response = sender.try_send_request(req);
             self.pool().put(sender);
             let res = response.await;
             res.map_err(|e| UpstreamError::Send(e.into_error()))
@@ -318,15 +318,6 @@ where
         }
     });
     Ok(Connected::Http1(sender))
-}
-
-/// The request with its URI in origin form (`/path?query`), as HTTP/1.1 sends it to an origin
-/// server (RFC 9112 §3.2.1); the `Host` header names the upstream.
-fn origin_form(mut req: Request<SendBody>) -> Request<SendBody> {
-    let mut origin = http::uri::Parts::default();
-    origin.path_and_query = std::mem::take(req.uri_mut()).into_parts().path_and_query;
-    *req.uri_mut() = Uri::from_parts(origin).unwrap_or_default();
-    req
 }
 
 /// When a request body last made progress towards the upstream (a chunk sent, or its end); the

@@ -382,10 +382,16 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     let (high, low) = hex.split_at_mut(16);
     crate::secret::hex_into(&prefix.to_be_bytes(), high);
     crate::secret::hex_into(&n.to_be_bytes(), low);
-    // Owned as a whole: the id is cloned into the upstream request and the response, and a clone
-    // of bytes copied into a `Vec` (`from_bytes`) allocates again to share them.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
-        .expect("hex digits are a valid header value")
+    shared_value(hex).expect("hex digits are a valid header value")
+}
+
+/// A header value made once per request and then cloned (into the upstream request, the response,
+/// a replay copy): its bytes are owned as a whole, so a clone shares them. `HeaderValue::from_bytes`
+/// copies into a `Vec`, and the first clone of such bytes allocates again to share them.
+pub(crate) fn shared_value<const N: usize>(
+    bytes: [u8; N],
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(bytes))
 }
 
 /// Whether cookie `name` is one of coatcheck's: the session cookie `base` or a login cookie

@@ -72,8 +72,8 @@ pub fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
 }
 
 /// SHA-256 of the concatenation of `parts`, gathered in a stack buffer of `N` bytes (their total
-/// length) for aws-lc's one-shot hash: a streaming `digest::Context` allocates, and frees three
-/// times, on every call, and the handle is hashed on every request with a cookie.
+/// length) for the one-shot [`secret::sha256`]: a streaming `digest::Context` allocates, and frees
+/// three times, on every call, and the handle is hashed on every request with a cookie.
 fn sha256_of<const N: usize>(parts: &[&[u8]]) -> [u8; 32] {
     let mut input = [0u8; N];
     let mut at = 0;
@@ -82,9 +82,7 @@ fn sha256_of<const N: usize>(parts: &[&[u8]]) -> [u8; 32] {
         at += part.len();
     }
     debug_assert_eq!(at, N, "the parts fill the buffer");
-    let mut out = [0u8; 32];
-    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input).as_ref());
-    out
+    secret::sha256(&input)
 }
 
 const HANDLE_LABEL: &[u8; 27] = b"coatcheck session handle v1";
