@@ -40,6 +40,17 @@ pub struct RouteEntry {
     metric: usize,
 }
 
+impl RouteEntry {
+    /// The path sent upstream: with the route's prefix stripped when `strip_prefix` is set.
+    fn forward_path<'p>(&self, path: &'p NormalizedPath<'_>) -> &'p str {
+        if self.config.strip_prefix {
+            strip_segments(&path.raw, self.prefix_segments)
+        } else {
+            &path.raw
+        }
+    }
+}
+
 /// The request router.
 pub struct Router {
     routes: Vec<RouteEntry>,
@@ -245,6 +256,9 @@ impl Router {
         res.map(|b| Logged::new(b, AccessLog::new(record)))
     }
 
+    /// The phases of one request, in order: the request filter, coatcheck's own endpoints, route
+    /// selection, then the upstream phase (the route's policy through `auth`, the forward through
+    /// `proxy`).
     async fn handle_inner(
         &self,
         mut req: Request<Incoming>,
@@ -254,57 +268,112 @@ impl Router {
         slot: Option<&ConnectionSlot>,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, Error> {
-        let size = header_bytes(&req);
+        // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
+        let uri = req.uri().clone();
+        let path = self.request_filter(&mut req, &uri)?;
+        if let Some(res) = self.own_endpoint(&path).await {
+            return Ok(res);
+        }
+        if let Some(auth) = &self.auth
+            && auth::is_bff_path(&path.matched)
+        {
+            return self.serve_bff(auth, req, &path, client, record).await;
+        }
+        let entry = self.select_route(&req, &path, record)?;
+        let fwd = proxy::Forward {
+            path: entry.forward_path(&path),
+            client: peer,
+            peer_trusted: self.is_trusted_proxy(peer),
+            prefix: entry.config.strip_prefix.then_some(entry.prefix.as_str()),
+            body_idle: self.body_idle,
+            request_id,
+            authorization: None,
+            own_cookie: self.auth.as_ref().map(|a| a.cookie_name()),
+            slot,
+        };
+        self.upstream_phase(entry, req, &path, fwd).await
+    }
+
+    /// The request filter ([`Router::screen`]), the header block's size, and the normalized path
+    /// (an encoded separator is refused on coatcheck's own endpoints).
+    fn request_filter<'u>(
+        &self,
+        req: &mut Request<Incoming>,
+        uri: &'u http::Uri,
+    ) -> Result<NormalizedPath<'u>, Error> {
+        let size = header_bytes(req);
         if size > self.max_header_bytes {
             return Err(Error::HeadersTooLarge {
                 limit: self.max_header_bytes,
             });
         }
-        self.screen(&mut req)?;
-        // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
-        let uri = req.uri().clone();
+        self.screen(req)?;
         let path = NormalizedPath::parse(uri.path())?;
         let own = matches!(path.matched.as_ref(), "/healthz" | "/readyz")
             || (self.auth.is_some() && auth::is_bff_path(&path.matched));
         if path.separator && own {
             return Err(encoded_separator());
         }
+        Ok(path)
+    }
+
+    /// `/healthz` and `/readyz`, answered by coatcheck itself.
+    async fn own_endpoint(&self, path: &NormalizedPath<'_>) -> Option<Response<Body>> {
         match path.matched.as_ref() {
-            "/healthz" => return Ok(body::json(StatusCode::OK, &json!({"status": "ok"}))),
-            "/readyz" => {
-                return Ok(match self.ready().await {
-                    Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
-                    Err(why) => {
-                        // The reason (which may name internal URLs) goes to the log, not the client.
-                        tracing::warn!(reason = %why, "not ready");
-                        body::json(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
-                        )
-                    }
-                });
-            }
-            _ => {}
+            "/healthz" => Some(body::json(StatusCode::OK, &json!({"status": "ok"}))),
+            "/readyz" => Some(match self.ready().await {
+                Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
+                Err(why) => {
+                    // The reason (which may name internal URLs) goes to the log, not the client.
+                    tracing::warn!(reason = %why, "not ready");
+                    body::json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
+                    )
+                }
+            }),
+            _ => None,
         }
-        if let Some(auth) = &self.auth
-            && auth::is_bff_path(&path.matched)
-        {
-            record.route = Some(Arc::from(BFF_ROUTE));
-            record.route_metric = self.bff_metric;
-            record.span.set_route(req.method(), BFF_ROUTE, "bff");
-            if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
-                self.login_limit.check(client)?;
-            }
-            // The one /bff/* endpoint that reads a request body: the whole exchange (body read
-            // included) gets `body_idle_timeout`, so a provider-side peer trickling its logout
-            // request cannot hold a slot.
-            if path.matched == "/bff/backchannel-logout" {
-                return tokio::time::timeout(self.body_idle, auth.handle_bff(req, &path.matched))
-                    .await
-                    .unwrap_or(Err(Error::RequestTimeout(self.body_idle)));
-            }
-            return auth.handle_bff(req, &path.matched).await;
+    }
+
+    /// coatcheck's `/bff/*` endpoints (login, callback, logout, session, ...). Boxed: their
+    /// futures are large and rare; inline, every proxied request's future would carry them.
+    async fn serve_bff(
+        &self,
+        auth: &Auth,
+        req: Request<Incoming>,
+        path: &NormalizedPath<'_>,
+        client: IpAddr,
+        record: &mut AccessRecord,
+    ) -> Result<Response<Body>, Error> {
+        record.route = Some(Arc::from(BFF_ROUTE));
+        record.route_metric = self.bff_metric;
+        record.span.set_route(req.method(), BFF_ROUTE, "bff");
+        if matches!(path.matched.as_ref(), "/bff/login" | "/bff/callback") {
+            self.login_limit.check(client)?;
         }
+        // The one /bff/* endpoint that reads a request body: the whole exchange (body read
+        // included) gets `body_idle_timeout`, so a provider-side peer trickling its logout
+        // request cannot hold a slot.
+        if path.matched == "/bff/backchannel-logout" {
+            return Box::pin(tokio::time::timeout(
+                self.body_idle,
+                auth.handle_bff(req, &path.matched),
+            ))
+            .await
+            .unwrap_or(Err(Error::RequestTimeout(self.body_idle)));
+        }
+        Box::pin(auth.handle_bff(req, &path.matched)).await
+    }
+
+    /// The route for `path` (404 without one), recorded for the access log, metrics and trace, and
+    /// its per-route checks: encoded separators, the `methods` allowlist.
+    fn select_route(
+        &self,
+        req: &Request<Incoming>,
+        path: &NormalizedPath<'_>,
+        record: &mut AccessRecord,
+    ) -> Result<&RouteEntry, Error> {
         let entry = self.route_for(&path.matched).ok_or(Error::NotFound)?;
         record.route = Some(entry.name.clone());
         record.route_metric = entry.metric;
@@ -326,28 +395,24 @@ impl Router {
                 .join(", ");
             return Err(Error::MethodNotAllowed { allow });
         }
-        let forward_path = if route.strip_prefix {
-            strip_segments(&path.raw, entry.prefix_segments)
-        } else {
-            &path.raw
-        };
-        let own_cookie = self.auth.as_ref().map(|a| a.cookie_name());
-        let fwd = proxy::Forward {
-            path: forward_path,
-            client: peer,
-            peer_trusted: self.is_trusted_proxy(peer),
-            prefix: route.strip_prefix.then_some(entry.prefix.as_str()),
-            body_idle: self.body_idle,
-            request_id,
-            authorization: None,
-            own_cookie,
-            slot,
-        };
+        Ok(entry)
+    }
+
+    /// The route's policy, then the forward: a public route goes straight to `proxy`; the others
+    /// through `auth` (session or machine token, and the capture of an API's own login).
+    async fn upstream_phase(
+        &self,
+        entry: &RouteEntry,
+        req: Request<Incoming>,
+        path: &NormalizedPath<'_>,
+        fwd: proxy::Forward<'_>,
+    ) -> Result<Response<Body>, Error> {
+        let route = &entry.config;
         if let Some(auth) = &self.auth
             && let Some(capture) = auth.capture()
         {
             // The API's refresh endpoint is coatcheck's alone: its answers hold tokens.
-            if capture.is_refresh_endpoint(route, forward_path) {
+            if capture.is_refresh_endpoint(route, fwd.path) {
                 return Err(Error::Forbidden(
                     "coatcheck refreshes this session's tokens itself".into(),
                 ));
