@@ -173,7 +173,6 @@ fn spawn_serving_runtime(
     Ok(done_rx)
 }
 
-/// Builds every part and binds the listeners.
 /// Span export is optional: a collector that cannot be set up never stops the proxy.
 fn start_span_export(config: &Config) {
     match crate::trace::init(config.telemetry.export_settings().as_ref()) {
@@ -214,6 +213,61 @@ fn serve_https(
     Ok(())
 }
 
+/// The route label set of the metrics: the configured route paths, in file order.
+fn metrics_for(config: &Config) -> Arc<Metrics> {
+    Arc::new(Metrics::new(
+        &config
+            .routes
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// Authentication when anything logs in (`[oidc]` or `[capture]`), its background work started.
+fn start_auth(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Auth>>, StartError> {
+    if config.oidc.is_none() && config.capture.is_none() {
+        return Ok(None);
+    }
+    let auth = Arc::new(Auth::new(config, metrics.clone()).map_err(StartError::Setup)?);
+    auth.spawn_background(shutdown);
+    Ok(Some(auth))
+}
+
+/// The plain-HTTP redirect listener (`server.http_redirect_listen`), if configured.
+async fn bind_redirect(config: &Config) -> Result<Option<tokio::net::TcpListener>, StartError> {
+    match config.server.http_redirect_listen {
+        Some(a) => Ok(Some(
+            listener::bind("server.http_redirect_listen", a)
+                .await
+                .map_err(StartError::Bind)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The admin listener (`[admin] listen`) and what it serves, if configured.
+async fn bind_admin(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    routers: &Arc<ArcSwap<Router>>,
+    auth: &Option<Arc<Auth>>,
+) -> Result<Option<(tokio::net::TcpListener, Arc<Admin>)>, StartError> {
+    let Some(a) = &config.admin else {
+        return Ok(None);
+    };
+    let l = listener::bind("admin.listen", a.listen)
+        .await
+        .map_err(StartError::Bind)?;
+    let admin = Admin::new(a, metrics.clone(), routers.clone(), auth.clone());
+    Ok(Some((l, Arc::new(admin))))
+}
+
+/// Builds every part and binds the listeners.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     tls::install_provider();
     start_span_export(&config);
@@ -224,20 +278,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server_tls = tls::server_config(cert.clone())?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let metrics = Arc::new(Metrics::new(
-        &config
-            .routes
-            .iter()
-            .map(|r| r.path.as_str())
-            .collect::<Vec<_>>(),
-    ));
-    let auth = if config.oidc.is_some() || config.capture.is_some() {
-        let auth = Arc::new(Auth::new(&config, metrics.clone()).map_err(StartError::Setup)?);
-        auth.spawn_background(&shutdown);
-        Some(auth)
-    } else {
-        None
-    };
+    let metrics = metrics_for(&config);
+    let auth = start_auth(&config, &metrics, &shutdown)?;
     let routers = Arc::new(ArcSwap::from_pointee(Router::new(
         &config,
         auth.clone(),
@@ -245,29 +287,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?));
 
     let (https, addr) = bind_https(&config)?;
-    let redirect = match config.server.http_redirect_listen {
-        Some(a) => Some(
-            listener::bind("server.http_redirect_listen", a)
-                .await
-                .map_err(StartError::Bind)?,
-        ),
-        None => None,
-    };
+    let redirect = bind_redirect(&config).await?;
     let redirect_addr = redirect.as_ref().and_then(|l| l.local_addr().ok());
-    let admin = match &config.admin {
-        Some(a) => Some((
-            listener::bind("admin.listen", a.listen)
-                .await
-                .map_err(StartError::Bind)?,
-            Arc::new(Admin::new(
-                a,
-                metrics.clone(),
-                routers.clone(),
-                auth.clone(),
-            )),
-        )),
-        None => None,
-    };
+    let admin = bind_admin(&config, &metrics, &routers, &auth).await?;
     let admin_addr = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
     let server = listener::TlsServer::new(

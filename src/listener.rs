@@ -678,10 +678,7 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            if head.out_pos < head.out.len() {
-                let n = buf.remaining().min(head.out.len() - head.out_pos);
-                buf.put_slice(&head.out[head.out_pos..head.out_pos + n]);
-                head.out_pos += n;
+            if head.hand_out(buf) {
                 return Poll::Ready(Ok(()));
             }
             if head.eof_after_out {
@@ -704,74 +701,112 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ];
             let mut rb = ReadBuf::uninit(&mut chunk);
             match self.read_inner(cx, &mut rb) {
-                Poll::Pending => {
-                    if let Some(d) = head.deadline.as_mut()
-                        && d.as_mut().poll(cx).is_ready()
-                    {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the request head took too long",
-                        )));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return head.poll_deadline(cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    // End of stream: what was held goes to hyper, then the end.
-                    head.out = std::mem::take(&mut head.held);
-                    head.out_pos = 0;
-                    head.eof_after_out = true;
-                }
-                Poll::Ready(Ok(())) => {
-                    // The head's clock starts at its first bytes; the timer itself is made only
-                    // for a head that did not come whole in one read (no timer per request).
-                    if head.held.is_empty() {
-                        head.started = Some(tokio::time::Instant::now());
-                    }
-                    head.held.extend_from_slice(rb.filled());
-                    if head.complete() {
-                        head.deadline = None;
-                        // HTTP/2 with prior knowledge (no ALPN): not HTTP/1.1 heads from here on.
-                        if head.held.starts_with(b"PRI * HTTP/2.0") {
-                            self.activity.upgraded.store(true, Ordering::Release);
-                        }
-                        // Swapped, not taken: both buffers keep their capacity for the next head.
-                        head.out.clear();
-                        std::mem::swap(&mut head.out, &mut head.held);
-                        if head.held.capacity() > 2 * HEAD_READ {
-                            head.held = Vec::new(); // a rare large head: not kept per connection
-                        }
-                        head.out_pos = 0;
-                        head.released += 1;
-                        head.watching = false;
-                    } else if !head.may_be_head() {
-                        // Not a request line (the rest of a body the service never read, which
-                        // hyper drains): hand it over as it is; hyper judges it if it is garbage.
-                        head.deadline = None;
-                        head.out = std::mem::take(&mut head.held);
-                        head.out_pos = 0;
-                    } else if head.held.len() <= head.limit {
-                        if head.deadline.is_none()
-                            && let Some(started) = head.started
-                        {
-                            head.deadline = Some(Box::pin(tokio::time::sleep_until(
-                                started + head.read_timeout,
-                            )));
-                        }
-                    } else {
-                        tracing::debug!(
-                            bytes = head.held.len(),
-                            limit = head.limit,
-                            "request head over the limit"
-                        );
-                        self.activity.oversized.store(true, Ordering::Release);
-                        head.held = Vec::new();
-                        head.out = OVERSIZED_STAND_IN.to_vec();
-                        head.out_pos = 0;
-                    }
-                }
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => head.end_of_stream(),
+                Poll::Ready(Ok(())) => head.take_read(rb.filled(), &self.activity),
             }
         }
+    }
+}
+
+/// The steps of [`IdleIo::read_watched`] on the watch's own state.
+impl HeadWatch {
+    /// Copies what is left of `out` into `buf`; false when nothing was left to hand over.
+    #[inline]
+    fn hand_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.out_pos >= self.out.len() {
+            return false;
+        }
+        let n = buf.remaining().min(self.out.len() - self.out_pos);
+        buf.put_slice(&self.out[self.out_pos..self.out_pos + n]);
+        self.out_pos += n;
+        true
+    }
+
+    /// No bytes now: an error once the held head is past its deadline, else wait.
+    #[inline]
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request head took too long",
+            )));
+        }
+        Poll::Pending
+    }
+
+    /// End of stream: what was held goes to hyper, then the end.
+    #[inline]
+    fn end_of_stream(&mut self) {
+        self.out = std::mem::take(&mut self.held);
+        self.out_pos = 0;
+        self.eof_after_out = true;
+    }
+
+    /// Holds the bytes just read and decides what the held bytes are now.
+    #[inline]
+    fn take_read(&mut self, bytes: &[u8], activity: &Activity) {
+        // The head's clock starts at its first bytes; the timer itself is made only for a head
+        // that did not come whole in one read (no timer per request).
+        if self.held.is_empty() {
+            self.started = Some(tokio::time::Instant::now());
+        }
+        self.held.extend_from_slice(bytes);
+        if self.complete() {
+            self.release(activity);
+        } else if !self.may_be_head() {
+            // Not a request line (the rest of a body the service never read, which hyper
+            // drains): hand it over as it is; hyper judges it if it is garbage.
+            self.deadline = None;
+            self.out = std::mem::take(&mut self.held);
+            self.out_pos = 0;
+        } else if self.held.len() <= self.limit {
+            if self.deadline.is_none()
+                && let Some(started) = self.started
+            {
+                self.deadline = Some(Box::pin(tokio::time::sleep_until(
+                    started + self.read_timeout,
+                )));
+            }
+        } else {
+            self.refuse_oversized(activity);
+        }
+    }
+
+    /// A complete head: hand it to hyper and stop watching until its response has ended.
+    #[inline]
+    fn release(&mut self, activity: &Activity) {
+        self.deadline = None;
+        // HTTP/2 with prior knowledge (no ALPN): not HTTP/1.1 heads from here on.
+        if self.held.starts_with(b"PRI * HTTP/2.0") {
+            activity.upgraded.store(true, Ordering::Release);
+        }
+        // Swapped, not taken: both buffers keep their capacity for the next head.
+        self.out.clear();
+        std::mem::swap(&mut self.out, &mut self.held);
+        if self.held.capacity() > 2 * HEAD_READ {
+            self.held = Vec::new(); // a rare large head: not kept per connection
+        }
+        self.out_pos = 0;
+        self.released += 1;
+        self.watching = false;
+    }
+
+    /// A head over the limit: hyper gets the stand-in, which it answers and then closes.
+    #[cold]
+    fn refuse_oversized(&mut self, activity: &Activity) {
+        tracing::debug!(
+            bytes = self.held.len(),
+            limit = self.limit,
+            "request head over the limit"
+        );
+        activity.oversized.store(true, Ordering::Release);
+        self.held = Vec::new();
+        self.out = OVERSIZED_STAND_IN.to_vec();
+        self.out_pos = 0;
     }
 }
 

@@ -462,7 +462,17 @@ impl Metrics {
         m.register()
     }
 
+    /// Registers every metric; the order of registration is the order of `/metrics`.
     fn register(mut self) -> Metrics {
+        self.register_requests();
+        self.register_store();
+        self.register_idp_and_reloads();
+        self.register_connections();
+        self
+    }
+
+    /// Requests and the sessions and logins behind them.
+    fn register_requests(&mut self) {
         let r = &mut self.registry;
         r.register(
             "coatcheck_requests",
@@ -494,6 +504,11 @@ impl Metrics {
             "Requests currently waiting for another request's token refresh",
             self.refresh_waiters.clone(),
         );
+    }
+
+    /// The session cache and the session store.
+    fn register_store(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "coatcheck_session_cache_hits",
             "Session lookups served from this instance's cache",
@@ -514,6 +529,11 @@ impl Metrics {
             "Session store call latency, by operation",
             self.store_duration.clone(),
         );
+    }
+
+    /// Calls to the identity provider, its back-channel logouts, and configuration reloads.
+    fn register_idp_and_reloads(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "coatcheck_backchannel_logout",
             "Back-channel logout requests from the identity provider, by result",
@@ -534,6 +554,11 @@ impl Metrics {
             "Identity provider calls that failed (unreachable, timed out, 5xx or garbage), by endpoint",
             self.idp_errors.clone(),
         );
+    }
+
+    /// Connections, upgraded tunnels and the session admin API.
+    fn register_connections(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "coatcheck_connections_open",
             "Client connections currently open on the public listener (upgraded tunnels included)",
@@ -559,7 +584,6 @@ impl Metrics {
             "Session admin API requests, by action (refused: missing or wrong token)",
             self.admin_actions.clone(),
         );
-        self
     }
 
     /// The `route` label index of a configured route path (`/bff/` and `-` included).

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::auth::Auth;
-use crate::config::{AuthMode, Config, Problem};
+use crate::config::{AuthMode, Capture, Config, Problem, Server, Session};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::router::Router;
 use crate::secret::Secret;
@@ -254,7 +254,24 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
             changed.push(key);
         }
     };
-    let (s, n) = (&running.server, &mut next.server);
+    keep_server(&running.server, &mut next.server, &mut keep);
+
+    keep("log.format", running.log.format == next.log.format);
+    next.log.format = running.log.format;
+    // The export pipeline is built once at start-up.
+    keep("telemetry", running.telemetry == next.telemetry);
+    next.telemetry = running.telemetry.clone();
+
+    keep_session(&running.session, &mut next.session, &mut keep);
+
+    keep("oidc", running.oidc == next.oidc);
+    next.oidc.clone_from(&running.oidc);
+    keep_capture(&running.capture, &mut next.capture, &mut keep);
+    changed
+}
+
+/// [`keep_running`] for `[server]`: the listeners and their limits are bound at start-up.
+fn keep_server(s: &Server, n: &mut Server, keep: &mut impl FnMut(&'static str, bool)) {
     keep("server.listen", s.listen == n.listen);
     keep(
         "server.http_redirect_listen",
@@ -266,14 +283,10 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
     n.http_redirect_listen = s.http_redirect_listen;
     n.public_origin.clone_from(&s.public_origin);
     n.limits = s.limits.clone();
+}
 
-    keep("log.format", running.log.format == next.log.format);
-    next.log.format = running.log.format;
-    // The export pipeline is built once at start-up.
-    keep("telemetry", running.telemetry == next.telemetry);
-    next.telemetry = running.telemetry.clone();
-
-    let (s, n) = (&running.session, &mut next.session);
+/// [`keep_running`] for `[session]`: all of it but `keys` (once sessions exist) and `cache.ttl`.
+fn keep_session(s: &Session, n: &mut Session, keep: &mut impl FnMut(&'static str, bool)) {
     keep("session.cookie_name", s.cookie_name == n.cookie_name);
     keep("session.same_site", s.same_site == n.same_site);
     keep("session.idle_timeout", s.idle_timeout == n.idle_timeout);
@@ -303,14 +316,19 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
     if keys_reload {
         n.keys = keys;
     }
+}
 
-    keep("oidc", running.oidc == next.oidc);
-    next.oidc.clone_from(&running.oidc);
-    // `capture.route` is an index into the routes: a route moving in the file is not a change.
-    let same_capture = match (&running.capture, &next.capture) {
+/// [`keep_running`] for `[capture]`: all of it but `route`, an index into the routes (a route
+/// moving in the file is not a change).
+fn keep_capture(
+    running: &Option<Capture>,
+    next: &mut Option<Capture>,
+    keep: &mut impl FnMut(&'static str, bool),
+) {
+    let same_capture = match (running, &*next) {
         (Some(r), Some(n)) => {
             r.clone()
-                == crate::config::Capture {
+                == Capture {
                     route: r.route,
                     ..n.clone()
                 }
@@ -318,16 +336,15 @@ pub(crate) fn keep_running(running: &Config, next: &mut Config) -> Vec<&'static 
         (r, n) => r.is_none() && n.is_none(),
     };
     keep("capture", same_capture);
-    match (&mut next.capture, &running.capture) {
+    match (next, running) {
         (Some(n), Some(r)) => {
-            *n = crate::config::Capture {
+            *n = Capture {
                 route: n.route,
                 ..r.clone()
             }
         }
         (n, r) => n.clone_from(r),
     }
-    changed
 }
 
 #[cfg(test)]

@@ -503,10 +503,22 @@ pub mod conformance {
         }
     }
 
+    /// The [`Store`] suite: create, compare-and-set, touch, expiry and the deletes, in order.
     pub async fn run<S: Store>(s: &S) {
         let now = 1_700_000_000;
         s.ping().await.unwrap();
-        // create / load / duplicate
+        // Each step starts from what the one before left in the store.
+        create_and_load(s, now).await;
+        compare_and_set(s, now).await;
+        touch_and_expiry(s, now).await;
+        by_subject(s, now).await;
+        delete_one(s, now).await;
+        provider_sessions(s, now).await;
+        sweep_expired(s, now).await;
+    }
+
+    /// Create, load and a refused duplicate; every field comes back as it went in.
+    async fn create_and_load<S: Store>(s: &S, now: u64) {
         s.create(record("a", "alice", now)).await.unwrap();
         assert!(matches!(
             s.create(record("a", "alice", now)).await,
@@ -525,7 +537,10 @@ pub mod conformance {
         s.create(exact.clone()).await.unwrap();
         assert_eq!(s.load("exact", now).await.unwrap(), Some(exact));
         assert_eq!(s.delete_subject("erin").await.unwrap(), vec!["exact"]);
-        // compare-and-set
+    }
+
+    /// `save` wins only from the version it expects and never creates; `a` is at version 2 after.
+    async fn compare_and_set<S: Store>(s: &S, now: u64) {
         let mut next = record("a", "alice", now);
         next.version = 2;
         next.sealed = vec![9];
@@ -539,19 +554,24 @@ pub mod conformance {
             !s.save(record("nope", "alice", now), 0).await.unwrap(),
             "save never creates"
         );
-        // touch keeps the version and moves the idle clock
+    }
+
+    /// `touch` keeps the version and moves the idle clock; past it, `load` finds nothing.
+    async fn touch_and_expiry<S: Store>(s: &S, now: u64) {
         s.touch("a", now + 10, now + 1810).await.unwrap();
         let r = s.load("a", now + 10).await.unwrap().unwrap();
         assert_eq!(
             (r.version, r.last_seen, r.idle_expires_at),
             (2, now + 10, now + 1810)
         );
-        // expiry
         assert!(
             s.load("a", now + 1810).await.unwrap().is_none(),
             "idle-expired records are not returned"
         );
-        // subjects
+    }
+
+    /// Listing and deleting by subject (`a` is still stored, and listed as of `now`).
+    async fn by_subject<S: Store>(s: &S, now: u64) {
         s.create(record("b", "alice", now)).await.unwrap();
         s.create(record("c", "bob", now)).await.unwrap();
         let mut alice: Vec<_> = s
@@ -568,11 +588,17 @@ pub mod conformance {
         assert_eq!(gone, vec!["a", "b"]);
         assert!(s.load("b", now).await.unwrap().is_none());
         assert!(s.list_subject("alice", now).await.unwrap().is_empty());
-        // delete
+    }
+
+    /// `delete` returns the record once and takes it out of its subject's index.
+    async fn delete_one<S: Store>(s: &S, now: u64) {
         assert_eq!(s.delete("c").await.unwrap().unwrap().handle, "c");
         assert!(s.delete("c").await.unwrap().is_none());
         assert!(s.list_subject("bob", now).await.unwrap().is_empty());
-        // provider sessions
+    }
+
+    /// Deleting by provider session (`sid`), and the two indexes following each other's deletes.
+    async fn provider_sessions<S: Store>(s: &S, now: u64) {
         let mut f = record("f", "dave", now);
         f.idp_sid = Some("sid-1".into());
         let mut g = record("g", "dave", now);
@@ -594,7 +620,10 @@ pub mod conformance {
             s.delete_idp_session("sid-2").await.unwrap().is_empty(),
             "the sid index follows the subject delete"
         );
-        // sweep
+    }
+
+    /// `sweep` removes what is past its absolute expiry and nothing else.
+    async fn sweep_expired<S: Store>(s: &S, now: u64) {
         let mut old = record("d", "carol", now);
         old.absolute_expires_at = now + 5;
         s.create(old).await.unwrap();
