@@ -955,14 +955,33 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
         .http_redirect_listen
         .as_deref()
         .and_then(|a| p.socket_addr("server.http_redirect_listen", a));
-    let public_origin = match Url::parse(&s.public_origin) {
+    let public_origin = public_origin(&s.public_origin, p);
+    let tls = Tls {
+        cert: p.readable_file("server.tls.cert", base, &s.tls.cert),
+        key: p.readable_file("server.tls.key", base, &s.tls.key),
+    };
+    let limits = validate_limits(s.limits, p);
+    let trusted_proxies = trusted_proxies(s.trusted_proxies.unwrap_or_default(), p);
+    let hsts = hsts(s.hsts.as_deref(), p);
+    Server {
+        listen,
+        public_origin,
+        http_redirect_listen,
+        tls,
+        limits,
+        trusted_proxies,
+        underscore_headers: s.underscore_headers.unwrap_or(UnderscoreHeaders::Drop),
+        hsts,
+    }
+}
+
+/// `server.public_origin`: an https origin, serialized without a trailing slash; empty when refused.
+fn public_origin(raw: &str, p: &mut Problems) -> String {
+    match Url::parse(raw) {
         Ok(u) if u.scheme() != "https" => {
             p.push(
                 "server.public_origin",
-                format!(
-                    "{:?} must be an https:// origin (the session cookie is Secure)",
-                    s.public_origin
-                ),
+                format!("{raw:?} must be an https:// origin (the session cookie is Secure)"),
             );
             String::new()
         }
@@ -974,27 +993,20 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
         {
             p.push(
                 "server.public_origin",
-                format!(
-                    "{:?} must be an origin only: https://host[:port], no path",
-                    s.public_origin
-                ),
+                format!("{raw:?} must be an origin only: https://host[:port], no path"),
             );
             String::new()
         }
         Ok(u) => u.origin().ascii_serialization(),
         Err(e) => {
-            p.push(
-                "server.public_origin",
-                format!("{:?} is not a URL: {e}", s.public_origin),
-            );
+            p.push("server.public_origin", format!("{raw:?} is not a URL: {e}"));
             String::new()
         }
-    };
-    let tls = Tls {
-        cert: p.readable_file("server.tls.cert", base, &s.tls.cert),
-        key: p.readable_file("server.tls.key", base, &s.tls.key),
-    };
-    let l = s.limits;
+    }
+}
+
+/// `[server.limits]`.
+fn validate_limits(l: file::LimitsFile, p: &mut Problems) -> Limits {
     let max_header_bytes = p.positive(
         "server.limits.max_header_bytes",
         l.max_header_bytes,
@@ -1006,7 +1018,7 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
             format!("{max_header_bytes} must be between 1024 and 1048576"),
         );
     }
-    let limits = Limits {
+    Limits {
         max_header_bytes: max_header_bytes as usize,
         header_read_timeout: p.duration(
             "server.limits.header_read_timeout",
@@ -1045,47 +1057,44 @@ fn validate_server(s: file::ServerFile, base: &Path, p: &mut Problems) -> Server
                 u64::from(DEFAULT_LOGIN_REQUESTS_PER_MINUTE),
             )
             .min(u64::from(u32::MAX)) as u32,
-    };
-    let mut trusted_proxies = Vec::new();
-    for (i, t) in s.trusted_proxies.unwrap_or_default().iter().enumerate() {
+    }
+}
+
+/// `server.trusted_proxies`: each a network or a single address.
+fn trusted_proxies(raw: Vec<String>, p: &mut Problems) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (i, t) in raw.iter().enumerate() {
         match Cidr::parse(t) {
-            Some(c) => trusted_proxies.push(c),
+            Some(c) => out.push(c),
             None => p.push(
                 format!("server.trusted_proxies[{i}]"),
                 format!("{t:?} is not a network such as \"10.0.0.0/8\" or an address"),
             ),
         }
     }
-    let hsts = match s.hsts.as_deref() {
-        Some("off") => None,
-        raw => {
-            let v = raw.unwrap_or(DEFAULT_HSTS);
-            let ok = v
-                .trim()
-                .to_ascii_lowercase()
-                .strip_prefix("max-age=")
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
-            match http::HeaderValue::from_str(v) {
-                Ok(h) if ok => Some(h),
-                _ => {
-                    p.push(
-                        "server.hsts",
-                        format!("{v:?} must be \"off\" or a header value starting with max-age=N"),
-                    );
-                    None
-                }
-            }
+    out
+}
+
+/// `server.hsts`: `"off"`, or a header value that starts with `max-age=N`; default [`DEFAULT_HSTS`].
+fn hsts(raw: Option<&str>, p: &mut Problems) -> Option<http::HeaderValue> {
+    if raw == Some("off") {
+        return None;
+    }
+    let v = raw.unwrap_or(DEFAULT_HSTS);
+    let ok = v
+        .trim()
+        .to_ascii_lowercase()
+        .strip_prefix("max-age=")
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    match http::HeaderValue::from_str(v) {
+        Ok(h) if ok => Some(h),
+        _ => {
+            p.push(
+                "server.hsts",
+                format!("{v:?} must be \"off\" or a header value starting with max-age=N"),
+            );
+            None
         }
-    };
-    Server {
-        listen,
-        public_origin,
-        http_redirect_listen,
-        tls,
-        limits,
-        trusted_proxies,
-        underscore_headers: s.underscore_headers.unwrap_or(UnderscoreHeaders::Drop),
-        hsts,
     }
 }
 
@@ -1112,9 +1121,36 @@ fn validate_log(l: file::LogFile, p: &mut Problems) -> Log {
 }
 
 fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Problems) -> Session {
-    let cookie_name = s
-        .cookie_name
-        .unwrap_or_else(|| DEFAULT_COOKIE_NAME.to_owned());
+    let cookie_name = cookie_name(s.cookie_name, p);
+    let same_site = same_site(s.same_site.as_deref(), p);
+    let (idle_timeout, absolute_timeout) =
+        session_timeouts(s.idle_timeout.as_deref(), s.absolute_timeout.as_deref(), p);
+    let keys = session_keys(&s.keys, needed, p);
+    let store = validate_store(&s.store, base, p);
+    let cache_capacity = cache_capacity(s.cache.capacity, p);
+    let touch_interval = touch_interval(s.touch_interval.as_deref(), idle_timeout, p);
+    Session {
+        cookie_name,
+        same_site,
+        idle_timeout,
+        absolute_timeout,
+        persistent: s.persistent.unwrap_or(false),
+        touch_interval,
+        keys,
+        record_key: s.record_key.unwrap_or_default(),
+        store,
+        cache_capacity,
+        cache_ttl: p.duration(
+            "session.cache.ttl",
+            s.cache.ttl.as_deref(),
+            DEFAULT_CACHE_TTL,
+        ),
+    }
+}
+
+/// `session.cookie_name`: a cookie-name token; default [`DEFAULT_COOKIE_NAME`].
+fn cookie_name(raw: Option<String>, p: &mut Problems) -> String {
+    let cookie_name = raw.unwrap_or_else(|| DEFAULT_COOKIE_NAME.to_owned());
     if cookie_name.is_empty()
         || !cookie_name
             .bytes()
@@ -1125,7 +1161,12 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             format!("{cookie_name:?} must be letters, digits, '-', '_' or '.'"),
         );
     }
-    let same_site = match s.same_site.as_deref() {
+    cookie_name
+}
+
+/// `session.same_site`: `"strict"` (default) or `"lax"`.
+fn same_site(raw: Option<&str>, p: &mut Problems) -> SameSite {
+    match raw {
         None | Some("strict") => SameSite::Strict,
         Some("lax") => SameSite::Lax,
         Some(o) => {
@@ -1135,20 +1176,25 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             );
             SameSite::Strict
         }
-    };
+    }
+}
+
+/// `session.idle_timeout` and `session.absolute_timeout`, as (idle, absolute).
+fn session_timeouts(
+    idle_raw: Option<&str>,
+    absolute_raw: Option<&str>,
+    p: &mut Problems,
+) -> (Duration, Duration) {
     // A default adapts to the values the user wrote; only a contradiction they wrote is refused.
-    let idle_written = s
-        .idle_timeout
-        .as_deref()
-        .and_then(|r| humantime::parse_duration(r).ok());
+    let idle_written = idle_raw.and_then(|r| humantime::parse_duration(r).ok());
     let absolute_timeout = p.duration(
         "session.absolute_timeout",
-        s.absolute_timeout.as_deref(),
+        absolute_raw,
         DEFAULT_SESSION_ABSOLUTE.max(idle_written.unwrap_or_default()),
     );
     let idle_timeout = p.duration(
         "session.idle_timeout",
-        s.idle_timeout.as_deref(),
+        idle_raw,
         DEFAULT_SESSION_IDLE.min(absolute_timeout),
     );
     if idle_timeout > absolute_timeout {
@@ -1157,8 +1203,13 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             "must not be longer than session.absolute_timeout",
         );
     }
+    (idle_timeout, absolute_timeout)
+}
+
+/// `session.keys`: secrets holding base64 of at least 32 bytes; at least one when `needed`.
+fn session_keys(raw: &[String], needed: bool, p: &mut Problems) -> Vec<Secret<Vec<u8>>> {
     let mut keys = Vec::new();
-    for (i, k) in s.keys.iter().enumerate() {
+    for (i, k) in raw.iter().enumerate() {
         let key = format!("session.keys[{i}]");
         match secret::resolve(k) {
             Err(e) => p.push(key, e),
@@ -1178,21 +1229,26 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             },
         }
     }
-    if needed && s.keys.is_empty() {
+    if needed && raw.is_empty() {
         p.push("session.keys", "at least one key is needed when sessions are used (e.g. [\"env:COATCHECK_SESSION_KEY\"] with openssl rand -base64 32)");
     }
-    let store = match s.store.kind.as_deref() {
+    keys
+}
+
+/// `[session.store]`: which kind, and the keys that kind reads.
+fn validate_store(st: &file::StoreFile, base: &Path, p: &mut Problems) -> StoreKind {
+    match st.kind.as_deref() {
         None | Some("embedded") => {
-            not_for_kind(p, &s.store, "embedded");
+            not_for_kind(p, st, "embedded");
             StoreKind::Embedded {
-                path: resolve_path(base, s.store.path.as_deref().unwrap_or(DEFAULT_STORE_PATH)),
+                path: resolve_path(base, st.path.as_deref().unwrap_or(DEFAULT_STORE_PATH)),
             }
         }
         Some("memory") => {
-            not_for_kind(p, &s.store, "memory");
+            not_for_kind(p, st, "memory");
             StoreKind::Memory
         }
-        Some("redis") => redis_settings(p, base, &s.store),
+        Some("redis") => redis_settings(p, base, st),
         Some(o) => {
             p.push(
                 "session.store.kind",
@@ -1200,8 +1256,12 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             );
             StoreKind::Memory
         }
-    };
-    let cache_capacity = match s.cache.capacity {
+    }
+}
+
+/// `session.cache.capacity`: zero (no cache) or more; default [`DEFAULT_CACHE_CAPACITY`].
+fn cache_capacity(raw: Option<i64>, p: &mut Problems) -> u64 {
+    match raw {
         None => DEFAULT_CACHE_CAPACITY,
         Some(c) if c >= 0 => c as u64,
         Some(c) => {
@@ -1211,11 +1271,15 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             );
             DEFAULT_CACHE_CAPACITY
         }
-    };
+    }
+}
+
+/// `session.touch_interval`, which must stay below `idle_timeout`.
+fn touch_interval(raw: Option<&str>, idle_timeout: Duration, p: &mut Problems) -> Duration {
     // Derived: at most half the idle timeout, so the store's idle clock keeps up.
     let touch_interval = p.duration(
         "session.touch_interval",
-        s.touch_interval.as_deref(),
+        raw,
         DEFAULT_TOUCH_INTERVAL
             .min(idle_timeout / 2)
             .max(Duration::from_millis(1)),
@@ -1227,23 +1291,7 @@ fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Pro
             "must be shorter than session.idle_timeout",
         );
     }
-    Session {
-        cookie_name,
-        same_site,
-        idle_timeout,
-        absolute_timeout,
-        persistent: s.persistent.unwrap_or(false),
-        touch_interval,
-        keys,
-        record_key: s.record_key.unwrap_or_default(),
-        store,
-        cache_capacity,
-        cache_ttl: p.duration(
-            "session.cache.ttl",
-            s.cache.ttl.as_deref(),
-            DEFAULT_CACHE_TTL,
-        ),
-    }
+    touch_interval
 }
 
 /// Keys of `[session.store]` that only one kind reads: naming one for another kind is a mistake.
@@ -1271,7 +1319,29 @@ fn redis_settings(p: &mut Problems, base: &Path, st: &file::StoreFile) -> StoreK
     if st.path.is_some() {
         p.push("session.store.path", "only applies to kind = \"embedded\"");
     }
-    let url = match st.url.as_deref().map(secret::resolve) {
+    let url = redis_url(st.url.as_deref(), p);
+    let key_prefix = redis_key_prefix(st.key_prefix.clone(), p);
+    let rediss = Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss");
+    let ca = redis_ca(st.ca.as_deref(), rediss, base, p);
+    let sentinels = redis_sentinels(st, p);
+    let timeout = p.duration(
+        "session.store.timeout",
+        st.timeout.as_deref(),
+        DEFAULT_REDIS_TIMEOUT,
+    );
+    StoreKind::Redis(RedisSettings {
+        url,
+        key_prefix,
+        ca,
+        sentinels,
+        sentinel_master: st.sentinel_master.clone(),
+        timeout,
+    })
+}
+
+/// `session.store.url`: required, a secret holding a `redis://` or `rediss://` URL.
+fn redis_url(raw: Option<&str>, p: &mut Problems) -> Secret {
+    match raw.map(secret::resolve) {
         None => {
             p.push(
                 "session.store.url",
@@ -1289,19 +1359,24 @@ fn redis_settings(p: &mut Problems, base: &Path, st: &file::StoreFile) -> StoreK
             }
             u
         }
-    };
-    let key_prefix = st
-        .key_prefix
-        .clone()
-        .unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
+    }
+}
+
+/// `session.store.key_prefix`; default [`DEFAULT_REDIS_KEY_PREFIX`].
+fn redis_key_prefix(raw: Option<String>, p: &mut Problems) -> String {
+    let key_prefix = raw.unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
     if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_whitespace) {
         p.push(
             "session.store.key_prefix",
             format!("{key_prefix:?} must not contain braces or whitespace (braces would change the Redis Cluster hash tag)"),
         );
     }
-    let rediss = Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss");
-    let ca = st.ca.as_deref().map(|raw| {
+    key_prefix
+}
+
+/// `session.store.ca`: a readable PEM file, only with a `rediss://` URL.
+fn redis_ca(raw: Option<&str>, rediss: bool, base: &Path, p: &mut Problems) -> Option<PathBuf> {
+    let ca = raw.map(|raw| {
         if !rediss {
             p.push("session.store.ca", "only applies to a rediss:// URL");
         }
@@ -1320,6 +1395,11 @@ fn redis_settings(p: &mut Problems, base: &Path, st: &file::StoreFile) -> StoreK
             );
         }
     }
+    ca
+}
+
+/// `session.store.sentinels` and `session.store.sentinel_master`, which go together.
+fn redis_sentinels(st: &file::StoreFile, p: &mut Problems) -> Vec<String> {
     let sentinels = st.sentinels.clone().unwrap_or_default();
     for (i, addr) in sentinels.iter().enumerate() {
         let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
@@ -1353,19 +1433,7 @@ fn redis_settings(p: &mut Problems, base: &Path, st: &file::StoreFile) -> StoreK
         ),
         _ => {}
     }
-    let timeout = p.duration(
-        "session.store.timeout",
-        st.timeout.as_deref(),
-        DEFAULT_REDIS_TIMEOUT,
-    );
-    StoreKind::Redis(RedisSettings {
-        url,
-        key_prefix,
-        ca,
-        sentinels,
-        sentinel_master: st.sentinel_master.clone(),
-        timeout,
-    })
+    sentinels
 }
 
 /// Checks a Redis URL; the reason never quotes the URL (it may hold a password).
@@ -1404,23 +1472,7 @@ pub fn is_loopback_http(url: &Url) -> bool {
 }
 
 fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
-    let issuer = match Url::parse(&o.issuer) {
-        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => u,
-        Ok(_) => {
-            p.push(
-                "oidc.issuer",
-                format!(
-                    "{:?} must be https:// (http:// only for a loopback host)",
-                    o.issuer
-                ),
-            );
-            Url::parse("https://invalid.invalid").expect("constant URL")
-        }
-        Err(e) => {
-            p.push("oidc.issuer", format!("{:?} is not a URL: {e}", o.issuer));
-            Url::parse("https://invalid.invalid").expect("constant URL")
-        }
-    };
+    let issuer = issuer(&o.issuer, p);
     if o.client_id.is_empty() {
         p.push("oidc.client_id", "must not be empty");
     }
@@ -1434,49 +1486,9 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
     if !scopes.iter().any(|s| s == "openid") {
         p.push("oidc.scopes", "must include \"openid\"");
     }
-    let mut allowed_algs = Vec::new();
-    for (i, a) in o
-        .allowed_algs
-        .unwrap_or_else(|| DEFAULT_ALGS.iter().map(|s| s.to_string()).collect())
-        .iter()
-        .enumerate()
-    {
-        use jsonwebtoken::Algorithm as A;
-        match a.parse::<A>() {
-            Ok(A::HS256 | A::HS384 | A::HS512) => p.push(
-                format!("oidc.allowed_algs[{i}]"),
-                format!(
-                    "{a:?}: HMAC algorithms are refused (key confusion); use RS*, PS*, ES* or EdDSA"
-                ),
-            ),
-            Ok(alg) => allowed_algs.push(alg),
-            Err(_) => p.push(
-                format!("oidc.allowed_algs[{i}]"),
-                format!("{a:?} is not a JWS algorithm such as \"RS256\""),
-            ),
-        }
-    }
-    if allowed_algs.is_empty() {
-        p.push("oidc.allowed_algs", "must name at least one algorithm");
-    }
-    let client_auth = match o.token_endpoint_auth_method.as_deref() {
-        None | Some("client_secret_basic") => ClientAuth::Basic,
-        Some("client_secret_post") => ClientAuth::Post,
-        Some(x) => {
-            p.push(
-                "oidc.token_endpoint_auth_method",
-                format!("{x:?} must be \"client_secret_basic\" or \"client_secret_post\""),
-            );
-            ClientAuth::Basic
-        }
-    };
-    let post_logout_redirect = o.post_logout_redirect.unwrap_or_else(|| "/".to_owned());
-    if !post_logout_redirect.starts_with('/') || post_logout_redirect.starts_with("//") {
-        p.push(
-            "oidc.post_logout_redirect",
-            format!("{post_logout_redirect:?} must be a local path such as \"/\""),
-        );
-    }
+    let allowed_algs = allowed_algs(o.allowed_algs, p);
+    let client_auth = client_auth(o.token_endpoint_auth_method.as_deref(), p);
+    let post_logout_redirect = post_logout_redirect(o.post_logout_redirect, p);
     Oidc {
         issuer,
         issuer_id: o.issuer.clone(),
@@ -1489,15 +1501,7 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
         client_secret,
         scopes,
         allowed_algs,
-        clock_skew: match o.clock_skew.as_deref().map(humantime::parse_duration) {
-            // Zero skew is a legitimate (strict) choice, unlike a zero timeout.
-            Some(Ok(d)) if d.is_zero() => Duration::ZERO,
-            _ => p.duration(
-                "oidc.clock_skew",
-                o.clock_skew.as_deref(),
-                DEFAULT_CLOCK_SKEW,
-            ),
-        },
+        clock_skew: clock_skew(o.clock_skew.as_deref(), p),
         refresh_before_expiry: p.duration(
             "oidc.refresh_before_expiry",
             o.refresh_before_expiry.as_deref(),
@@ -1517,6 +1521,89 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
             o.rotation_grace.as_deref(),
             DEFAULT_ROTATION_GRACE,
         ),
+    }
+}
+
+/// `oidc.issuer`: https, or http on a loopback host; a placeholder when refused.
+fn issuer(raw: &str, p: &mut Problems) -> Url {
+    match Url::parse(raw) {
+        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => u,
+        Ok(_) => {
+            p.push(
+                "oidc.issuer",
+                format!("{raw:?} must be https:// (http:// only for a loopback host)"),
+            );
+            Url::parse("https://invalid.invalid").expect("constant URL")
+        }
+        Err(e) => {
+            p.push("oidc.issuer", format!("{raw:?} is not a URL: {e}"));
+            Url::parse("https://invalid.invalid").expect("constant URL")
+        }
+    }
+}
+
+/// `oidc.allowed_algs`: JWS algorithms, never HMAC; default [`DEFAULT_ALGS`].
+fn allowed_algs(raw: Option<Vec<String>>, p: &mut Problems) -> Vec<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::Algorithm as A;
+    let mut allowed_algs = Vec::new();
+    for (i, a) in raw
+        .unwrap_or_else(|| DEFAULT_ALGS.iter().map(|s| s.to_string()).collect())
+        .iter()
+        .enumerate()
+    {
+        match a.parse::<A>() {
+            Ok(A::HS256 | A::HS384 | A::HS512) => p.push(
+                format!("oidc.allowed_algs[{i}]"),
+                format!(
+                    "{a:?}: HMAC algorithms are refused (key confusion); use RS*, PS*, ES* or EdDSA"
+                ),
+            ),
+            Ok(alg) => allowed_algs.push(alg),
+            Err(_) => p.push(
+                format!("oidc.allowed_algs[{i}]"),
+                format!("{a:?} is not a JWS algorithm such as \"RS256\""),
+            ),
+        }
+    }
+    if allowed_algs.is_empty() {
+        p.push("oidc.allowed_algs", "must name at least one algorithm");
+    }
+    allowed_algs
+}
+
+/// `oidc.token_endpoint_auth_method`: `"client_secret_basic"` (default) or `"client_secret_post"`.
+fn client_auth(raw: Option<&str>, p: &mut Problems) -> ClientAuth {
+    match raw {
+        None | Some("client_secret_basic") => ClientAuth::Basic,
+        Some("client_secret_post") => ClientAuth::Post,
+        Some(x) => {
+            p.push(
+                "oidc.token_endpoint_auth_method",
+                format!("{x:?} must be \"client_secret_basic\" or \"client_secret_post\""),
+            );
+            ClientAuth::Basic
+        }
+    }
+}
+
+/// `oidc.post_logout_redirect`: a local path; default `/`.
+fn post_logout_redirect(raw: Option<String>, p: &mut Problems) -> String {
+    let post_logout_redirect = raw.unwrap_or_else(|| "/".to_owned());
+    if !post_logout_redirect.starts_with('/') || post_logout_redirect.starts_with("//") {
+        p.push(
+            "oidc.post_logout_redirect",
+            format!("{post_logout_redirect:?} must be a local path such as \"/\""),
+        );
+    }
+    post_logout_redirect
+}
+
+/// `oidc.clock_skew`; default [`DEFAULT_CLOCK_SKEW`].
+fn clock_skew(raw: Option<&str>, p: &mut Problems) -> Duration {
+    match raw.map(humantime::parse_duration) {
+        // Zero skew is a legitimate (strict) choice, unlike a zero timeout.
+        Some(Ok(d)) if d.is_zero() => Duration::ZERO,
+        _ => p.duration("oidc.clock_skew", raw, DEFAULT_CLOCK_SKEW),
     }
 }
 
@@ -1558,160 +1645,207 @@ fn client_scopes(
 fn validate_routes(routes: Vec<file::RouteFile>, base: &Path, p: &mut Problems) -> Vec<Route> {
     let mut out: Vec<Route> = Vec::new();
     for (i, r) in routes.into_iter().enumerate() {
-        let k = |name: &str| format!("route[{i}].{name}");
-        if !r.path.starts_with('/')
-            || r.path.contains(['?', '#', '%', '\\'])
-            || r.path.split('/').any(|s| s == "." || s == "..")
-        {
-            p.push(
-                k("path"),
-                format!(
-                    "{:?} must be an absolute, plain path prefix such as \"/api/\"",
-                    r.path
-                ),
-            );
-        }
-        if let Some(prev) = out.iter().find(|o| o.path == r.path) {
-            p.push(
-                k("path"),
-                format!("{:?} is already used by route[{}]", r.path, prev.index),
-            );
-        }
-        let upstream = match Url::parse(&r.upstream) {
-            Ok(u)
-                if matches!(u.scheme(), "http" | "https")
-                    && u.host_str().is_some()
-                    && u.query().is_none()
-                    && u.fragment().is_none() =>
-            {
-                u
-            }
-            Ok(_) => {
-                p.push(
-                    k("upstream"),
-                    format!(
-                        "{:?} must be an http:// or https:// URL with a host and no query",
-                        r.upstream
-                    ),
-                );
-                Url::parse("http://invalid.invalid").expect("constant URL")
-            }
-            Err(e) => {
-                p.push(k("upstream"), format!("{:?} is not a URL: {e}", r.upstream));
-                Url::parse("http://invalid.invalid").expect("constant URL")
-            }
-        };
-        let auth = match r.auth.as_deref() {
-            None | Some("required") => AuthMode::Required,
-            Some("optional") => AuthMode::Optional,
-            Some("none") => AuthMode::None,
-            Some("bearer") => AuthMode::Bearer,
-            Some("client") => AuthMode::Client,
-            Some(o) => {
-                p.push(
-                    k("auth"),
-                    format!("{o:?} must be \"required\", \"optional\", \"none\", \"bearer\" or \"client\""),
-                );
-                AuthMode::None
-            }
-        };
-        let csrf = match r.csrf.as_deref() {
-            None | Some("all") => CsrfMode::All,
-            Some("unsafe-methods") => CsrfMode::UnsafeMethods,
-            Some("off") => CsrfMode::Off,
-            Some(o) => {
-                p.push(
-                    k("csrf"),
-                    format!("{o:?} must be \"all\", \"unsafe-methods\" or \"off\""),
-                );
-                CsrfMode::All
-            }
-        };
-        let methods = r.methods.map(|ms| {
-            ms.iter()
-                .enumerate()
-                .filter_map(
-                    |(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                        Ok(m) => Some(m),
-                        Err(_) => {
-                            p.push(
-                                format!("route[{i}].methods[{j}]"),
-                                format!("{m:?} is not an HTTP method"),
-                            );
-                            None
-                        }
-                    },
-                )
-                .collect::<Vec<_>>()
-        });
-        if methods.as_ref().is_some_and(|m| m.is_empty()) {
-            p.push(
-                k("methods"),
-                "must list at least one method (or be left out)",
-            );
-        }
-        let roles = r.roles.unwrap_or_default();
-        if !roles.is_empty() && matches!(auth, AuthMode::None | AuthMode::Client) {
-            p.push(
-                k("roles"),
-                "needs auth = \"required\", \"optional\" or \"bearer\" (there is no user to hold roles otherwise)",
-            );
-        }
-        let scopes = client_scopes(r.scopes, auth, &k, p);
-        if let Some(a) = &r.audience {
-            if !matches!(auth, AuthMode::Bearer | AuthMode::Client) {
-                p.push(
-                    k("audience"),
-                    "only applies to auth = \"bearer\" or \"client\"",
-                );
-            } else if a.is_empty() || a.chars().any(char::is_whitespace) {
-                p.push(
-                    k("audience"),
-                    format!("{a:?} must be one audience (a URI or name, no spaces)"),
-                );
-            }
-        }
-        let ca = r.ca.map(|c| {
-            if upstream.scheme() != "https" {
-                p.push(k("ca"), "only applies to an https:// upstream");
-            }
-            p.readable_file(&k("ca"), base, &c)
-        });
-        let login_redirect = r.login_redirect.unwrap_or(false);
-        if login_redirect && auth != AuthMode::Required {
-            p.push(k("login_redirect"), "only applies to auth = \"required\"");
-        }
-        out.push(Route {
-            index: i,
-            path: r.path,
-            upstream,
-            auth,
-            strip_prefix: r.strip_prefix.unwrap_or(false),
-            roles,
-            timeout: p.duration(&k("timeout"), r.timeout.as_deref(), DEFAULT_ROUTE_TIMEOUT),
-            max_body_bytes: p.positive(
-                &k("max_body_bytes"),
-                r.max_body_bytes,
-                DEFAULT_MAX_BODY_BYTES,
-            ),
-            retry_body_bytes: match r.retry_body_bytes {
-                Some(0) => 0,
-                raw => p.positive(&k("retry_body_bytes"), raw, DEFAULT_RETRY_BODY_BYTES),
-            },
-            methods,
-            preserve_host: r.preserve_host.unwrap_or(false),
-            ca,
-            login_redirect,
-            csrf,
-            audience: r.audience,
-            scopes,
-            allow_encoded_slashes: r.allow_encoded_slashes.unwrap_or(false),
-        });
+        let route = validate_route(i, r, &out, base, p);
+        out.push(route);
     }
     if out.is_empty() {
         p.push("route", "at least one [[route]] is needed");
     }
     out
+}
+
+/// `route[i]`; `earlier` are the routes before it, whose paths it must not repeat.
+fn validate_route(
+    i: usize,
+    r: file::RouteFile,
+    earlier: &[Route],
+    base: &Path,
+    p: &mut Problems,
+) -> Route {
+    let k = |name: &str| format!("route[{i}].{name}");
+    check_route_path(&r.path, earlier, &k, p);
+    let upstream = route_upstream(&r.upstream, &k, p);
+    let auth = route_auth(r.auth.as_deref(), &k, p);
+    let csrf = route_csrf(r.csrf.as_deref(), &k, p);
+    let methods = route_methods(r.methods, &k, p);
+    let roles = r.roles.unwrap_or_default();
+    if !roles.is_empty() && matches!(auth, AuthMode::None | AuthMode::Client) {
+        p.push(
+            k("roles"),
+            "needs auth = \"required\", \"optional\" or \"bearer\" (there is no user to hold roles otherwise)",
+        );
+    }
+    let scopes = client_scopes(r.scopes, auth, &k, p);
+    check_audience(r.audience.as_deref(), auth, &k, p);
+    let ca = r.ca.map(|c| {
+        if upstream.scheme() != "https" {
+            p.push(k("ca"), "only applies to an https:// upstream");
+        }
+        p.readable_file(&k("ca"), base, &c)
+    });
+    let login_redirect = r.login_redirect.unwrap_or(false);
+    if login_redirect && auth != AuthMode::Required {
+        p.push(k("login_redirect"), "only applies to auth = \"required\"");
+    }
+    Route {
+        index: i,
+        path: r.path,
+        upstream,
+        auth,
+        strip_prefix: r.strip_prefix.unwrap_or(false),
+        roles,
+        timeout: p.duration(&k("timeout"), r.timeout.as_deref(), DEFAULT_ROUTE_TIMEOUT),
+        max_body_bytes: p.positive(
+            &k("max_body_bytes"),
+            r.max_body_bytes,
+            DEFAULT_MAX_BODY_BYTES,
+        ),
+        retry_body_bytes: match r.retry_body_bytes {
+            Some(0) => 0,
+            raw => p.positive(&k("retry_body_bytes"), raw, DEFAULT_RETRY_BODY_BYTES),
+        },
+        methods,
+        preserve_host: r.preserve_host.unwrap_or(false),
+        ca,
+        login_redirect,
+        csrf,
+        audience: r.audience,
+        scopes,
+        allow_encoded_slashes: r.allow_encoded_slashes.unwrap_or(false),
+    }
+}
+
+/// `route[N].path`: an absolute, plain prefix that no earlier route uses.
+fn check_route_path(path: &str, earlier: &[Route], k: &dyn Fn(&str) -> String, p: &mut Problems) {
+    if !path.starts_with('/')
+        || path.contains(['?', '#', '%', '\\'])
+        || path.split('/').any(|s| s == "." || s == "..")
+    {
+        p.push(
+            k("path"),
+            format!("{path:?} must be an absolute, plain path prefix such as \"/api/\""),
+        );
+    }
+    if let Some(prev) = earlier.iter().find(|o| o.path == path) {
+        p.push(
+            k("path"),
+            format!("{path:?} is already used by route[{}]", prev.index),
+        );
+    }
+}
+
+/// `route[N].upstream`: an http(s) URL with a host and no query; a placeholder when refused.
+fn route_upstream(raw: &str, k: &dyn Fn(&str) -> String, p: &mut Problems) -> Url {
+    match Url::parse(raw) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.query().is_none()
+                && u.fragment().is_none() =>
+        {
+            u
+        }
+        Ok(_) => {
+            p.push(
+                k("upstream"),
+                format!("{raw:?} must be an http:// or https:// URL with a host and no query"),
+            );
+            Url::parse("http://invalid.invalid").expect("constant URL")
+        }
+        Err(e) => {
+            p.push(k("upstream"), format!("{raw:?} is not a URL: {e}"));
+            Url::parse("http://invalid.invalid").expect("constant URL")
+        }
+    }
+}
+
+/// `route[N].auth`; default `"required"`.
+fn route_auth(raw: Option<&str>, k: &dyn Fn(&str) -> String, p: &mut Problems) -> AuthMode {
+    match raw {
+        None | Some("required") => AuthMode::Required,
+        Some("optional") => AuthMode::Optional,
+        Some("none") => AuthMode::None,
+        Some("bearer") => AuthMode::Bearer,
+        Some("client") => AuthMode::Client,
+        Some(o) => {
+            p.push(
+                k("auth"),
+                format!(
+                    "{o:?} must be \"required\", \"optional\", \"none\", \"bearer\" or \"client\""
+                ),
+            );
+            AuthMode::None
+        }
+    }
+}
+
+/// `route[N].csrf`; default `"all"`.
+fn route_csrf(raw: Option<&str>, k: &dyn Fn(&str) -> String, p: &mut Problems) -> CsrfMode {
+    match raw {
+        None | Some("all") => CsrfMode::All,
+        Some("unsafe-methods") => CsrfMode::UnsafeMethods,
+        Some("off") => CsrfMode::Off,
+        Some(o) => {
+            p.push(
+                k("csrf"),
+                format!("{o:?} must be \"all\", \"unsafe-methods\" or \"off\""),
+            );
+            CsrfMode::All
+        }
+    }
+}
+
+/// `route[N].methods`: HTTP methods (any case), at least one when the key is given.
+fn route_methods(
+    raw: Option<Vec<String>>,
+    k: &dyn Fn(&str) -> String,
+    p: &mut Problems,
+) -> Option<Vec<Method>> {
+    let methods = raw.map(|ms| {
+        ms.iter()
+            .enumerate()
+            .filter_map(
+                |(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        p.push(
+                            format!("{}[{j}]", k("methods")),
+                            format!("{m:?} is not an HTTP method"),
+                        );
+                        None
+                    }
+                },
+            )
+            .collect::<Vec<_>>()
+    });
+    if methods.as_ref().is_some_and(|m| m.is_empty()) {
+        p.push(
+            k("methods"),
+            "must list at least one method (or be left out)",
+        );
+    }
+    methods
+}
+
+/// `route[N].audience`: one audience, only with `auth = "bearer"` or `"client"`.
+fn check_audience(
+    audience: Option<&str>,
+    auth: AuthMode,
+    k: &dyn Fn(&str) -> String,
+    p: &mut Problems,
+) {
+    let Some(a) = audience else { return };
+    if !matches!(auth, AuthMode::Bearer | AuthMode::Client) {
+        p.push(
+            k("audience"),
+            "only applies to auth = \"bearer\" or \"client\"",
+        );
+    } else if a.is_empty() || a.chars().any(char::is_whitespace) {
+        p.push(
+            k("audience"),
+            format!("{a:?} must be one audience (a URI or name, no spaces)"),
+        );
+    }
 }
 
 #[cfg(test)]
