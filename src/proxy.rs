@@ -288,7 +288,7 @@ pub fn rewrite(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     parts.uri = upstream
-        .uri(fwd.path, parts.uri.query())
+        .uri(&parts.uri, fwd.path)
         .map_err(|e| Error::BadRequest(format!("cannot build the upstream URI: {e}")))?;
     // The pooled client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 request version would be
     // refused on an HTTP/1.1 connection (see ../shared/CRATES.md).

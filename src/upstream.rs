@@ -154,10 +154,23 @@ impl Upstream {
         })
     }
 
-    /// The upstream request target for a request whose (already normalized, possibly stripped)
-    /// path is `path`: origin-form (the upstream's base path, `path`, the query), as an HTTP/1.1
-    /// connection sends it (RFC 9112 §3.2.1; the `Host` header names the upstream). [`Upstream::send`] makes it absolute where a client needs that.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// The upstream request target for a client request `client` whose (already normalized,
+    /// possibly stripped) path is `path`: origin-form (the upstream's base path, `path`, the
+    /// client's query), as an HTTP/1.1 connection sends it (RFC 9112 §3.2.1; the `Host` header
+    /// names the upstream). [`Upstream::send`] makes it absolute where a client needs that.
+    ///
+    /// When that is the client's own path and query byte for byte (no base path, nothing
+    /// stripped or normalized away), the client's are shared rather than copied and re-validated.
+    pub fn uri(&self, client: &Uri, path: &str) -> Result<Uri, http::Error> {
+        if self.base_path.is_empty()
+            && client.path() == path
+            && let Some(pq) = client.path_and_query()
+        {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq.clone());
+            return Ok(Uri::from_parts(parts)?);
+        }
+        let query = client.query();
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
         );
@@ -390,7 +403,8 @@ mod tests {
             "route[0].ca",
         )
         .unwrap();
-        let target = u.uri("/users", Some("a=1")).unwrap();
+        let client: Uri = "/users?a=1".parse().unwrap();
+        let target = u.uri(&client, "/users").unwrap();
         assert_eq!(target.to_string(), "/v1/users?a=1", "origin-form");
         let absolute = u.absolute(Request::new(()));
         assert_eq!(absolute.uri().to_string(), "http://127.0.0.1:9000/");
@@ -407,8 +421,38 @@ mod tests {
         )
         .unwrap();
         let mut req = Request::new(());
-        *req.uri_mut() = u.uri("/", None).unwrap();
+        *req.uri_mut() = u.uri(&"/".parse().unwrap(), "/").unwrap();
         assert_eq!(u.absolute(req).uri().to_string(), "https://[::1]:9443/");
         assert_eq!(u.host, "[::1]:9443");
+    }
+
+    #[test]
+    fn without_a_base_path_the_clients_own_path_and_query_are_kept_or_rebuilt() {
+        tls::install_provider();
+        let u = Upstream::new(
+            &Url::parse("http://127.0.0.1:9000").unwrap(),
+            None,
+            "route[0].ca",
+        )
+        .unwrap();
+        // The same path: the client's target, query included, from any request form.
+        for (client, want) in [
+            ("/api/users?a=1&b=%2F", "/api/users?a=1&b=%2F"),
+            ("/api/users", "/api/users"),
+            ("/api/users?", "/api/users?"),
+            ("https://localhost:8443/api/x?q", "/api/x?q"),
+        ] {
+            let client: Uri = client.parse().unwrap();
+            let target = u.uri(&client, client.path()).unwrap();
+            assert_eq!(target.to_string(), want);
+            assert!(target.scheme().is_none() && target.authority().is_none());
+        }
+        // A different path (stripped, normalized): rebuilt from it, the query kept.
+        let client: Uri = "/api/./users?a=1".parse().unwrap();
+        assert_eq!(u.uri(&client, "/users").unwrap().to_string(), "/users?a=1");
+        assert_eq!(
+            u.uri(&"/api/".parse().unwrap(), "/").unwrap().to_string(),
+            "/"
+        );
     }
 }
