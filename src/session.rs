@@ -503,7 +503,9 @@ impl Sessions {
         };
         self.metrics.cache_misses.inc();
         crate::trace::note_cache(false);
-        match self.load(&presented, key, now).await {
+        // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger than
+        // everything else in a request; inline, every cache hit's future would carry and move it.
+        match Box::pin(self.load(&presented, key, now)).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
