@@ -111,16 +111,7 @@ impl Admin {
             }
             "/readyz" => {
                 get_only("GET")?;
-                Ok(match self.router.load_full().ready().await {
-                    Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
-                    Err(why) => {
-                        tracing::warn!(reason = %why, "not ready");
-                        body::json(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
-                        )
-                    }
-                })
+                Ok(self.router.load_full().readiness().await)
             }
             "/sessions" => {
                 let auth = self.authorize(req, peer)?;

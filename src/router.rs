@@ -132,6 +132,21 @@ impl Router {
         }
     }
 
+    /// The answer of `/readyz` (here and on the admin listener): 200, or 503 with the reason, which
+    /// may name internal URLs, in the log and not in the answer.
+    pub(crate) async fn readiness(&self) -> Response<Body> {
+        match self.ready().await {
+            Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
+            Err(why) => {
+                tracing::warn!(reason = %why, "not ready");
+                body::json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
+                )
+            }
+        }
+    }
+
     /// Handles one request from `peer`. Never fails: errors become JSON answers (DESIGN §5).
     /// `slot` is the HTTP/1.1 connection's ([`ConnectionSlot`]: its deadline timer, and what an
     /// upgraded tunnel holds); `None` on HTTP/2.
@@ -321,17 +336,7 @@ impl Router {
     async fn own_endpoint(&self, path: &NormalizedPath<'_>) -> Option<Response<Body>> {
         match path.matched.as_ref() {
             "/healthz" => Some(body::json(StatusCode::OK, &json!({"status": "ok"}))),
-            "/readyz" => Some(match self.ready().await {
-                Ok(()) => body::json(StatusCode::OK, &json!({"status": "ready"})),
-                Err(why) => {
-                    // The reason (which may name internal URLs) goes to the log, not the client.
-                    tracing::warn!(reason = %why, "not ready");
-                    body::json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({"status": "not_ready", "message": "a dependency is not ready yet"}),
-                    )
-                }
-            }),
+            "/readyz" => Some(self.readiness().await),
             _ => None,
         }
     }

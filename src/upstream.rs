@@ -394,15 +394,14 @@ fn build_client(tls: rustls::ClientConfig, h2: bool) -> HttpClient {
 mod tests {
     use super::*;
 
+    fn upstream(url: &str) -> Upstream {
+        tls::install_provider();
+        Upstream::new(&Url::parse(url).unwrap(), None, "route[0].ca").unwrap()
+    }
+
     #[test]
     fn upstream_uris_join_the_base_path_and_keep_the_query() {
-        tls::install_provider();
-        let u = Upstream::new(
-            &Url::parse("http://127.0.0.1:9000/v1/").unwrap(),
-            None,
-            "route[0].ca",
-        )
-        .unwrap();
+        let u = upstream("http://127.0.0.1:9000/v1/");
         let client: Uri = "/users?a=1".parse().unwrap();
         let target = u.uri(&client, "/users").unwrap();
         assert_eq!(target.to_string(), "/v1/users?a=1", "origin-form");
@@ -414,12 +413,7 @@ mod tests {
             u.absolute(req).uri().to_string(),
             "http://127.0.0.1:9000/v1/users?a=1"
         );
-        let u = Upstream::new(
-            &Url::parse("https://[::1]:9443").unwrap(),
-            None,
-            "route[0].ca",
-        )
-        .unwrap();
+        let u = upstream("https://[::1]:9443");
         let mut req = Request::new(());
         *req.uri_mut() = u.uri(&"/".parse().unwrap(), "/").unwrap();
         assert_eq!(u.absolute(req).uri().to_string(), "https://[::1]:9443/");
@@ -428,13 +422,7 @@ mod tests {
 
     #[test]
     fn without_a_base_path_the_clients_own_path_and_query_are_kept_or_rebuilt() {
-        tls::install_provider();
-        let u = Upstream::new(
-            &Url::parse("http://127.0.0.1:9000").unwrap(),
-            None,
-            "route[0].ca",
-        )
-        .unwrap();
+        let u = upstream("http://127.0.0.1:9000");
         // The same path: the client's target, query included, from any request form.
         for (client, want) in [
             ("/api/users?a=1&b=%2F", "/api/users?a=1&b=%2F"),
