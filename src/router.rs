@@ -680,20 +680,7 @@ impl<'a> NormalizedPath<'a> {
                 continue;
             }
             let decoded = percent_decode(seg)?;
-            if decoded.contains(&0) {
-                return Err(Error::BadRequest("the path contains a NUL byte".into()));
-            }
-            // Some servlet containers read `..;x` as `..` (path parameters).
-            if decoded.starts_with(b"..;") || decoded.starts_with(b".;") {
-                return Err(Error::BadRequest(
-                    "the path hides a dot segment behind a path parameter".into(),
-                ));
-            }
-            let dot = match decoded.as_slice() {
-                b"." => Some(false),
-                b".." => Some(true),
-                _ => None,
-            };
+            let dot = dot_segment(&decoded)?;
             match dot {
                 Some(up) => {
                     if up && out.pop().is_none() {
@@ -704,39 +691,69 @@ impl<'a> NormalizedPath<'a> {
                     }
                 }
                 None => {
-                    let has_separator = decoded.iter().any(|&b| b == b'/' || b == b'\\');
-                    separator |= has_separator;
-                    if has_separator
-                        && decoded
-                            .split(|&b| b == b'/' || b == b'\\')
-                            .any(|p| p == b"." || p == b"..")
-                    {
-                        return Err(Error::BadRequest(
-                            "the path hides a dot segment behind an encoded separator".into(),
-                        ));
-                    }
+                    separator |= check_separators(&decoded)?;
                     out.push((seg, matched_segment(&decoded)));
                 }
             }
         }
-        let mut raw = String::with_capacity(path.len());
-        let mut matched = String::with_capacity(path.len());
-        for (r, m) in &out {
-            raw.push('/');
-            raw.push_str(r);
-            matched.push('/');
-            matched.push_str(m);
-        }
-        if out.is_empty() || trailing_slash {
-            raw.push('/');
-            matched.push('/');
-        }
+        let (raw, matched) = join_segments(&out, trailing_slash, path.len());
         Ok(NormalizedPath {
             matched: Cow::Owned(matched),
             raw: Cow::Owned(raw),
             separator,
         })
     }
+}
+
+/// Whether a decoded segment is `.` (`Some(false)`) or `..` (`Some(true)`); refuses a NUL byte
+/// and a dot segment hidden behind a path parameter (some servlet containers read `..;x` as `..`).
+fn dot_segment(decoded: &[u8]) -> Result<Option<bool>, Error> {
+    if decoded.contains(&0) {
+        return Err(Error::BadRequest("the path contains a NUL byte".into()));
+    }
+    if decoded.starts_with(b"..;") || decoded.starts_with(b".;") {
+        return Err(Error::BadRequest(
+            "the path hides a dot segment behind a path parameter".into(),
+        ));
+    }
+    Ok(match decoded {
+        b"." => Some(false),
+        b".." => Some(true),
+        _ => None,
+    })
+}
+
+/// Whether a decoded segment holds an encoded `/` or `\`; refuses one that hides a dot segment
+/// behind it.
+fn check_separators(decoded: &[u8]) -> Result<bool, Error> {
+    let has_separator = decoded.iter().any(|&b| b == b'/' || b == b'\\');
+    if has_separator
+        && decoded
+            .split(|&b| b == b'/' || b == b'\\')
+            .any(|p| p == b"." || p == b"..")
+    {
+        return Err(Error::BadRequest(
+            "the path hides a dot segment behind an encoded separator".into(),
+        ));
+    }
+    Ok(has_separator)
+}
+
+/// The raw and the matched path of the kept segments (as sent, as decoded for matching).
+fn join_segments(out: &[(&str, String)], trailing_slash: bool, len: usize) -> (String, String) {
+    let mut raw = String::with_capacity(len);
+    let mut matched = String::with_capacity(len);
+    for (r, m) in out {
+        raw.push('/');
+        raw.push_str(r);
+        matched.push('/');
+        matched.push_str(m);
+    }
+    if out.is_empty() || trailing_slash {
+        raw.push('/');
+        matched.push('/');
+    }
+    (raw, matched)
 }
 
 fn percent_decode(seg: &str) -> Result<Vec<u8>, Error> {
