@@ -452,6 +452,9 @@ async fn a_back_channel_logout_body_that_stalls_is_cut_with_408() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
+/// The start of a JSON body whose rest never comes (100 bytes are announced).
+const STALLED_JSON_START: &str = "{\"a\":";
+
 #[tokio::test]
 async fn the_body_copy_kept_for_a_replay_has_a_read_deadline() {
     let env = Env::start(EnvOptions {
@@ -466,9 +469,10 @@ async fn the_body_copy_kept_for_a_replay_has_a_read_deadline() {
     conn.send(
         format!(
             "POST /api/echo HTTP/1.1\r\nHost: localhost:8443\r\nOrigin: {}\r\nX-CSRF: 1\r\nCookie: {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}",
             bff::ORIGIN,
-            cookie.to_str().unwrap()
+            cookie.to_str().unwrap(),
+            STALLED_JSON_START
         )
         .as_bytes(),
     )

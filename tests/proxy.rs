@@ -2036,7 +2036,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         !logs.contains("ms=4000"),
         "query strings never reach the log:\n{logs}"
     );
-    // One access line per request, with what an operator needs.
+    assert_access_lines_for_drained_request(&logs, &up.url());
+}
+
+/// One access line per request, with what an operator needs: the drained `/api/slow?ms=4000`
+/// request sent to `upstream`, and the `/healthz` probe before it.
+fn assert_access_lines_for_drained_request(logs: &str, upstream: &str) {
     let access: Vec<Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -2049,7 +2054,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(slow["method"], "GET", "{slow}");
     assert_eq!(slow["status"], 200, "{slow}");
     assert_eq!(slow["route"], "/api/", "{slow}");
-    assert_eq!(slow["upstream"], up.url(), "{slow}");
+    assert_eq!(slow["upstream"], upstream, "{slow}");
     assert!(slow["bytes"].as_u64().is_some_and(|b| b > 0), "{slow}");
     assert!(
         slow["duration_ms"].as_f64().is_some_and(|d| d >= 4000.0),
