@@ -158,15 +158,8 @@ async fn browser_run(
     }
 }
 
-#[tokio::test]
-async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
-    e2e::chromium();
-    let env = BrowserEnv::start().await;
-
-    let report = browser_login(&env, "alice", "alice-pw").await;
-    eprintln!("browser report: {report}");
-
-    // Back on the app, logged in as alice.
+/// Back on the app, logged in as alice.
+fn assert_landed_logged_in_as_alice(env: &BrowserEnv, report: &Value) {
     assert!(
         report["landed_on"]
             .as_str()
@@ -179,9 +172,11 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
             .is_some_and(|u| u.contains("(alice)")),
         "{report}"
     );
+}
 
-    // The ticket, as the browser stored it: HttpOnly, Secure, SameSite=Strict, Path=/, no
-    // Domain, gone from script's view.
+/// The ticket, as the browser stored it: HttpOnly, Secure, SameSite=Strict, Path=/, no Domain,
+/// gone from script's view.
+fn assert_session_cookie_is_host_only_and_hidden(report: &Value) {
     let cookie = &report["cookie"];
     assert_eq!(cookie["name"], "__Host-coatcheck", "{report}");
     assert_eq!(cookie["httpOnly"], true, "{report}");
@@ -190,8 +185,10 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
     assert_eq!(cookie["path"], "/", "{report}");
     assert_eq!(cookie["domain"], "localhost", "host-only: {report}");
     assert_eq!(report["document_cookie_has_session"], false, "{report}");
+}
 
-    // The page's fetch reached the upstream, which saw a bearer JWT and no coatcheck cookie.
+/// The page's fetch reached the upstream, which saw a bearer JWT and no coatcheck cookie.
+fn assert_api_calls_carry_the_bearer_and_no_session_cookie(env: &BrowserEnv, report: &Value) {
     assert_eq!(report["whoami"]["status"], 200, "{report}");
     assert_eq!(report["whoami"]["body"]["uri"], "/api/whoami", "{report}");
     assert!(
@@ -233,9 +230,11 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
             seen.header("cookie")
         );
     }
+}
 
-    // Logged out: the API refuses the browser, the cookie is gone, the provider's session ended
-    // and the refresh token was revoked.
+/// Logged out: the API refuses the browser, the cookie is gone, the provider's session ended
+/// and the refresh token was revoked.
+async fn assert_logged_out_everywhere(env: &BrowserEnv, report: &Value) {
     assert_eq!(report["after_logout"]["status"], 401, "{report}");
     assert_eq!(
         report["after_logout"]["body"]["error"], "unauthenticated",
@@ -253,6 +252,20 @@ async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
     assert_eq!(stats["token_requests"]["authorization_code"], 1, "{stats}");
     assert_eq!(stats["revocations"], 1, "refresh token revoked: {stats}");
     assert_eq!(stats["end_sessions"], 1, "provider session ended: {stats}");
+}
+
+#[tokio::test]
+async fn a_real_browser_logs_in_calls_the_api_with_the_bearer_and_logs_out() {
+    e2e::chromium();
+    let env = BrowserEnv::start().await;
+
+    let report = browser_login(&env, "alice", "alice-pw").await;
+    eprintln!("browser report: {report}");
+
+    assert_landed_logged_in_as_alice(&env, &report);
+    assert_session_cookie_is_host_only_and_hidden(&report);
+    assert_api_calls_carry_the_bearer_and_no_session_cookie(&env, &report);
+    assert_logged_out_everywhere(&env, &report).await;
 }
 
 #[tokio::test]

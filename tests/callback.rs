@@ -754,19 +754,9 @@ fn needles(secret: &str) -> Vec<String> {
     v
 }
 
-#[tokio::test]
-async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
-    let dir = TempDir::new("leak");
-    let state_file = dir.join("idp-state.json");
-    let env = Env::start(EnvOptions {
-        idp: IdpOptions {
-            state_file: Some(state_file.clone()),
-            ..IdpOptions::default()
-        },
-        ..EnvOptions::default()
-    })
-    .await;
-    // The real binary, at debug level, against the same provider and upstream.
+/// The real binary, at debug level, against `env`'s provider and upstream; returns once it is
+/// ready.
+async fn start_debug_binary(env: &Env) -> ProxyProcess {
     let proc = ProxyProcess::start(&proxy_config(
         "",
         &format!("[log]\nlevel = \"debug\"\n\n{}", env.config),
@@ -783,19 +773,77 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    proc
+}
 
-    let mut b = browser(proc.addr);
-    let mut seen = Seen::default();
+/// The secrets a login through coatcheck produces, as the test learnt them.
+struct Login {
+    /// The PKCE verifier, read from the login cookie.
+    verifier: String,
+    code: String,
+    /// The session cookie.
+    session: String,
+    /// What the provider holds once the login is complete.
+    refresh_tokens: Vec<String>,
+}
 
+/// Every secret of one login, logout included.
+struct LoginSecrets {
+    login: Login,
+    access_token: String,
+    id_token: String,
+}
+
+impl LoginSecrets {
+    /// What must appear nowhere in the logs.
+    fn for_the_logs(&self) -> Vec<(&'static str, String)> {
+        let mut secrets: Vec<(&str, String)> = vec![
+            ("access token", self.access_token.clone()),
+            ("ID token", self.id_token.clone()),
+            ("authorization code", self.login.code.clone()),
+            ("PKCE verifier", self.login.verifier.clone()),
+            ("client secret", CLIENT_SECRET.to_owned()),
+            ("client credentials (Basic)", basic_credentials()),
+            ("session cookie", self.login.session.clone()),
+        ];
+        for rt in &self.login.refresh_tokens {
+            secrets.push(("refresh token", rt.clone()));
+        }
+        secrets
+    }
+
+    /// What must appear in no response the browser saw (the ID token is checked apart: the
+    /// end-session redirect carries it).
+    fn for_the_browser(&self) -> Vec<(&'static str, String)> {
+        let mut secrets: Vec<(&str, String)> = vec![
+            ("access token", self.access_token.clone()),
+            ("PKCE verifier", self.login.verifier.clone()),
+            ("client secret", CLIENT_SECRET.to_owned()),
+            ("client credentials (Basic)", basic_credentials()),
+        ];
+        for rt in &self.login.refresh_tokens {
+            secrets.push(("refresh token", rt.clone()));
+        }
+        secrets
+    }
+}
+
+/// The client's `Authorization: Basic` credentials at the token endpoint.
+fn basic_credentials() -> String {
+    STANDARD.encode(format!("coatcheck:{CLIENT_SECRET}"))
+}
+
+/// Logs alice in through coatcheck, recording what the browser sees.
+async fn log_in_recorded(b: &mut Browser, seen: &mut Seen, state_file: &std::path::Path) -> Login {
     let r = b
         .request(Method::GET, "/bff/login?returnUrl=%2Fapp%2Fhome")
         .send()
         .await
         .unwrap();
-    let (status, headers, _) = seen.record(&mut b, r).await;
+    let (status, headers, _) = seen.record(b, r).await;
     assert_eq!(status, 302);
     let authorize = headers["location"].to_str().unwrap().to_owned();
-    let (name, value) = only_login_cookie(&b);
+    let (name, value) = only_login_cookie(b);
     let tx = open_login_cookie(&name, &value);
     let verifier = tx["verifier"].as_str().unwrap().to_owned();
     assert!(verifier.len() >= 43, "{tx}");
@@ -806,17 +854,27 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
     let code = query(&callback, "code").unwrap();
     let path = b.local(&callback).replacen(&b.url(""), "", 1);
     let r = b.request(Method::GET, &path).send().await.unwrap();
-    let (status, _, page) = seen.record(&mut b, r).await;
+    let (status, _, page) = seen.record(b, r).await;
     assert_eq!(status, 200, "{page}");
     let session = b.session_cookie().unwrap().clone();
-    let refresh_tokens = provider_refresh_tokens(&state_file);
+    let refresh_tokens = provider_refresh_tokens(state_file);
     assert!(
         !refresh_tokens.is_empty(),
         "the provider issued a refresh token"
     );
+    Login {
+        verifier,
+        code,
+        session,
+        refresh_tokens,
+    }
+}
 
+/// Calls the API and `/bff/user`, recording what the browser sees; returns the access token the
+/// upstream got and the user document.
+async fn call_api_recorded(env: &Env, b: &mut Browser, seen: &mut Seen) -> (String, Value) {
     let r = b.api(Method::GET, "/api/status/200").send().await.unwrap();
-    let (status, _, _) = seen.record(&mut b, r).await;
+    let (status, _, _) = seen.record(b, r).await;
     assert_eq!(status, 200);
     let access_token = env
         .api
@@ -830,16 +888,20 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
     assert_eq!(access_token.split('.').count(), 3, "a JWT access token");
 
     let r = b.api(Method::GET, "/bff/user").send().await.unwrap();
-    let (status, _, user) = seen.record(&mut b, r).await;
+    let (status, _, user) = seen.record(b, r).await;
     assert_eq!(status, 200);
-    let user: Value = serde_json::from_str(&user).unwrap();
+    (access_token, serde_json::from_str(&user).unwrap())
+}
 
+/// Follows the user document's `logout_url`, recording what the browser sees; returns the ID
+/// token handed to the provider.
+async fn log_out_recorded(env: &Env, b: &mut Browser, seen: &mut Seen, user: &Value) -> String {
     let r = b
         .request(Method::GET, user["logout_url"].as_str().unwrap())
         .send()
         .await
         .unwrap();
-    let (status, headers, _) = seen.record(&mut b, r).await;
+    let (status, headers, _) = seen.record(b, r).await;
     assert_eq!(status, 302);
     // RP-initiated logout hands the ID token to the provider through the browser (by design:
     // `id_token_hint`); that is the one place it may appear.
@@ -851,8 +913,12 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
         1,
         "the refresh token was spent at logout"
     );
+    id_token
+}
 
-    // Wait (bounded) until the logout's access line is in.
+/// The binary's logs once (bounded wait) the logout's access line is in; debug logging was on
+/// and the login was logged.
+async fn logs_after_logout(proc: &ProxyProcess) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !proc.logs().contains("/bff/logout") {
         assert!(tokio::time::Instant::now() < deadline, "no access log line");
@@ -861,37 +927,22 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
     let logs = proc.logs();
     assert!(logs.contains("\"level\":\"DEBUG\""), "debug logging is on");
     assert!(logs.contains("login complete"), "the login was logged");
+    logs
+}
 
-    let basic = STANDARD.encode(format!("coatcheck:{CLIENT_SECRET}"));
-    let mut secrets: Vec<(&str, String)> = vec![
-        ("access token", access_token.clone()),
-        ("ID token", id_token.clone()),
-        ("authorization code", code),
-        ("PKCE verifier", verifier.clone()),
-        ("client secret", CLIENT_SECRET.to_owned()),
-        ("client credentials (Basic)", basic.clone()),
-        ("session cookie", session.clone()),
-    ];
-    for rt in &refresh_tokens {
-        secrets.push(("refresh token", rt.clone()));
-    }
-    for (what, s) in &secrets {
+fn assert_logs_hold_none_of(logs: &str, secrets: &[(&str, String)]) {
+    for (what, s) in secrets {
         for n in needles(s) {
             assert!(!logs.contains(&n), "the logs contain the {what}:\n{logs}");
         }
     }
+}
 
-    let mut browser_secrets: Vec<(&str, String)> = vec![
-        ("access token", access_token),
-        ("PKCE verifier", verifier),
-        ("client secret", CLIENT_SECRET.to_owned()),
-        ("client credentials (Basic)", basic),
-    ];
-    for rt in &refresh_tokens {
-        browser_secrets.push(("refresh token", rt.clone()));
-    }
+/// No response the browser saw holds one of `secrets`, and only the last (the end-session
+/// redirect) holds the ID token.
+fn assert_browser_saw_none_of(seen: &Seen, secrets: &[(&str, String)], id_token: &str) {
     for response in &seen.0 {
-        for (what, s) in &browser_secrets {
+        for (what, s) in secrets {
             for n in needles(s) {
                 assert!(
                     !response.contains(&n),
@@ -902,11 +953,41 @@ async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
     }
     // The ID token only in the end-session redirect.
     for response in &seen.0[..seen.0.len() - 1] {
-        for n in needles(&id_token) {
+        for n in needles(id_token) {
             assert!(
                 !response.contains(&n),
                 "the browser saw the ID token:\n{response}"
             );
         }
     }
+}
+
+#[tokio::test]
+async fn no_token_code_verifier_or_secret_reaches_the_logs_or_the_browser() {
+    let dir = TempDir::new("leak");
+    let state_file = dir.join("idp-state.json");
+    let env = Env::start(EnvOptions {
+        idp: IdpOptions {
+            state_file: Some(state_file.clone()),
+            ..IdpOptions::default()
+        },
+        ..EnvOptions::default()
+    })
+    .await;
+    let proc = start_debug_binary(&env).await;
+
+    let mut b = browser(proc.addr);
+    let mut seen = Seen::default();
+    let login = log_in_recorded(&mut b, &mut seen, &state_file).await;
+    let (access_token, user) = call_api_recorded(&env, &mut b, &mut seen).await;
+    let id_token = log_out_recorded(&env, &mut b, &mut seen, &user).await;
+    let secrets = LoginSecrets {
+        login,
+        access_token,
+        id_token,
+    };
+
+    let logs = logs_after_logout(&proc).await;
+    assert_logs_hold_none_of(&logs, &secrets.for_the_logs());
+    assert_browser_saw_none_of(&seen, &secrets.for_the_browser(), &secrets.id_token);
 }

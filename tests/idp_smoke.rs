@@ -498,22 +498,9 @@ async fn one_shot_http_server() -> (String, tokio::task::JoinHandle<String>) {
     (uri, task)
 }
 
-#[tokio::test]
-async fn rp_initiated_logout_confirms_by_form_post_and_sends_a_back_channel_logout_token() {
-    let (bcl_uri, received) = one_shot_http_server().await;
-    let idp = Idp::start(IdpOptions {
-        clients: vec![IdpClient {
-            backchannel_logout_uri: Some(bcl_uri),
-            ..IdpClient::default()
-        }],
-        ..IdpOptions::default()
-    })
-    .await;
-    let rp = Rp::new(&idp).await;
-    assert_eq!(rp.disco["backchannel_logout_supported"], true);
-
-    // Log in with a browser whose IdP session we then end.
-    let b = browser();
+/// Logs alice in with browser `b` (scope `openid` only, no nonce) and exchanges the code by hand;
+/// returns `(id_token, refresh_token)`.
+async fn login_for_logout(rp: &Rp, b: &reqwest::Client) -> (String, String) {
     let verifier = random_b64(32);
     let mut auth = Url::parse(&rp.endpoint("authorization_endpoint")).unwrap();
     auth.query_pairs_mut()
@@ -525,7 +512,7 @@ async fn rp_initiated_logout_confirms_by_form_post_and_sends_a_back_channel_logo
         .append_pair("code_challenge", &s256(&verifier))
         .append_pair("code_challenge_method", "S256");
     let cb = Url::parse(
-        &login_via_forms(&b, auth.as_str(), "alice", "alice-pw")
+        &login_via_forms(b, auth.as_str(), "alice", "alice-pw")
             .await
             .unwrap(),
     )
@@ -552,21 +539,25 @@ async fn rp_initiated_logout_confirms_by_form_post_and_sends_a_back_channel_logo
         .json()
         .await
         .unwrap();
-    let id_token = body["id_token"].as_str().unwrap();
+    let id_token = body["id_token"].as_str().unwrap().to_string();
     let refresh_token = body["refresh_token"].as_str().unwrap().to_string();
-    let sid = jwt_payload(id_token)["sid"]
-        .as_str()
-        .expect("sid in id_token")
-        .to_string();
+    (id_token, refresh_token)
+}
 
+/// Ends the provider session of browser `b` by RP-initiated logout, confirming the form, and
+/// checks it came back to the post-logout URI with its state.
+async fn end_session(rp: &Rp, b: &reqwest::Client, id_token: &str) {
     let mut end = Url::parse(&rp.endpoint("end_session_endpoint")).unwrap();
     end.query_pairs_mut()
         .append_pair("id_token_hint", id_token)
         .append_pair("post_logout_redirect_uri", POST_LOGOUT_URI)
         .append_pair("state", "bye");
-    let after = logout_via_forms(&b, end.as_str()).await.unwrap();
+    let after = logout_via_forms(b, end.as_str()).await.unwrap();
     assert_eq!(after, format!("{POST_LOGOUT_URI}?state=bye"));
+}
 
+/// The claims of the `logout_token` in the form body the back-channel endpoint received.
+async fn received_logout_claims(received: tokio::task::JoinHandle<String>) -> Value {
     let form = tokio::time::timeout(Duration::from_secs(5), received)
         .await
         .unwrap()
@@ -576,7 +567,34 @@ async fn rp_initiated_logout_confirms_by_form_post_and_sends_a_back_channel_logo
         .expect("logout_token form field")
         .1
         .into_owned();
-    let claims = jwt_payload(&logout_token);
+    jwt_payload(&logout_token)
+}
+
+#[tokio::test]
+async fn rp_initiated_logout_confirms_by_form_post_and_sends_a_back_channel_logout_token() {
+    let (bcl_uri, received) = one_shot_http_server().await;
+    let idp = Idp::start(IdpOptions {
+        clients: vec![IdpClient {
+            backchannel_logout_uri: Some(bcl_uri),
+            ..IdpClient::default()
+        }],
+        ..IdpOptions::default()
+    })
+    .await;
+    let rp = Rp::new(&idp).await;
+    assert_eq!(rp.disco["backchannel_logout_supported"], true);
+
+    // Log in with a browser whose IdP session we then end.
+    let b = browser();
+    let (id_token, refresh_token) = login_for_logout(&rp, &b).await;
+    let sid = jwt_payload(&id_token)["sid"]
+        .as_str()
+        .expect("sid in id_token")
+        .to_string();
+
+    end_session(&rp, &b, &id_token).await;
+
+    let claims = received_logout_claims(received).await;
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["sid"], sid.as_str());
     assert_eq!(claims["aud"], CLIENT_ID);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bff::{Browser, EnvOptions, config_text};
 use reqwest::Method;
+use serde_json::Value;
 use support::idp::{Idp, IdpOptions, login_via_forms};
 use support::otlp::{Receiver, SpanRecord};
 use support::upstream::Upstream;
@@ -199,20 +200,24 @@ fn bearer(api: &Upstream) -> String {
     auth.strip_prefix("Bearer ").unwrap().to_owned()
 }
 
-#[tokio::test]
-async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
-    let receiver = Receiver::start().await;
-    let api = Upstream::start().await;
+/// Access-token lifetime (seconds) at the provider and in coatcheck's view: short, so a
+/// request a little later refreshes.
+const SHORT_TTL: u64 = 4;
+/// The span the client's `traceparent` names as the parent of every request below.
+const CLIENT_PARENT: &str = "1111111111111111";
+
+/// The provider, with short-lived access tokens, and the real binary in front of `api`,
+/// exporting to `receiver` as `bff-under-test` with a short batch delay; returns once ready.
+async fn start_exporting_binary(receiver: &Receiver, api: &Upstream) -> (Idp, ProxyProcess) {
     let idp_port = free_port();
-    let ttl = 4;
     let idp = Idp::start(IdpOptions {
         port: idp_port,
-        access_token_ttl: ttl,
+        access_token_ttl: SHORT_TTL,
         ..Default::default()
     })
     .await;
     let opts = EnvOptions {
-        access_token_ttl: ttl,
+        access_token_ttl: SHORT_TTL,
         extra: format!(
             "[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"bff-under-test\"\n",
             receiver.url()
@@ -220,11 +225,15 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         ..Default::default()
     };
     let text = proxy_config("", &config_text(&opts, idp_port, &api.url()));
-    let mut proc = ProxyProcess::start_with_env(&text, &[("OTEL_BSP_SCHEDULE_DELAY", "200")]).await;
+    let proc = ProxyProcess::start_with_env(&text, &[("OTEL_BSP_SCHEDULE_DELAY", "200")]).await;
     wait_ready(proc.addr).await;
+    (idp, proc)
+}
 
-    // Log in by hand, to know the authorization code.
-    let mut b = Browser::new(proc.addr);
+/// Logs alice in by hand, to know the authorization code; returns the browser, the code and
+/// the session cookie.
+async fn log_in_by_hand(addr: std::net::SocketAddr) -> (Browser, String, String) {
+    let mut b = Browser::new(addr);
     let authorize = b.start_login("/app/home").await;
     let callback = login_via_forms(&b.idp_client, &authorize, "alice", "alice-pw")
         .await
@@ -232,47 +241,24 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
     let code = code_of(&callback);
     assert_eq!(b.finish_login(&callback).await.status(), 200);
     let cookie = b.session_cookie().expect("session cookie").clone();
+    (b, code, cookie)
+}
 
-    let first = "1111111111111111";
+/// Sends `method path` through coatcheck with a sampled `traceparent` of `trace` under
+/// [`CLIENT_PARENT`], and checks it succeeded.
+async fn send_traced(b: &Browser, method: Method, path: &str, trace: &str) {
     let res = b
-        .api(Method::GET, "/api/one?secret-query=1")
-        .header("traceparent", traceparent(CLIENT_TRACE, first, "01"))
+        .api(method, path)
+        .header("traceparent", traceparent(trace, CLIENT_PARENT, "01"))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let upstream_tp = api
-        .last()
-        .unwrap()
-        .header("traceparent")
-        .unwrap()
-        .to_owned();
-    let token_one = bearer(&api);
+}
 
-    // Past the refresh margin (half the 4 s lifetime): the next request refreshes first.
-    tokio::time::sleep(Duration::from_millis(2_300)).await;
-    let refresh_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
-    let res = b
-        .api(Method::GET, "/api/two")
-        .header("traceparent", traceparent(refresh_trace, first, "01"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let token_two = bearer(&api);
-    assert_ne!(token_one, token_two, "the token was refreshed");
-
-    // Logout revokes the refresh token at the provider, inside the logout request's trace.
-    let logout_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
-    let res = b
-        .api(Method::POST, "/bff/logout")
-        .header("traceparent", traceparent(logout_trace, first, "01"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-
-    // A graceful stop exports what is still queued.
+/// Stops the binary gracefully (which exports what is still queued) and returns the spans
+/// once the refresh and the first request's server span are in.
+async fn stop_and_collect(proc: &mut ProxyProcess, receiver: &Receiver) -> Vec<SpanRecord> {
     proc.signal("TERM");
     assert!(proc.wait_exit(Duration::from_secs(20)).await.is_some());
     let got = receiver
@@ -284,11 +270,16 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .await;
     let spans = receiver.spans();
     assert!(got, "spans arrived: {spans:#?}\n{:?}", receiver.refused());
+    spans
+}
 
-    // (d) One server span per request, named after the route, under the client's span.
-    let server = server_span(&spans, CLIENT_TRACE);
+/// (d) One server span per request, named after the route, under the client's span; the
+/// session lookup and the upstream call under it, and the upstream saw the upstream span as
+/// its parent (`upstream_tp`: the `traceparent` it got).
+fn assert_first_request_tree(spans: &[SpanRecord], api: &Upstream, upstream_tp: &str) {
+    let server = server_span(spans, CLIENT_TRACE);
     assert_eq!(server.name, "GET /api/");
-    assert_eq!(server.parent_span_id, first);
+    assert_eq!(server.parent_span_id, CLIENT_PARENT);
     assert_eq!(server.service_name, "bff-under-test");
     assert_eq!(server.attr("http.route"), Some("/api/"));
     assert_eq!(server.attr("http.request.method"), Some("GET"));
@@ -298,7 +289,7 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
     assert_eq!(server.attr("url.scheme"), Some("https"));
     assert_eq!(server.attr("network.protocol.version"), Some("1.1"));
     assert!(server.attr("coatcheck.request_id").is_some());
-    let kids = children(&spans, server);
+    let kids = children(spans, server);
     let lookup = kids
         .iter()
         .find(|s| s.name == "session.lookup")
@@ -317,27 +308,34 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         Some(api.addr.port().to_string().as_str())
     );
     assert_eq!(upstream.attr("http.response.status_code"), Some("200"));
-    let (t, parent, _) = parts(&upstream_tp).unwrap();
+    let (t, parent, _) = parts(upstream_tp).unwrap();
     assert_eq!(t, CLIENT_TRACE);
     assert_eq!(
         parent, upstream.span_id,
         "the upstream's parent is the upstream span"
     );
+}
 
-    // The refresh: a span under the second request, the token call under it, and the provider
-    // saw that call's traceparent.
-    let server2 = server_span(&spans, refresh_trace);
-    let refresh = children(&spans, server2)
+/// The refresh: a span under the second request's server span, and the `idp.token` call under
+/// it, which is returned.
+fn refresh_token_call<'a>(spans: &'a [SpanRecord], refresh_trace: &str) -> &'a SpanRecord {
+    let server2 = server_span(spans, refresh_trace);
+    let refresh = children(spans, server2)
         .into_iter()
         .find(|s| s.name == "session.refresh")
         .expect("session.refresh under the server span");
     assert_eq!(refresh.attr("coatcheck.refresh.outcome"), Some("ok"));
-    let token_call = children(&spans, refresh)
+    let token_call = children(spans, refresh)
         .into_iter()
         .find(|s| s.name == "idp.token")
         .expect("idp.token under session.refresh");
     assert_eq!(token_call.kind, CLIENT);
-    let stats = idp.stats().await;
+    token_call
+}
+
+/// The provider (its `stats`) saw the refresh's token call with that call's span as parent, and
+/// the code exchange with some valid `traceparent`.
+fn assert_token_calls_traced(stats: &Value, refresh_trace: &str, token_call: &SpanRecord) {
     let calls = stats["token_traceparents"].as_array().unwrap();
     let refresh_tp = calls
         .iter()
@@ -356,30 +354,33 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
         .and_then(|c| c["traceparent"].as_str())
         .expect("the code exchange carried a traceparent");
     assert!(parts(code_tp).is_some());
+}
+
+/// The provider (its `stats`) saw the revocation in the logout's trace, under the
+/// `idp.revocation` span of the logout's server span.
+fn assert_revocation_traced(spans: &[SpanRecord], stats: &Value, logout_trace: &str) {
     let revoked = stats["revocation_traceparents"].as_array().unwrap();
     let revoke_tp = revoked
         .iter()
         .find_map(|v| v.as_str())
         .expect("the revocation carried a traceparent");
     assert_eq!(parts(revoke_tp).unwrap().0, logout_trace);
-    let logout = server_span(&spans, logout_trace);
+    let logout = server_span(spans, logout_trace);
     assert_eq!(logout.name, "POST /bff/");
-    let revocation = children(&spans, logout)
+    let revocation = children(spans, logout)
         .into_iter()
         .find(|s| s.name == "idp.revocation")
         .expect("idp.revocation under the logout's server span");
     assert_eq!(parts(revoke_tp).unwrap().1, revocation.span_id);
+}
 
-    // (e) No attribute (and no byte of any export) holds a secret, a cookie or a query.
-    let secrets = [
-        ("session cookie", cookie.as_str()),
-        ("first access token", token_one.as_str()),
-        ("refreshed access token", token_two.as_str()),
-        ("client secret", "coatcheck-secret"),
-        ("authorization code", code.as_str()),
-        ("query string", "secret-query"),
-    ];
-    for s in &spans {
+/// (e) No attribute (and no byte of any export) holds a secret, a cookie or a query.
+fn assert_nothing_secret_exported(
+    spans: &[SpanRecord],
+    receiver: &Receiver,
+    secrets: [(&str, &str); 6],
+) {
+    for s in spans {
         for (k, v) in &s.attributes {
             for (what, secret) in secrets {
                 assert!(!v.contains(secret), "{what} in {}.{k} = {v}", s.name);
@@ -400,6 +401,55 @@ async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn exported_spans_form_one_tree_per_request_and_carry_no_secret() {
+    let receiver = Receiver::start().await;
+    let api = Upstream::start().await;
+    let (idp, mut proc) = start_exporting_binary(&receiver, &api).await;
+    let (b, code, cookie) = log_in_by_hand(proc.addr).await;
+
+    send_traced(&b, Method::GET, "/api/one?secret-query=1", CLIENT_TRACE).await;
+    let upstream_tp = api
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
+    let token_one = bearer(&api);
+
+    // Past the refresh margin (half the 4 s lifetime): the next request refreshes first.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let refresh_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    send_traced(&b, Method::GET, "/api/two", refresh_trace).await;
+    let token_two = bearer(&api);
+    assert_ne!(token_one, token_two, "the token was refreshed");
+
+    // Logout revokes the refresh token at the provider, inside the logout request's trace.
+    let logout_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    send_traced(&b, Method::POST, "/bff/logout", logout_trace).await;
+
+    let spans = stop_and_collect(&mut proc, &receiver).await;
+    assert_first_request_tree(&spans, &api, &upstream_tp);
+    // The refresh's token call is traced, and the provider saw that call's traceparent.
+    let token_call = refresh_token_call(&spans, refresh_trace);
+    let stats = idp.stats().await;
+    assert_token_calls_traced(&stats, refresh_trace, token_call);
+    assert_revocation_traced(&spans, &stats, logout_trace);
+
+    assert_nothing_secret_exported(
+        &spans,
+        &receiver,
+        [
+            ("session cookie", cookie.as_str()),
+            ("first access token", token_one.as_str()),
+            ("refreshed access token", token_two.as_str()),
+            ("client secret", "coatcheck-secret"),
+            ("authorization code", code.as_str()),
+            ("query string", "secret-query"),
+        ],
+    );
 }
 
 #[tokio::test]
