@@ -103,84 +103,82 @@ async fn admin_get(env: &Env, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_after_real_traffic_count_routes_statuses_logins_cache_hits_and_refreshes() {
-    let env = env_with_token().await;
-    let alice = env.logged_in("alice").await;
-    for _ in 0..3 {
-        assert_eq!(get_api(&alice, "/api/items").await, 200);
-    }
-    // Without a session: 401 on the same route.
-    assert_eq!(get_api(&env.browser(), "/api/items").await, 401);
-    let before = scrape(&env).await;
-    assert!(
-        must(
-            &before,
-            "coatcheck_requests_total{route=\"/api/\",status=\"200\"}"
-        ) >= 3.0
+/// Asserts that series `series` of `text` is at least `min`.
+fn assert_at_least(text: &str, series: &str, min: f64) {
+    let v = must(text, series);
+    assert!(v >= min, "{series} is {v}, expected at least {min}");
+}
+
+/// Asserts that series `series` of `text` is exactly `expected`.
+fn assert_value(text: &str, series: &str, expected: f64) {
+    assert_eq!(must(text, series), expected, "{series}");
+}
+
+/// Three API requests with a session, one without, a login: counted by route and status, timed,
+/// and the login counted by result.
+fn assert_requests_and_logins_counted(text: &str) {
+    assert_at_least(
+        text,
+        "coatcheck_requests_total{route=\"/api/\",status=\"200\"}",
+        3.0,
     );
-    assert_eq!(
-        must(
-            &before,
-            "coatcheck_requests_total{route=\"/api/\",status=\"401\"}"
-        ),
-        1.0
+    assert_value(
+        text,
+        "coatcheck_requests_total{route=\"/api/\",status=\"401\"}",
+        1.0,
     );
     // The public /readyz polled at start-up matched no route; the login went through /bff/.
-    assert!(
-        must(
-            &before,
-            "coatcheck_requests_total{route=\"-\",status=\"200\"}"
-        ) >= 1.0
+    assert_at_least(
+        text,
+        "coatcheck_requests_total{route=\"-\",status=\"200\"}",
+        1.0,
     );
-    assert!(
-        must(
-            &before,
-            "coatcheck_requests_total{route=\"/bff/\",status=\"302\"}"
-        ) >= 1.0
+    assert_at_least(
+        text,
+        "coatcheck_requests_total{route=\"/bff/\",status=\"302\"}",
+        1.0,
     );
-    assert!(
-        must(
-            &before,
-            "coatcheck_request_duration_seconds_count{route=\"/api/\"}"
-        ) >= 4.0
+    assert_at_least(
+        text,
+        "coatcheck_request_duration_seconds_count{route=\"/api/\"}",
+        4.0,
     );
-    assert!(
-        must(
-            &before,
-            "coatcheck_request_duration_seconds_bucket{le=\"+Inf\",route=\"/api/\"}"
-        ) >= 4.0
+    assert_at_least(
+        text,
+        "coatcheck_request_duration_seconds_bucket{le=\"+Inf\",route=\"/api/\"}",
+        4.0,
     );
-    assert_eq!(must(&before, "coatcheck_logins_total{result=\"ok\"}"), 1.0);
-    assert_eq!(
-        must(&before, "coatcheck_logins_total{result=\"invalid_grant\"}"),
-        0.0
+    assert_value(text, "coatcheck_logins_total{result=\"ok\"}", 1.0);
+    assert_value(
+        text,
+        "coatcheck_logins_total{result=\"invalid_grant\"}",
+        0.0,
     );
-    let hits = must(&before, "coatcheck_session_cache_hits_total");
-    assert!(hits >= 3.0, "every API request after login is a cache hit");
-    assert!(value(&before, "coatcheck_session_cache_misses_total").is_some());
-    assert_eq!(must(&before, "coatcheck_store_errors_total"), 0.0);
-    assert!(
-        must(
-            &before,
-            "coatcheck_store_call_duration_seconds_count{op=\"create\"}"
-        ) >= 1.0
+}
+
+/// The session store, the provider and the connections are measured; nothing failed, was reloaded,
+/// logged out, upgraded or waited for.
+fn assert_store_provider_and_connections_measured(text: &str) {
+    assert!(value(text, "coatcheck_session_cache_misses_total").is_some());
+    assert_value(text, "coatcheck_store_errors_total", 0.0);
+    assert_at_least(
+        text,
+        "coatcheck_store_call_duration_seconds_count{op=\"create\"}",
+        1.0,
     );
-    assert!(must(&before, "coatcheck_sessions_active") >= 1.0);
-    assert!(
-        must(
-            &before,
-            "coatcheck_idp_request_duration_seconds_count{endpoint=\"discovery\"}"
-        ) >= 1.0
+    assert_at_least(text, "coatcheck_sessions_active", 1.0);
+    assert_at_least(
+        text,
+        "coatcheck_idp_request_duration_seconds_count{endpoint=\"discovery\"}",
+        1.0,
     );
-    assert!(
-        must(
-            &before,
-            "coatcheck_idp_request_duration_seconds_count{endpoint=\"token\"}"
-        ) >= 1.0
+    assert_at_least(
+        text,
+        "coatcheck_idp_request_duration_seconds_count{endpoint=\"token\"}",
+        1.0,
     );
-    assert!(must(&before, "coatcheck_connections_open") >= 1.0);
-    assert!(must(&before, "coatcheck_connections_total") >= 1.0);
+    assert_at_least(text, "coatcheck_connections_open", 1.0);
+    assert_at_least(text, "coatcheck_connections_total", 1.0);
     for zero in [
         "coatcheck_config_reloads_total{result=\"ok\"}",
         "coatcheck_config_reloads_total{result=\"error\"}",
@@ -189,30 +187,13 @@ async fn metrics_after_real_traffic_count_routes_statuses_logins_cache_hits_and_
         "coatcheck_refresh_waiters",
         "coatcheck_upgrades_total",
     ] {
-        assert_eq!(must(&before, zero), 0.0, "{zero}");
+        assert_value(text, zero, 0.0);
     }
+}
 
-    assert_eq!(get_api(&alice, "/api/items").await, 200);
-    let after = scrape(&env).await;
-    assert!(
-        must(&after, "coatcheck_session_cache_hits_total") > hits,
-        "cache hits increase"
-    );
-
-    // After the access token is due, the next request refreshes it.
-    tokio::time::sleep(Duration::from_millis(2_300)).await;
-    assert_eq!(get_api(&alice, "/api/items").await, 200);
-    let refreshed = scrape(&env).await;
-    assert!(must(&refreshed, "coatcheck_refresh_total{result=\"ok\"}") >= 1.0);
-    assert_eq!(
-        must(
-            &refreshed,
-            "coatcheck_refresh_total{result=\"invalid_grant\"}"
-        ),
-        0.0
-    );
-
-    // Nothing secret anywhere in the exposition.
+/// Neither the access token last forwarded, nor `alice`'s session cookie, nor any configured secret
+/// appears in the exposition `text`.
+fn assert_no_secret_in(text: &str, env: &Env, alice: &Browser) {
     let bearer = env
         .api
         .last()
@@ -230,10 +211,47 @@ async fn metrics_after_real_traffic_count_routes_statuses_logins_cache_hits_and_
         bff::SESSION_KEY,
     ] {
         assert!(
-            !refreshed.contains(secret),
+            !text.contains(secret),
             "the exposition holds a secret: {secret}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_real_traffic_count_routes_statuses_logins_cache_hits_and_refreshes() {
+    let env = env_with_token().await;
+    let alice = env.logged_in("alice").await;
+    for _ in 0..3 {
+        assert_eq!(get_api(&alice, "/api/items").await, 200);
+    }
+    // Without a session: 401 on the same route.
+    assert_eq!(get_api(&env.browser(), "/api/items").await, 401);
+    let before = scrape(&env).await;
+    assert_requests_and_logins_counted(&before);
+    let hits = must(&before, "coatcheck_session_cache_hits_total");
+    assert!(hits >= 3.0, "every API request after login is a cache hit");
+    assert_store_provider_and_connections_measured(&before);
+
+    assert_eq!(get_api(&alice, "/api/items").await, 200);
+    let after = scrape(&env).await;
+    assert!(
+        must(&after, "coatcheck_session_cache_hits_total") > hits,
+        "cache hits increase"
+    );
+
+    // After the access token is due, the next request refreshes it.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert_eq!(get_api(&alice, "/api/items").await, 200);
+    let refreshed = scrape(&env).await;
+    assert_at_least(&refreshed, "coatcheck_refresh_total{result=\"ok\"}", 1.0);
+    assert_value(
+        &refreshed,
+        "coatcheck_refresh_total{result=\"invalid_grant\"}",
+        0.0,
+    );
+
+    // Nothing secret anywhere in the exposition.
+    assert_no_secret_in(&refreshed, &env, &alice);
     // Request paths never become labels.
     assert!(!refreshed.contains("/api/items"));
 }
@@ -314,28 +332,35 @@ async fn the_session_admin_api_refuses_requests_without_the_right_token() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_lists_and_ends_every_session_of_a_subject() {
-    let env = env_with_token().await;
-    let laptop = env.logged_in("alice").await;
-    let phone = env.logged_in("alice").await;
-    let bob = env.logged_in("bob").await;
-    let sub = user(&laptop).await["sub"].as_str().unwrap().to_owned();
-    let ids = [
-        user(&laptop).await["session"]["id"].clone(),
-        user(&phone).await["session"]["id"].clone(),
-    ];
+/// The admin API path that lists (GET) or ends (DELETE) the sessions of subject `sub`.
+fn of_subject(sub: &str) -> String {
+    format!("/sessions?sub={}", bff::urlencode(sub))
+}
 
-    let r = admin(
-        &env,
-        Method::GET,
-        &format!("/sessions?sub={}", bff::urlencode(&sub)),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 200);
-    let list: Value = r.json().await.unwrap();
+/// How many sessions a listing holds.
+fn session_count(list: &Value) -> usize {
+    list["sessions"].as_array().unwrap().len()
+}
+
+/// The session's id, from `/bff/user`.
+async fn session_id(b: &Browser) -> Value {
+    user(b).await["session"]["id"].clone()
+}
+
+/// The field names of the first session of a listing, sorted.
+fn session_keys(list: &Value) -> Vec<String> {
+    let mut k: Vec<String> = list["sessions"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    k.sort();
+    k
+}
+
+/// The admin listing of `ids` (two sessions): each listed with every field an operator needs.
+fn assert_lists_the_sessions(list: &Value, ids: &[Value]) {
     let sessions = list["sessions"].as_array().unwrap();
     assert_eq!(sessions.len(), 2, "{list}");
     for s in sessions {
@@ -351,6 +376,42 @@ async fn an_operator_lists_and_ends_every_session_of_a_subject() {
             assert!(s.get(key).is_some(), "{key} missing in {s}");
         }
     }
+}
+
+/// The configured issuer may be named explicitly (both sessions of `sub`); another issuer has
+/// none of them.
+async fn assert_listing_filters_by_issuer(env: &Env, sub: &str) {
+    let issuer = format!("http://127.0.0.1:{}", env.idp_port);
+    let explicit = admin_get(
+        env,
+        &format!("{}&iss={}", of_subject(sub), bff::urlencode(&issuer)),
+    )
+    .await;
+    assert_eq!(session_count(&explicit), 2);
+    let other = admin_get(
+        env,
+        &format!("{}&iss=https%3A%2F%2Fother.example", of_subject(sub)),
+    )
+    .await;
+    assert_eq!(session_count(&other), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_and_ends_every_session_of_a_subject() {
+    let env = env_with_token().await;
+    let laptop = env.logged_in("alice").await;
+    let phone = env.logged_in("alice").await;
+    let bob = env.logged_in("bob").await;
+    let sub = user(&laptop).await["sub"].as_str().unwrap().to_owned();
+    let ids = [session_id(&laptop).await, session_id(&phone).await];
+
+    let r = admin(&env, Method::GET, &of_subject(&sub))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = r.json().await.unwrap();
+    assert_lists_the_sessions(&list, &ids);
     // The same shape as the user's own /bff/sessions.
     let own: Value = laptop
         .api(Method::GET, "/bff/sessions")
@@ -360,49 +421,15 @@ async fn an_operator_lists_and_ends_every_session_of_a_subject() {
         .json()
         .await
         .unwrap();
-    let keys = |v: &Value| {
-        let mut k: Vec<String> = v["sessions"][0]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        k.sort();
-        k
-    };
-    assert_eq!(keys(&list), keys(&own));
-    // The configured issuer may be named explicitly; another issuer has no sessions of alice.
-    let issuer = format!("http://127.0.0.1:{}", env.idp_port);
-    let explicit = admin_get(
-        &env,
-        &format!(
-            "/sessions?sub={}&iss={}",
-            bff::urlencode(&sub),
-            bff::urlencode(&issuer)
-        ),
-    )
-    .await;
-    assert_eq!(explicit["sessions"].as_array().unwrap().len(), 2);
-    let other = admin_get(
-        &env,
-        &format!(
-            "/sessions?sub={}&iss=https%3A%2F%2Fother.example",
-            bff::urlencode(&sub)
-        ),
-    )
-    .await;
-    assert_eq!(other["sessions"].as_array().unwrap().len(), 0);
+    assert_eq!(session_keys(&list), session_keys(&own));
+    assert_listing_filters_by_issuer(&env, &sub).await;
     let r = admin(&env, Method::GET, "/sessions").send().await.unwrap();
     assert_eq!(r.status(), 400, "sub is required");
 
-    let r = admin(
-        &env,
-        Method::DELETE,
-        &format!("/sessions?sub={}", bff::urlencode(&sub)),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = admin(&env, Method::DELETE, &of_subject(&sub))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["revoked"], 2);
     for b in [&laptop, &phone] {
@@ -417,8 +444,8 @@ async fn an_operator_lists_and_ends_every_session_of_a_subject() {
         200,
         "bob's session is untouched"
     );
-    let list = admin_get(&env, &format!("/sessions?sub={}", bff::urlencode(&sub))).await;
-    assert_eq!(list["sessions"].as_array().unwrap().len(), 0);
+    let list = admin_get(&env, &of_subject(&sub)).await;
+    assert_eq!(session_count(&list), 0);
     let text = scrape(&env).await;
     assert_eq!(
         must(

@@ -57,6 +57,25 @@ async fn sessions_in_the_embedded_store_survive_a_restart() {
     drop(idp);
 }
 
+/// The status of `method path` sent as the SPA sends it (`Browser::api`: cookies, CSRF header).
+async fn api_status(b: &Browser, method: Method, path: &str) -> reqwest::StatusCode {
+    b.api(method, path).send().await.unwrap().status()
+}
+
+/// The id of the browser's session, from `/bff/user`.
+async fn session_id(b: &Browser) -> String {
+    b.api(Method::GET, "/bff/user")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["session"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn users_list_and_revoke_their_own_sessions() {
     let env = Env::start(EnvOptions::default()).await;
@@ -79,48 +98,20 @@ async fn users_list_and_revoke_their_own_sessions() {
             .count(),
         1
     );
-    let phone_id = phone
-        .api(Method::GET, "/bff/user")
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["session"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let bob_id = other
-        .api(Method::GET, "/bff/user")
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["session"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let phone_id = session_id(&phone).await;
+    let bob_id = session_id(&other).await;
     // Someone else's session cannot be named.
-    let r = laptop
-        .api(Method::DELETE, &format!("/bff/sessions/{bob_id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    let bobs_session = format!("/bff/sessions/{bob_id}");
     assert_eq!(
-        other
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
+        api_status(&laptop, Method::DELETE, &bobs_session).await,
+        404
     );
+    assert_eq!(api_status(&other, Method::GET, "/api/x").await, 200);
     // Revoke the phone from the laptop.
+    let phones_session = format!("/bff/sessions/{phone_id}");
     assert_eq!(
         laptop
-            .request(Method::DELETE, &format!("/bff/sessions/{phone_id}"))
+            .request(Method::DELETE, &phones_session)
             .send()
             .await
             .unwrap()
@@ -128,63 +119,22 @@ async fn users_list_and_revoke_their_own_sessions() {
         403,
         "CSRF header required"
     );
-    let r = laptop
-        .api(Method::DELETE, &format!("/bff/sessions/{phone_id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
     assert_eq!(
-        phone
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        laptop
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        api_status(&laptop, Method::DELETE, &phones_session).await,
         200
     );
+    assert_eq!(api_status(&phone, Method::GET, "/api/x").await, 401);
+    assert_eq!(api_status(&laptop, Method::GET, "/api/x").await, 200);
     // Log out everywhere.
     let phone2 = env.logged_in("alice").await;
-    let r = laptop
-        .api(Method::POST, "/bff/logout-all")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
     assert_eq!(
-        phone2
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
+        api_status(&laptop, Method::POST, "/bff/logout-all").await,
+        200
     );
+    assert_eq!(api_status(&phone2, Method::GET, "/api/x").await, 401);
+    assert_eq!(api_status(&laptop, Method::GET, "/api/x").await, 401);
     assert_eq!(
-        laptop
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        other
-            .api(Method::GET, "/api/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        api_status(&other, Method::GET, "/api/x").await,
         200,
         "bob is untouched"
     );

@@ -637,9 +637,7 @@ async fn drive_forms(
     let origin = Url::parse(start_url).map_err(|e| format!("bad start url {start_url}: {e}"))?;
     let mut url = origin.clone();
     let mut post: Option<Vec<(String, String)>> = None;
-    let mut logged_in = false;
-    let mut consented = false;
-    let mut logout_confirmed = false;
+    let mut answered = FormsAnswered::default();
 
     for _ in 0..25 {
         let req = match post.take() {
@@ -650,14 +648,7 @@ async fn drive_forms(
         let status = resp.status();
 
         if status.is_redirection() {
-            let loc = resp
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| format!("{url}: {status} without Location"))?;
-            let next = url
-                .join(loc)
-                .map_err(|e| format!("{url}: bad Location {loc:?}: {e}"))?;
+            let next = redirect_target(&url, &resp)?;
             if !same_origin(&next, &origin) {
                 return Ok(next.to_string());
             }
@@ -669,66 +660,108 @@ async fn drive_forms(
         if !status.is_success() {
             return Err(format!("{url}: {status}: {body}"));
         }
-        let forms = parse_forms(&body);
-
-        // Login form.
-        if let Some(mut form) = forms
-            .iter()
-            .find(|f| f.has_field("login") && f.has_field("password"))
-            .cloned()
-        {
-            let Some((user, password)) = credentials else {
-                return Err(format!("{url}: unexpected login form"));
-            };
-            if logged_in {
-                return Err(format!(
-                    "login as {user:?} rejected: {}",
-                    page_error(&body).unwrap_or_else(|| "login form shown again".into())
-                ));
+        match answer_page(&url, status, &body, credentials, &mut answered)? {
+            PageStep::Post(next, fields) => {
+                url = next;
+                post = Some(fields);
             }
-            logged_in = true;
-            form.set("login", user);
-            form.set("password", password);
-            url = url
-                .join(&form.action)
-                .map_err(|e| format!("bad form action: {e}"))?;
-            post = Some(form.fields);
-            continue;
+            PageStep::Done(last) => return Ok(last),
         }
-
-        // Consent form.
-        if let Some(form) = forms.iter().find(|f| f.action.ends_with("/confirm")) {
-            if consented {
-                return Err(format!("{url}: consent form shown twice"));
-            }
-            consented = true;
-            url = url
-                .join(&form.action)
-                .map_err(|e| format!("bad form action: {e}"))?;
-            post = Some(form.fields.clone());
-            continue;
-        }
-
-        // RP-initiated logout confirmation (or its auto-submitting variant without a session).
-        if let Some(form) = forms.iter().find(|f| f.has_field("xsrf")) {
-            if credentials.is_some() || logout_confirmed {
-                return Err(format!("{url}: unexpected logout form: {body}"));
-            }
-            logout_confirmed = true;
-            let mut form = form.clone();
-            form.set("logout", "yes");
-            url = url
-                .join(&form.action)
-                .map_err(|e| format!("bad form action: {e}"))?;
-            post = Some(form.fields);
-            continue;
-        }
-
-        if credentials.is_none() && logout_confirmed {
-            // Provider's own "signed out" page: no post_logout_redirect_uri was used.
-            return Ok(url.to_string());
-        }
-        return Err(format!("{url}: unexpected page ({status}): {body}"));
     }
     Err(format!("too many steps driving the IdP from {start_url}"))
+}
+
+/// Which of the provider's forms one drive has answered: each may be answered only once.
+#[derive(Default)]
+struct FormsAnswered {
+    login: bool,
+    consent: bool,
+    logout: bool,
+}
+
+/// What [`drive_forms`] does after a page of the provider.
+enum PageStep {
+    /// Post these fields to this URL.
+    Post(Url, Vec<(String, String)>),
+    /// Stop, returning this URL.
+    Done(String),
+}
+
+/// Where the redirect `resp` (an answer from `url`) points, resolved against `url`.
+fn redirect_target(url: &Url, resp: &reqwest::Response) -> Result<Url, String> {
+    let status = resp.status();
+    let loc = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| format!("{url}: {status} without Location"))?;
+    url.join(loc)
+        .map_err(|e| format!("{url}: bad Location {loc:?}: {e}"))
+}
+
+/// Answers one successful page of the provider at `url`: fills in its login, consent or logout
+/// form, or ends on the provider's own "signed out" page; any other page is an `Err`.
+fn answer_page(
+    url: &Url,
+    status: reqwest::StatusCode,
+    body: &str,
+    credentials: Option<(&str, &str)>,
+    answered: &mut FormsAnswered,
+) -> Result<PageStep, String> {
+    let forms = parse_forms(body);
+
+    // Login form.
+    if let Some(mut form) = forms
+        .iter()
+        .find(|f| f.has_field("login") && f.has_field("password"))
+        .cloned()
+    {
+        let Some((user, password)) = credentials else {
+            return Err(format!("{url}: unexpected login form"));
+        };
+        if answered.login {
+            return Err(format!(
+                "login as {user:?} rejected: {}",
+                page_error(body).unwrap_or_else(|| "login form shown again".into())
+            ));
+        }
+        answered.login = true;
+        form.set("login", user);
+        form.set("password", password);
+        return post_form(url, form);
+    }
+
+    // Consent form.
+    if let Some(form) = forms.iter().find(|f| f.action.ends_with("/confirm")) {
+        if answered.consent {
+            return Err(format!("{url}: consent form shown twice"));
+        }
+        answered.consent = true;
+        return post_form(url, form.clone());
+    }
+
+    // RP-initiated logout confirmation (or its auto-submitting variant without a session).
+    if let Some(form) = forms.iter().find(|f| f.has_field("xsrf")) {
+        if credentials.is_some() || answered.logout {
+            return Err(format!("{url}: unexpected logout form: {body}"));
+        }
+        answered.logout = true;
+        let mut form = form.clone();
+        form.set("logout", "yes");
+        return post_form(url, form);
+    }
+
+    if credentials.is_none() && answered.logout {
+        // Provider's own "signed out" page: no post_logout_redirect_uri was used.
+        return Ok(PageStep::Done(url.to_string()));
+    }
+    Err(format!("{url}: unexpected page ({status}): {body}"))
+}
+
+/// Posts `form`'s fields to its action, resolved against the page's `url`.
+fn post_form(url: &Url, form: HtmlForm) -> Result<PageStep, String> {
+    let action = url
+        .join(&form.action)
+        .map_err(|e| format!("bad form action: {e}"))?;
+    Ok(PageStep::Post(action, form.fields))
 }

@@ -282,7 +282,32 @@ const ENDPOINTS: &[&str] = &[
 ];
 
 async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<ResBody> {
-    let seen = Seen {
+    let seen = seen_of(&req);
+    st.record(seen.clone());
+    let segments: Vec<String> = req.uri().path().split('/').map(str::to_owned).collect();
+    let found = segments
+        .iter()
+        .position(|s| ENDPOINTS.contains(&s.as_str()));
+    let Some(at) = found else {
+        return echo(req, seen).await;
+    };
+    match segments[at].as_str() {
+        "status" => status(segments.get(at + 1).map(String::as_str)),
+        "slow" => slow(req, st).await,
+        "download" => download(&req),
+        "upload" => upload(req, st).await,
+        "sse" => sse(&req),
+        "ws" => websocket(req),
+        "redirect" => redirect(),
+        "set-cookie" => set_cookie(&req),
+        "hop" => hop(),
+        _ => unreachable!("every endpoint is handled"),
+    }
+}
+
+/// The record of `req` as it arrived.
+fn seen_of(req: &Request<Incoming>) -> Seen {
+    Seen {
         method: req.method().to_string(),
         uri: req
             .uri()
@@ -300,68 +325,59 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<ResBody> {
                 )
             })
             .collect(),
-    };
-    st.record(seen.clone());
-    let segments: Vec<String> = req.uri().path().split('/').map(str::to_owned).collect();
-    let found = segments
-        .iter()
-        .position(|s| ENDPOINTS.contains(&s.as_str()));
-    let Some(at) = found else {
-        return echo(req, seen).await;
-    };
-    match segments[at].as_str() {
-        "status" => {
-            let code = segments
-                .get(at + 1)
-                .and_then(|s| s.parse::<u16>().ok())
-                .and_then(|c| StatusCode::from_u16(c).ok())
-                .unwrap_or(StatusCode::OK);
-            json_response(code, json!({"status": code.as_u16()}))
-        }
-        "slow" => slow(req, st).await,
-        "download" => download(&req),
-        "upload" => upload(req, st).await,
-        "sse" => sse(&req),
-        "ws" => websocket(req),
-        "redirect" => {
-            let mut res = Response::new(full(""));
-            *res.status_mut() = StatusCode::FOUND;
-            res.headers_mut()
-                .insert(header::LOCATION, HeaderValue::from_static("/elsewhere"));
-            res
-        }
-        "set-cookie" => {
-            let mut res = json_response(StatusCode::OK, json!({"cookies": true}));
-            let q = req.uri().query().unwrap_or_default().to_owned();
-            for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
-                if k == "c"
-                    && let Ok(v) = HeaderValue::from_str(&v)
-                {
-                    res.headers_mut().append(header::SET_COOKIE, v);
-                }
-            }
-            res
-        }
-        "hop" => {
-            let mut res = json_response(StatusCode::OK, json!({"hop": true}));
-            let h = res.headers_mut();
-            h.insert(
-                header::CONNECTION,
-                HeaderValue::from_static("x-upstream-hop, keep-alive"),
-            );
-            h.insert("x-upstream-hop", HeaderValue::from_static("secret"));
-            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-            h.insert(
-                header::PROXY_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"upstream\""),
-            );
-            h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
-            h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-            h.insert("x-end-to-end", HeaderValue::from_static("kept"));
-            res
-        }
-        _ => unreachable!("every endpoint is handled"),
     }
+}
+
+/// `/status/{code}`: answers with that status (200 when `code` is missing or not a status).
+fn status(code: Option<&str>) -> Response<ResBody> {
+    let code = code
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    json_response(code, json!({"status": code.as_u16()}))
+}
+
+/// `/redirect`: a 302 to `/elsewhere`.
+fn redirect() -> Response<ResBody> {
+    let mut res = Response::new(full(""));
+    *res.status_mut() = StatusCode::FOUND;
+    res.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/elsewhere"));
+    res
+}
+
+/// `/set-cookie?c=…&c=…`: one `Set-Cookie` per `c` parameter.
+fn set_cookie(req: &Request<Incoming>) -> Response<ResBody> {
+    let mut res = json_response(StatusCode::OK, json!({"cookies": true}));
+    let q = req.uri().query().unwrap_or_default().to_owned();
+    for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+        if k == "c"
+            && let Ok(v) = HeaderValue::from_str(&v)
+        {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
+}
+
+/// `/hop`: hop-by-hop response headers (and the ones `Connection` names) beside an end-to-end one.
+fn hop() -> Response<ResBody> {
+    let mut res = json_response(StatusCode::OK, json!({"hop": true}));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("x-upstream-hop, keep-alive"),
+    );
+    h.insert("x-upstream-hop", HeaderValue::from_static("secret"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(
+        header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"upstream\""),
+    );
+    h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+    h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+    h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+    res
 }
 
 async fn echo(req: Request<Incoming>, seen: Seen) -> Response<ResBody> {
