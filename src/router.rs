@@ -680,8 +680,7 @@ impl<'a> NormalizedPath<'a> {
                 continue;
             }
             let decoded = percent_decode(seg)?;
-            let dot = dot_segment(&decoded)?;
-            match dot {
+            match dot_segment(&decoded)? {
                 Some(up) => {
                     if up && out.pop().is_none() {
                         return Err(Error::BadRequest("the path climbs above the root".into()));

@@ -162,26 +162,24 @@ impl Upstream {
     /// When that is the client's own path and query byte for byte (no base path, nothing
     /// stripped or normalized away), the client's are shared rather than copied and re-validated.
     pub fn uri(&self, client: &Uri, path: &str) -> Result<Uri, http::Error> {
-        if self.base_path.is_empty()
-            && client.path() == path
-            && let Some(pq) = client.path_and_query()
-        {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(pq.clone());
-            return Ok(Uri::from_parts(parts)?);
-        }
-        let query = client.query();
-        let mut pq = String::with_capacity(
-            self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
-        );
-        pq.push_str(&self.base_path);
-        pq.push_str(path);
-        if let Some(q) = query {
-            pq.push('?');
-            pq.push_str(q);
-        }
+        let pq = match client.path_and_query() {
+            Some(pq) if self.base_path.is_empty() && client.path() == path => pq.clone(),
+            _ => {
+                let query = client.query();
+                let mut pq = String::with_capacity(
+                    self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+                );
+                pq.push_str(&self.base_path);
+                pq.push_str(path);
+                if let Some(q) = query {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                http::uri::PathAndQuery::try_from(pq)?
+            }
+        };
         let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
+        parts.path_and_query = Some(pq);
         Ok(Uri::from_parts(parts)?)
     }
 

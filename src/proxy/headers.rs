@@ -93,10 +93,7 @@ pub(crate) fn strip_own_set_cookies(headers: &mut HeaderMap, base: &str) -> Vec<
         .filter(|v| {
             let name = set_cookie_name(v.as_bytes());
             // A name that is not text cannot be ours, but neither can it be judged: fail closed.
-            let own = match std::str::from_utf8(name) {
-                Ok(n) => is_own_cookie(base, n.as_bytes()),
-                Err(_) => true,
-            };
+            let own = std::str::from_utf8(name).is_err() || is_own_cookie(base, name);
             if own {
                 removed.push(String::from_utf8_lossy(name).chars().take(128).collect());
             }

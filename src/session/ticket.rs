@@ -124,7 +124,7 @@ const INVALID: u8 = 0xff;
 /// A cookie value's 86 base64url characters (no padding) as the ticket's 64 bytes: exactly what
 /// `URL_SAFE_NO_PAD` accepts (its alphabet, and zero in the last character's 4 unused bits), and
 /// `None` for anything else. Every request with a cookie decodes one; a fixed-size table walk costs
-/// about half the base64 crate's general decoder (≈ 350 instead of ≈ 810 instructions).
+/// about 70% of the base64 crate's general decoder (574 instead of 814 instructions, callgrind).
 fn decode_ticket(value: &[u8; ENCODED_LEN]) -> Option<[u8; TICKET_LEN]> {
     let mut out = [0u8; TICKET_LEN];
     // A valid digit is below 64 and `INVALID` has the top bit set: one OR over all digits tells.
