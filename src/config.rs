@@ -15,6 +15,7 @@ use http::{HeaderName, Method};
 use url::Url;
 
 use crate::secret::{self, Secret};
+use file::{Choice, StoreKindName};
 
 /// Default `server.limits.max_header_bytes`: request line plus headers, in bytes. 16 KiB holds a
 /// browser's cookies with room to spare while bounding per-connection memory.
@@ -226,7 +227,7 @@ pub struct Server {
     pub hsts: Option<http::HeaderValue>,
 }
 
-pub use file::{RecordKey, UnderscoreHeaders};
+pub use file::{AuthMode, ClientAuth, CsrfMode, LogFormat, RecordKey, SameSite, UnderscoreHeaders};
 
 /// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,23 +295,11 @@ pub struct Limits {
     pub login_requests_per_minute: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Clone)]
 pub struct Log {
     /// A `tracing` filter directive; `RUST_LOG` wins when set.
     pub level: String,
     pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SameSite {
-    Strict,
-    Lax,
 }
 
 #[derive(Debug, Clone)]
@@ -356,12 +345,6 @@ pub struct RedisSettings {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAuth {
-    Basic,
-    Post,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Oidc {
     pub issuer: Url,
@@ -385,23 +368,6 @@ pub struct Oidc {
 #[derive(Debug, Clone)]
 pub struct Csrf {
     pub header: HeaderName,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    Required,
-    Optional,
-    None,
-    Bearer,
-    /// No user: coatcheck's own client-credentials token from `[oidc]` (RFC 6749 §4.4).
-    Client,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CsrfMode {
-    All,
-    UnsafeMethods,
-    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -482,6 +448,19 @@ impl Problems {
         }
     }
 
+    /// One of `T`'s values, `default` when absent. A value `T` does not know is a problem that
+    /// names the values it does, and `None`: the caller picks what stands in for it.
+    fn choice<T: Copy>(&mut self, key: &str, raw: Option<&Choice<T>>, default: T) -> Option<T> {
+        match raw {
+            None => Some(default),
+            Some(Choice::Known(v)) => Some(*v),
+            Some(Choice::Unknown { value, expected }) => {
+                self.push(key, format!("{value:?} must be {}", one_of(expected)));
+                None
+            }
+        }
+    }
+
     fn positive(&mut self, key: &str, raw: Option<i64>, default: u64) -> u64 {
         match raw {
             None => default,
@@ -514,6 +493,15 @@ impl Problems {
             self.push(key, format!("cannot read {}: {e}", path.display()));
         }
         path
+    }
+}
+
+/// `"a" or "b"`, `"a", "b" or "c"`: the values a key accepts, for its message.
+fn one_of(values: &[&str]) -> String {
+    let quoted: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
     }
 }
 
@@ -1099,17 +1087,9 @@ fn hsts(raw: Option<&str>, p: &mut Problems) -> Option<http::HeaderValue> {
 }
 
 fn validate_log(l: file::LogFile, p: &mut Problems) -> Log {
-    let format = match l.format.as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
-            p.push(
-                "log.format",
-                format!("{other:?} must be \"text\" or \"json\""),
-            );
-            LogFormat::Text
-        }
-    };
+    let format = p
+        .choice("log.format", l.format.as_ref(), LogFormat::Text)
+        .unwrap_or(LogFormat::Text);
     let level = l.level.unwrap_or_else(|| "info".to_owned());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         p.push(
@@ -1122,7 +1102,9 @@ fn validate_log(l: file::LogFile, p: &mut Problems) -> Log {
 
 fn validate_session(s: file::SessionFile, base: &Path, needed: bool, p: &mut Problems) -> Session {
     let cookie_name = cookie_name(s.cookie_name, p);
-    let same_site = same_site(s.same_site.as_deref(), p);
+    let same_site = p
+        .choice("session.same_site", s.same_site.as_ref(), SameSite::Strict)
+        .unwrap_or(SameSite::Strict);
     let (idle_timeout, absolute_timeout) =
         session_timeouts(s.idle_timeout.as_deref(), s.absolute_timeout.as_deref(), p);
     let keys = session_keys(&s.keys, needed, p);
@@ -1162,21 +1144,6 @@ fn cookie_name(raw: Option<String>, p: &mut Problems) -> String {
         );
     }
     cookie_name
-}
-
-/// `session.same_site`: `"strict"` (default) or `"lax"`.
-fn same_site(raw: Option<&str>, p: &mut Problems) -> SameSite {
-    match raw {
-        None | Some("strict") => SameSite::Strict,
-        Some("lax") => SameSite::Lax,
-        Some(o) => {
-            p.push(
-                "session.same_site",
-                format!("{o:?} must be \"strict\" or \"lax\""),
-            );
-            SameSite::Strict
-        }
-    }
 }
 
 /// `session.idle_timeout` and `session.absolute_timeout`, as (idle, absolute).
@@ -1237,25 +1204,25 @@ fn session_keys(raw: &[String], needed: bool, p: &mut Problems) -> Vec<Secret<Ve
 
 /// `[session.store]`: which kind, and the keys that kind reads.
 fn validate_store(st: &file::StoreFile, base: &Path, p: &mut Problems) -> StoreKind {
-    match st.kind.as_deref() {
-        None | Some("embedded") => {
+    let kind = p.choice(
+        "session.store.kind",
+        st.kind.as_ref(),
+        StoreKindName::Embedded,
+    );
+    match kind {
+        Some(StoreKindName::Embedded) => {
             not_for_kind(p, st, "embedded");
             StoreKind::Embedded {
                 path: resolve_path(base, st.path.as_deref().unwrap_or(DEFAULT_STORE_PATH)),
             }
         }
-        Some("memory") => {
+        Some(StoreKindName::Memory) => {
             not_for_kind(p, st, "memory");
             StoreKind::Memory
         }
-        Some("redis") => redis_settings(p, base, st),
-        Some(o) => {
-            p.push(
-                "session.store.kind",
-                format!("{o:?} must be \"memory\", \"embedded\" or \"redis\""),
-            );
-            StoreKind::Memory
-        }
+        Some(StoreKindName::Redis) => redis_settings(p, base, st),
+        // An unknown kind: the other keys are not checked against a kind nobody meant.
+        None => StoreKind::Memory,
     }
 }
 
@@ -1487,7 +1454,13 @@ fn validate_oidc(o: file::OidcFile, base: &Path, p: &mut Problems) -> Oidc {
         p.push("oidc.scopes", "must include \"openid\"");
     }
     let allowed_algs = allowed_algs(o.allowed_algs, p);
-    let client_auth = client_auth(o.token_endpoint_auth_method.as_deref(), p);
+    let client_auth = p
+        .choice(
+            "oidc.token_endpoint_auth_method",
+            o.token_endpoint_auth_method.as_ref(),
+            ClientAuth::Basic,
+        )
+        .unwrap_or(ClientAuth::Basic);
     let post_logout_redirect = post_logout_redirect(o.post_logout_redirect, p);
     Oidc {
         issuer,
@@ -1571,21 +1544,6 @@ fn allowed_algs(raw: Option<Vec<String>>, p: &mut Problems) -> Vec<jsonwebtoken:
     allowed_algs
 }
 
-/// `oidc.token_endpoint_auth_method`: `"client_secret_basic"` (default) or `"client_secret_post"`.
-fn client_auth(raw: Option<&str>, p: &mut Problems) -> ClientAuth {
-    match raw {
-        None | Some("client_secret_basic") => ClientAuth::Basic,
-        Some("client_secret_post") => ClientAuth::Post,
-        Some(x) => {
-            p.push(
-                "oidc.token_endpoint_auth_method",
-                format!("{x:?} must be \"client_secret_basic\" or \"client_secret_post\""),
-            );
-            ClientAuth::Basic
-        }
-    }
-}
-
 /// `oidc.post_logout_redirect`: a local path; default `/`.
 fn post_logout_redirect(raw: Option<String>, p: &mut Problems) -> String {
     let post_logout_redirect = raw.unwrap_or_else(|| "/".to_owned());
@@ -1665,8 +1623,13 @@ fn validate_route(
     let k = |name: &str| format!("route[{i}].{name}");
     check_route_path(&r.path, earlier, &k, p);
     let upstream = route_upstream(&r.upstream, &k, p);
-    let auth = route_auth(r.auth.as_deref(), &k, p);
-    let csrf = route_csrf(r.csrf.as_deref(), &k, p);
+    // An unknown auth stands in as "none": it needs no [oidc] and no session keys.
+    let auth = p
+        .choice(&k("auth"), r.auth.as_ref(), AuthMode::Required)
+        .unwrap_or(AuthMode::None);
+    let csrf = p
+        .choice(&k("csrf"), r.csrf.as_ref(), CsrfMode::All)
+        .unwrap_or(CsrfMode::All);
     let methods = route_methods(r.methods, &k, p);
     let roles = r.roles.unwrap_or_default();
     if !roles.is_empty() && matches!(auth, AuthMode::None | AuthMode::Client) {
@@ -1755,42 +1718,6 @@ fn route_upstream(raw: &str, k: &dyn Fn(&str) -> String, p: &mut Problems) -> Ur
         Err(e) => {
             p.push(k("upstream"), format!("{raw:?} is not a URL: {e}"));
             Url::parse("http://invalid.invalid").expect("constant URL")
-        }
-    }
-}
-
-/// `route[N].auth`; default `"required"`.
-fn route_auth(raw: Option<&str>, k: &dyn Fn(&str) -> String, p: &mut Problems) -> AuthMode {
-    match raw {
-        None | Some("required") => AuthMode::Required,
-        Some("optional") => AuthMode::Optional,
-        Some("none") => AuthMode::None,
-        Some("bearer") => AuthMode::Bearer,
-        Some("client") => AuthMode::Client,
-        Some(o) => {
-            p.push(
-                k("auth"),
-                format!(
-                    "{o:?} must be \"required\", \"optional\", \"none\", \"bearer\" or \"client\""
-                ),
-            );
-            AuthMode::None
-        }
-    }
-}
-
-/// `route[N].csrf`; default `"all"`.
-fn route_csrf(raw: Option<&str>, k: &dyn Fn(&str) -> String, p: &mut Problems) -> CsrfMode {
-    match raw {
-        None | Some("all") => CsrfMode::All,
-        Some("unsafe-methods") => CsrfMode::UnsafeMethods,
-        Some("off") => CsrfMode::Off,
-        Some(o) => {
-            p.push(
-                k("csrf"),
-                format!("{o:?} must be \"all\", \"unsafe-methods\" or \"off\""),
-            );
-            CsrfMode::All
         }
     }
 }
@@ -2087,6 +2014,104 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    /// A file with `[oidc]`, a session key and one route, each section followed by `log`,
+    /// `session`, `oidc` and `route`.
+    fn enum_keys(log: &str, session: &str, oidc: &str, route: &str) -> String {
+        base(&format!(
+            "[log]\n{log}\n\
+             [session]\nkeys = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n{session}\n\
+             [oidc]\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"c\"\nclient_secret = \"s\"\n{oidc}\n\
+             [[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\n{route}\n"
+        ))
+    }
+
+    #[test]
+    fn an_unknown_value_of_each_enum_key_is_listed_with_the_values_its_enum_accepts() {
+        let p = problems(&enum_keys(
+            "format = \"xml\"",
+            "same_site = \"none\"\nstore.kind = \"postgres\"",
+            "token_endpoint_auth_method = \"private_key_jwt\"",
+            "auth = \"sometimes\"\ncsrf = \"unsafe_methods\"",
+        ));
+        let listed: Vec<String> = p.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            listed,
+            [
+                r#"log.format: "xml" must be "text" or "json""#,
+                r#"oidc.token_endpoint_auth_method: "private_key_jwt" must be "client_secret_basic" or "client_secret_post""#,
+                r#"route[0].auth: "sometimes" must be "required", "optional", "none", "bearer" or "client""#,
+                r#"route[0].csrf: "unsafe_methods" must be "all", "unsafe-methods" or "off""#,
+                r#"session.same_site: "none" must be "strict" or "lax""#,
+                r#"session.store.kind: "postgres" must be "memory", "embedded" or "redis""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn enum_keys_written_are_taken_and_absent_ones_get_their_defaults() {
+        let c = Config::from_toml(&enum_keys("", "", "", ""), Path::new("t.toml")).unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.session.same_site, SameSite::Strict);
+        assert_eq!(
+            c.session.store,
+            StoreKind::Embedded {
+                path: PathBuf::from(DEFAULT_STORE_PATH)
+            }
+        );
+        assert_eq!(c.oidc.unwrap().client_auth, ClientAuth::Basic);
+        assert_eq!(
+            (c.routes[0].auth, c.routes[0].csrf),
+            (AuthMode::Required, CsrfMode::All)
+        );
+        let c = Config::from_toml(
+            &enum_keys(
+                "format = \"json\"",
+                "same_site = \"lax\"\nstore.kind = \"memory\"",
+                "token_endpoint_auth_method = \"client_secret_post\"",
+                "auth = \"bearer\"\ncsrf = \"unsafe-methods\"",
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.session.same_site, SameSite::Lax);
+        assert_eq!(c.session.store, StoreKind::Memory);
+        assert_eq!(c.oidc.unwrap().client_auth, ClientAuth::Post);
+        assert_eq!(
+            (c.routes[0].auth, c.routes[0].csrf),
+            (AuthMode::Bearer, CsrfMode::UnsafeMethods)
+        );
+    }
+
+    #[test]
+    fn an_unknown_store_kind_checks_no_other_key_and_an_unknown_auth_needs_no_oidc() {
+        // Not checked against a kind nobody meant: the Redis keys are not "only for redis".
+        let p = problems(&enum_keys(
+            "",
+            "store.kind = \"redis-cluster\"\nstore.url = \"redis://10.0.0.1\"",
+            "",
+            "",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "session.store.kind");
+        // Stands in as "none", which needs no [oidc].
+        let p = problems(&base(
+            "[[route]]\npath = \"/\"\nupstream = \"http://127.0.0.1:9000\"\nauth = \"requried\"\n",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "route[0].auth");
+    }
+
+    #[test]
+    fn an_enum_key_that_is_not_a_string_is_a_type_error() {
+        let p = problems(&enum_keys("", "same_site = 1", "", ""));
+        let listed: Vec<String> = p.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            listed,
+            ["session.same_site: invalid type: integer `1`, expected a string (line 11)"]
+        );
     }
 
     fn capture(capture: &str, public_auth: &str) -> String {
