@@ -105,11 +105,21 @@ pub async fn forward(
     rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
     if retry {
         let body = keep_body(route, body).await?;
-        let res = send(upstream, route, rebuild(&parts, body.clone()), None, &fwd).await?;
+        let kept = ReplayHead::keep(&parts);
+        // Neither send carries the client request's extensions.
+        parts.extensions = http::Extensions::new();
+        let first = Request::from_parts(parts, Either::Right(Full::new(body.clone())));
+        let res = send(upstream, route, first, None, &fwd).await?;
         let res = match phases.retry_with(&res).await? {
             Some(authorization) => {
-                parts.headers.insert(header::AUTHORIZATION, authorization);
-                send(upstream, route, rebuild(&parts, body), None, &fwd).await?
+                send(
+                    upstream,
+                    route,
+                    kept.request(authorization, body)?,
+                    None,
+                    &fwd,
+                )
+                .await?
             }
             None => res,
         };
@@ -166,13 +176,73 @@ async fn keep_body(route: &Route, body: Stalling<Incoming>) -> Result<Bytes, Err
     }
 }
 
-fn rebuild(parts: &http::request::Parts, body: Bytes) -> Request<UpstreamBody> {
-    let mut req = Request::new(Either::Right(Full::new(body)));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
+/// The head of a request sent once and kept for one replay with a new `Authorization`
+/// ([`Phases::retry_with`]). Every request on a session route keeps one, and a replay is rare
+/// (an upstream `401 invalid_token`), so the header fields are kept as `name:value` lines in one
+/// buffer: one allocation and two copies per field, where a `HeaderMap` clone made two
+/// allocations, a reference count per value (an allocation each for values built per request,
+/// such as `X-Request-Id`) and a hash table, and dropped them all again. They are parsed back only
+/// for a replay. `Authorization` is not kept: the replay replaces it.
+struct ReplayHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    /// `name:value\n` per field, with NUL in place of `:` for a value marked sensitive. Neither
+    /// separator can occur in a field name, nor `\n` in a field value.
+    fields: Vec<u8>,
+}
+
+impl ReplayHead {
+    fn keep(parts: &http::request::Parts) -> ReplayHead {
+        let mut fields = Vec::with_capacity(REPLAY_FIELDS_BYTES);
+        for (name, value) in &parts.headers {
+            if name == header::AUTHORIZATION {
+                continue;
+            }
+            fields.extend_from_slice(name.as_str().as_bytes());
+            fields.push(if value.is_sensitive() { 0 } else { b':' });
+            fields.extend_from_slice(value.as_bytes());
+            fields.push(b'\n');
+        }
+        ReplayHead {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            fields,
+        }
+    }
+
+    /// The request to send again, with `authorization` and the kept `body`.
+    fn request(
+        self,
+        authorization: HeaderValue,
+        body: Bytes,
+    ) -> Result<Request<UpstreamBody>, Error> {
+        let mut req = Request::new(Either::Right(Full::new(body)));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        let headers = req.headers_mut();
+        for line in self.fields.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let (name, mut value, sensitive) = split_kept_field(line)
+                .ok_or_else(|| Error::Internal("a kept request header did not parse".into()))?;
+            value.set_sensitive(sensitive);
+            headers.append(name, value);
+        }
+        headers.insert(header::AUTHORIZATION, authorization);
+        Ok(req)
+    }
+}
+
+/// What a request's kept fields usually take: most heads fit without growing the buffer.
+const REPLAY_FIELDS_BYTES: usize = 512;
+
+/// One `name:value` line of [`ReplayHead::fields`], parsed back.
+fn split_kept_field(line: &[u8]) -> Option<(http::HeaderName, HeaderValue, bool)> {
+    let at = memchr::memchr2(b':', 0, line)?;
+    let name = http::HeaderName::from_bytes(&line[..at]).ok()?;
+    let value = HeaderValue::from_bytes(&line[at + 1..]).ok()?;
+    Some((name, value, line[at] == 0))
 }
 
 /// The client connection a request arrived on, as the listener hands it to the router
@@ -466,4 +536,84 @@ pub(crate) fn client_body_error(e: &BodyError) -> Error {
             "the request body is malformed (invalid chunked framing) or was cut off".into(),
         ),
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(fields: &[(&str, &[u8], bool)]) -> http::request::Parts {
+        let mut req = Request::new(());
+        *req.method_mut() = http::Method::PUT;
+        *req.uri_mut() = "http://up.test/a/b?c=d".parse().unwrap();
+        for (name, value, sensitive) in fields {
+            let mut v = HeaderValue::from_bytes(value).unwrap();
+            v.set_sensitive(*sensitive);
+            req.headers_mut()
+                .append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), v);
+        }
+        req.into_parts().0
+    }
+
+    /// Each field name with its values (bytes, sensitive) in order: what a request means, whatever
+    /// order the map keeps its names in.
+    fn fields(h: &http::HeaderMap) -> std::collections::BTreeMap<String, Vec<(Vec<u8>, bool)>> {
+        let mut out = std::collections::BTreeMap::<_, Vec<_>>::new();
+        for (n, v) in h {
+            out.entry(n.to_string())
+                .or_default()
+                .push((v.as_bytes().to_vec(), v.is_sensitive()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_replay_sends_the_kept_head_and_body_with_the_new_authorization() {
+        let parts = head(&[
+            ("host", b"up.test", false),
+            ("authorization", b"Bearer old", true),
+            ("x-multi", b"one", false),
+            ("cookie", b"app=1; b=2", true),
+            ("x-multi", b"two: with colon\tand tab \xe9", false),
+            ("x-empty", b"", false),
+        ]);
+        let kept = ReplayHead::keep(&parts);
+        let mut expected = parts.headers.clone();
+        expected.remove(header::AUTHORIZATION);
+        let mut new = HeaderValue::from_static("Bearer new");
+        new.set_sensitive(true);
+        expected.insert(header::AUTHORIZATION, new.clone());
+
+        let req = kept.request(new, Bytes::from_static(b"body")).unwrap();
+        assert_eq!(req.method(), http::Method::PUT);
+        assert_eq!(req.uri(), &parts.uri);
+        assert_eq!(req.version(), parts.version);
+        assert_eq!(fields(req.headers()), fields(&expected));
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"body");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_valid_field_survives_being_kept(
+            name in "[a-z0-9!#$%&'*+.^_`|~-]{1,20}",
+            value in proptest::collection::vec(
+                proptest::prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff],
+                0..64,
+            ),
+            sensitive: bool,
+        ) {
+            let parts = head(&[(&name, &value, sensitive)]);
+            let req = ReplayHead::keep(&parts)
+                .request(HeaderValue::from_static("Bearer x"), Bytes::new())
+                .unwrap();
+            let mut kept = fields(req.headers());
+            let mut sent = fields(&parts.headers);
+            kept.remove("authorization");
+            sent.remove("authorization");
+            proptest::prop_assert_eq!(kept, sent);
+        }
+    }
+
+    use proptest::strategy::Just;
 }
