@@ -45,7 +45,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const MAX_PARAM: usize = 1024;
 
 /// The admin endpoints.
-pub struct Admin {
+pub(crate) struct Admin {
     metrics: Arc<Metrics>,
     /// The running router (swapped by a reload).
     router: Arc<arc_swap::ArcSwap<Router>>,
@@ -55,7 +55,7 @@ pub struct Admin {
 
 impl Admin {
     /// The admin endpoints over the running router (readiness) and auth (sessions).
-    pub fn new(
+    pub(crate) fn new(
         config: &AdminConfig,
         metrics: Arc<Metrics>,
         router: Arc<arc_swap::ArcSwap<Router>>,
@@ -70,7 +70,7 @@ impl Admin {
     }
 
     /// Answers one admin request. Never fails: errors become JSON answers.
-    pub async fn handle<B>(&self, req: Request<B>, peer: IpAddr) -> Response<Body> {
+    pub(crate) async fn handle<B>(&self, req: Request<B>, peer: IpAddr) -> Response<Body> {
         let mut res = match self.handle_inner(&req, peer).await {
             Ok(res) => res,
             Err(e) => {
@@ -257,7 +257,7 @@ fn now() -> humantime::Rfc3339Timestamp {
 }
 
 /// Serves the admin listener until `shutdown`, then drains briefly.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {

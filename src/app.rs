@@ -1,6 +1,6 @@
 //! The composition root: the one place that knows every module and wires them together.
 //!
-//! [`check`] validates what can be validated offline (for `check-config`); [`start`] binds the
+//! `check` validates what can be validated offline (for `check-config`); [`start`] binds the
 //! listeners and returns a [`Running`] handle that tests and `main` use alike.
 //!
 //! - [`reload`]: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
@@ -42,7 +42,7 @@ pub enum StartError {
 
 /// Checks everything that needs no network beyond what [`Config::load`] did: certificates and keys
 /// parse and match, CA files hold certificates.
-pub fn check(config: &Config) -> Vec<Problem> {
+pub(crate) fn check(config: &Config) -> Vec<Problem> {
     tls::install_provider();
     let mut problems = Vec::new();
     if let Err(e) = tls::ServerCert::load(&config.server.tls.cert, &config.server.tls.key) {
@@ -122,7 +122,7 @@ impl Running {
     }
 
     /// A token that starts the shutdown when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 

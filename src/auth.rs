@@ -41,7 +41,7 @@ use crate::session::{Lookup, Session, Sessions, store};
 use crate::upstream::Upstream;
 
 /// Expired sessions are swept from the store this often (stores with their own expiry skip it).
-pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 async fn sweep_expired(sessions: Arc<Sessions>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
@@ -58,12 +58,12 @@ async fn sweep_expired(sessions: Arc<Sessions>, shutdown: CancellationToken) {
 }
 
 /// Whether `path` (normalized) is one of coatcheck's own `/bff/*` endpoints.
-pub fn is_bff_path(path: &str) -> bool {
+pub(crate) fn is_bff_path(path: &str) -> bool {
     path == "/bff" || path.starts_with("/bff/")
 }
 
 /// Login URL answered with a 401.
-pub const LOGIN_PATH: &str = "/bff/login";
+pub(crate) const LOGIN_PATH: &str = "/bff/login";
 
 /// Sessions, login and per-route policy: an orchestrator over the token issuer (the OIDC
 /// provider, which also issues the machine tokens cached by [`client::ClientTokens`]), the session
@@ -73,7 +73,7 @@ pub const LOGIN_PATH: &str = "/bff/login";
 /// The stateful parts (issuers, sessions and store, refresher, machine-token caches) are built
 /// once; a reload makes a new `Auth` over the same parts with the new file's per-request settings
 /// ([`Auth::reconfigured`]), held by the new router.
-pub struct Auth {
+pub(crate) struct Auth {
     issuers: Arc<issuer::Issuers>,
     sessions: Arc<Sessions>,
     refresher: Arc<refresh::Refresher>,
@@ -89,7 +89,7 @@ pub struct Auth {
 impl Auth {
     /// Builds the provider client, opens the session store. No network yet. Logins, refreshes,
     /// provider calls, cache and store activity are counted in `metrics`.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Auth, String> {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Auth, String> {
         let oidc = match &config.oidc {
             Some(o) => Some(Arc::new(
                 oidc::Provider::new(o, &config.server.public_origin, metrics.clone())
@@ -170,7 +170,7 @@ impl Auth {
     /// Starts what runs beside the requests until `shutdown`: provider discovery (retried until
     /// it answers: `auth = "none"` routes serve meanwhile and `/readyz` says not ready), following
     /// the session event channel, and sweeping expired sessions.
-    pub fn spawn_background(&self, shutdown: &CancellationToken) {
+    pub(crate) fn spawn_background(&self, shutdown: &CancellationToken) {
         if let Some(provider) = self.issuers.oidc.clone() {
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -195,7 +195,7 @@ impl Auth {
     }
 
     /// The capture issuer, when `[capture]` is configured.
-    pub fn capture(&self) -> Option<&capture::Capture> {
+    pub(crate) fn capture(&self) -> Option<&capture::Capture> {
         self.issuers.capture.as_deref()
     }
 
@@ -216,7 +216,7 @@ impl Auth {
     }
 
     /// Ready when the issuers are (the provider's metadata is loaded) and the store answers.
-    pub async fn ready(&self) -> Result<(), String> {
+    pub(crate) async fn ready(&self) -> Result<(), String> {
         self.issuers.ready()?;
         self.sessions.ping().await.map_err(|e| e.to_string())
     }
@@ -254,12 +254,12 @@ impl Auth {
     }
 
     /// The session cookie's name (login cookies are `<name>-login-…`).
-    pub fn cookie_name(&self) -> &str {
+    pub(crate) fn cookie_name(&self) -> &str {
         &self.sessions.cookie.name
     }
 
     /// `Set-Cookie` that removes the session cookie.
-    pub fn clear_session_cookie(&self) -> HeaderValue {
+    pub(crate) fn clear_session_cookie(&self) -> HeaderValue {
         self.sessions.clear_cookie()
     }
 
@@ -271,7 +271,7 @@ impl Auth {
     }
 
     /// Forwards a request to a route whose `auth` is `required`, `optional`, `bearer` or `client`.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         upstream: &Upstream,
         route: &Route,
@@ -376,7 +376,7 @@ impl Auth {
     /// A POST to `capture.login_path`: checked like any state-changing request (CSRF header,
     /// `Origin`, Fetch Metadata), forwarded through its public route, and turned into a session
     /// when the API answers with tokens ([`capture::LoginPhases`]).
-    pub async fn capture_login(
+    pub(crate) async fn capture_login(
         &self,
         upstream: &Upstream,
         route: &Route,
@@ -477,7 +477,7 @@ impl Auth {
     }
 
     /// Answers a `/bff/*` request.
-    pub async fn handle_bff(
+    pub(crate) async fn handle_bff(
         &self,
         req: Request<Incoming>,
         path: &str,
@@ -490,7 +490,10 @@ impl Auth {
     }
 
     /// The live session of a request, or 401.
-    pub async fn require_session(&self, req: &Request<Incoming>) -> Result<Arc<Session>, Error> {
+    pub(crate) async fn require_session(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<Arc<Session>, Error> {
         match self.lookup(req.headers()).await? {
             Lookup::Live(s) => Ok(s),
             Lookup::Ended => Err(Error::SessionExpired {

@@ -15,11 +15,11 @@ use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
 /// A response body: streamed from the upstream (cut when it stalls), or written by coatcheck.
-pub type Body = Either<Stalling<Incoming>, Own>;
+pub(crate) type Body = Either<Stalling<Incoming>, Own>;
 
 /// A body coatcheck writes itself: all at once, or as a stream of chunks (event streams) that
 /// ends when its sender is dropped.
-pub enum Own {
+pub(crate) enum Own {
     Full(Full<Bytes>),
     Stream(tokio::sync::mpsc::Receiver<Bytes>),
 }
@@ -54,7 +54,7 @@ impl http_body::Body for Own {
 }
 
 /// A streamed body fed through the returned sender (dropping it ends the body).
-pub fn stream(buffer: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+pub(crate) fn stream(buffer: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
     let (tx, rx) = tokio::sync::mpsc::channel(buffer);
     (tx, Either::Right(Own::Stream(rx)))
 }
@@ -62,11 +62,11 @@ pub fn stream(buffer: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
 /// A request body on its way upstream: the client's stream (cut when it stalls, what had already
 /// arrived judged first) under the route's size limit, or a buffered copy (small bodies kept for
 /// one replay after a refresh).
-pub type UpstreamBody = Either<Limited<Primed<Stalling<Incoming>>>, Full<Bytes>>;
+pub(crate) type UpstreamBody = Either<Limited<Primed<Stalling<Incoming>>>, Full<Bytes>>;
 
 /// Which peer a streamed body comes from: its failures are that peer's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// The browser or API client (request bodies): a failure is a 4xx.
     Client,
     /// The upstream (response bodies): a failure is a 502.
@@ -75,7 +75,7 @@ pub enum Side {
 
 /// A streamed body failed: it stalled, or its framing broke (a malformed chunk, a cut connection).
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// No byte moved for the idle limit (`server.limits.body_idle_timeout`).
     #[error("the {side:?} body stalled for {idle:?}")]
     Stalled { side: Side, idle: Duration },
@@ -90,7 +90,7 @@ pub enum BodyError {
 
 impl BodyError {
     /// The peer that caused the failure.
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             BodyError::Stalled { side, .. } | BodyError::Read { side, .. } => *side,
         }
@@ -103,7 +103,7 @@ impl BodyError {
 ///
 /// The timer is armed only when the inner body is pending and is re-armed lazily, at most once
 /// per `idle`: a fast stream costs one `Instant::now()` per frame.
-pub struct Stalling<B> {
+pub(crate) struct Stalling<B> {
     inner: B,
     side: Side,
     idle: Duration,
@@ -113,11 +113,11 @@ pub struct Stalling<B> {
 
 impl<B> Stalling<B> {
     /// The wrapped body.
-    pub fn inner(&self) -> &B {
+    pub(crate) fn inner(&self) -> &B {
         &self.inner
     }
 
-    pub fn new(inner: B, side: Side, idle: Duration) -> Self {
+    pub(crate) fn new(inner: B, side: Side, idle: Duration) -> Self {
         Stalling {
             inner,
             side,
@@ -190,20 +190,20 @@ where
 
 /// Something that watches a body stream by: told of every frame that is ready and of the end.
 /// Dropping the watcher is its last word (the body was dropped, finished or not).
-pub trait Watch {
+pub(crate) trait Watch {
     /// A poll came back ready: `data` bytes of data (0 for trailers or an error), or the end.
     fn ready(&mut self, data: usize, end: bool);
 }
 
 /// A body passed through unchanged while a [`Watch`] observes it (access log, in-flight guard,
 /// upload progress): one wrapper instead of one per concern.
-pub struct Watched<B, W> {
+pub(crate) struct Watched<B, W> {
     inner: B,
     watch: W,
 }
 
 impl<B, W> Watched<B, W> {
-    pub fn new(inner: B, watch: W) -> Self {
+    pub(crate) fn new(inner: B, watch: W) -> Self {
         Watched { inner, watch }
     }
 }
@@ -246,7 +246,7 @@ impl<B: http_body::Body<Data = Bytes> + Unpin, W: Watch + Unpin> http_body::Body
 /// its chunked framing judged in full before the upstream sees a byte, so a malformed body is a
 /// 400 from coatcheck and never a half-request upstream. A body still on its way (a slow upload,
 /// a bidirectional stream) is forwarded after at most one `gap` of delay and streams as before.
-pub struct Primed<B> {
+pub(crate) struct Primed<B> {
     ready: std::collections::VecDeque<Frame<Bytes>>,
     inner: B,
 }
@@ -256,7 +256,11 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
     /// Reads `inner` until it ends, holds `max` data bytes, or pauses for `gap`.
-    pub async fn prime(mut inner: B, max: usize, gap: Duration) -> Result<Primed<B>, B::Error> {
+    pub(crate) async fn prime(
+        mut inner: B,
+        max: usize,
+        gap: Duration,
+    ) -> Result<Primed<B>, B::Error> {
         use http_body_util::BodyExt as _;
         let mut ready = std::collections::VecDeque::new();
         let mut bytes = 0;
@@ -313,17 +317,17 @@ where
 }
 
 /// A body coatcheck wrote itself.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Right(Own::Full(Full::new(bytes.into())))
 }
 
 /// An empty body.
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     full(Bytes::new())
 }
 
 /// A JSON response with `Cache-Control: no-store` (coatcheck's answers are per-user or transient).
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut res = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
     *res.status_mut() = status;
     let h = res.headers_mut();
@@ -337,7 +341,7 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 
 /// An HTML response (login failure pages, the post-login bounce page), never cached, never framed,
 /// never leaking the URL through `Referer`.
-pub fn html(status: StatusCode, page: String) -> Response<Body> {
+pub(crate) fn html(status: StatusCode, page: String) -> Response<Body> {
     let mut res = Response::new(full(page));
     *res.status_mut() = status;
     let h = res.headers_mut();
@@ -359,7 +363,7 @@ pub fn html(status: StatusCode, page: String) -> Response<Body> {
 }
 
 /// A redirect (`302 Found` unless told otherwise) to `location`, never cached.
-pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+pub(crate) fn redirect(status: StatusCode, location: &str) -> Response<Body> {
     let mut res = Response::new(empty());
     *res.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(location) {
@@ -371,7 +375,7 @@ pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
 }
 
 /// Escapes text for inclusion in HTML (element content or a quoted attribute).
-pub fn escape_html(s: &str) -> String {
+pub(crate) fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

@@ -12,31 +12,31 @@ use crate::{app, telemetry, tls};
 
 /// Exit status for a configuration error (EX_CONFIG would be 78; sysexits' EX_USAGE, 64, is what
 /// operators and the issue tracker expect here).
-pub const EXIT_CONFIG: u8 = 64;
+pub(crate) const EXIT_CONFIG: u8 = 64;
 
 /// coatcheck: a backend-for-frontend proxy that keeps OAuth/OIDC tokens server-side and hands the
 /// browser only an HttpOnly session cookie.
 #[derive(Debug, Parser)]
 #[command(name = "coatcheck", version, about, long_about = None, after_help = "Start here: coatcheck dev-cert, then coatcheck run --config config.toml. Docs: README.md and docs/.")]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format (overrides `[log] format`).
     #[arg(long, global = true, value_enum)]
-    pub log_format: Option<CliLogFormat>,
+    pub(crate) log_format: Option<CliLogFormat>,
     /// Configuration file for `run` when no command is given (`coatcheck --config FILE`).
     #[arg(long, short, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum CliLogFormat {
+pub(crate) enum CliLogFormat {
     Text,
     Json,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the proxy (the default when no command is given).
     Run {
         /// Configuration file.

@@ -19,114 +19,114 @@ use file::{Choice, StoreKindName};
 
 /// Default `server.limits.max_header_bytes`: request line plus headers, in bytes. 16 KiB holds a
 /// browser's cookies with room to spare while bounding per-connection memory.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default `server.limits.header_read_timeout`: a client gets this long to send its request headers.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `server.limits.idle_timeout`: a keep-alive connection with no traffic is closed after this.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `server.limits.max_connections`: concurrent client connections; more wait in the backlog.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default `server.limits.shutdown_grace`: time in-flight requests get after SIGTERM/SIGINT.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default `server.limits.body_idle_timeout`: a streamed body (upload or download) that moves no
 /// byte for this long is cut; nginx's `client_body_timeout`/`proxy_read_timeout` default.
-pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `server.limits.max_connections_per_ip`: concurrent connections from one client address.
 /// A browser opens at most 6 HTTP/1.1 connections per origin (1 with HTTP/2), so even a large
 /// office behind one NAT address stays far below it.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
 /// Default `server.limits.login_requests_per_minute`: `/bff/login` plus `/bff/callback` requests
 /// per client address and minute (a token bucket refilled evenly; bursts up to a fifth of it).
 /// A login is two requests, so this admits 300 logins a minute from one address.
-pub const DEFAULT_LOGIN_REQUESTS_PER_MINUTE: u32 = 600;
+pub(crate) const DEFAULT_LOGIN_REQUESTS_PER_MINUTE: u32 = 600;
 /// Default `server.hsts`: a year, subdomains included (OWASP ASVS 5.0 §3.4.1).
-pub const DEFAULT_HSTS: &str = "max-age=31536000; includeSubDomains";
+pub(crate) const DEFAULT_HSTS: &str = "max-age=31536000; includeSubDomains";
 /// Default `oidc.metadata_refresh`: discovery and JWKS are re-read this often (besides an unknown
 /// `kid`), so a rotated key or moved endpoint is picked up without a restart.
-pub const DEFAULT_METADATA_REFRESH: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_METADATA_REFRESH: Duration = Duration::from_secs(600);
 /// Default `route.timeout`: time the upstream gets to send its response headers. The clock restarts
 /// whenever the request body moves, so a long upload is not a slow upstream; a stalled one times out.
-pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `route.max_body_bytes`: request body limit, 10 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 /// Default `route.retry_body_bytes`: bodies up to this size are buffered so a request can be replayed
 /// once after an upstream 401 `invalid_token`; 64 KiB.
-pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
+pub(crate) const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
 /// Default `session.cookie_name`. The `__Host-` prefix makes browsers insist on Secure, Path=/ and no Domain.
-pub const DEFAULT_COOKIE_NAME: &str = "__Host-coatcheck";
+pub(crate) const DEFAULT_COOKIE_NAME: &str = "__Host-coatcheck";
 /// Default `session.idle_timeout` (sliding).
-pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+pub(crate) const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// Default `session.absolute_timeout` (hard cap from login, never extended).
-pub const DEFAULT_SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
+pub(crate) const DEFAULT_SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
 /// Default `session.touch_interval`: the idle clock is written to the store at most this often per
 /// session, so the hot path does not write on every request.
-pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 /// Default `session.store.path` for the embedded store.
-pub const DEFAULT_STORE_PATH: &str = "data/sessions.db";
+pub(crate) const DEFAULT_STORE_PATH: &str = "data/sessions.db";
 /// Default `session.store.key_prefix`: every key (and the event channel) coatcheck writes in Redis
 /// starts with it.
-pub const DEFAULT_REDIS_KEY_PREFIX: &str = "coatcheck:";
+pub(crate) const DEFAULT_REDIS_KEY_PREFIX: &str = "coatcheck:";
 /// Default `session.store.timeout`: deadline of one Redis call; past it the call fails with 503
 /// `store_unavailable` (cached sessions keep working).
-pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default `session.cache.capacity`: decrypted sessions held in memory.
-pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+pub(crate) const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 /// Default `session.cache.ttl`: a cached session is served without the store for at most this long.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Default `oidc.scopes`.
-pub const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "offline_access"];
+pub(crate) const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "offline_access"];
 /// Default `oidc.allowed_algs`: asymmetric algorithms only (HMAC with a public key is a known attack).
-pub const DEFAULT_ALGS: &[&str] = &["RS256", "ES256", "PS256"];
+pub(crate) const DEFAULT_ALGS: &[&str] = &["RS256", "ES256", "PS256"];
 /// Default `oidc.clock_skew` tolerated on `exp`/`iat`/`nbf`.
-pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// Default `oidc.refresh_before_expiry`.
-pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 /// Default `oidc.timeout`: each call to the identity provider.
-pub const DEFAULT_IDP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_IDP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `oidc.refresh_wait`: how long a request waits behind an in-flight refresh before 503.
-pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(15);
 /// Default `oidc.rotation_grace`: how long the result of a refresh is kept for requests that raced it.
-pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
 /// Default `csrf.header`.
-pub const DEFAULT_CSRF_HEADER: &str = "x-csrf";
+pub(crate) const DEFAULT_CSRF_HEADER: &str = "x-csrf";
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it came from.
-    pub source: PathBuf,
-    pub server: Server,
-    pub log: Log,
-    pub session: Session,
-    pub oidc: Option<Oidc>,
-    pub capture: Option<Capture>,
-    pub csrf: Csrf,
-    pub routes: Vec<Route>,
+    pub(crate) source: PathBuf,
+    pub(crate) server: Server,
+    pub(crate) log: Log,
+    pub(crate) session: Session,
+    pub(crate) oidc: Option<Oidc>,
+    pub(crate) capture: Option<Capture>,
+    pub(crate) csrf: Csrf,
+    pub(crate) routes: Vec<Route>,
     /// `[admin]`, when configured.
-    pub admin: Option<Admin>,
+    pub(crate) admin: Option<Admin>,
     /// `[telemetry]`: span export.
-    pub telemetry: Telemetry,
+    pub(crate) telemetry: Telemetry,
 }
 
 /// Default `telemetry.service_name`: the `service.name` resource of exported spans.
-pub const DEFAULT_SERVICE_NAME: &str = "coatcheck";
+pub(crate) const DEFAULT_SERVICE_NAME: &str = "coatcheck";
 /// Default `telemetry.sample_ratio`: every new trace is recorded (a client's sampled flag
 /// decides for the traces it started).
-pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+pub(crate) const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
 /// Default `telemetry.timeout`: one export request to the collector.
-pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[telemetry]`: OTLP/HTTP span export. Propagation of `traceparent` is always on.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     /// Collector base URL (`/v1/traces` is appended); wins over `OTEL_EXPORTER_OTLP_*`.
-    pub otlp_endpoint: Option<Url>,
+    pub(crate) otlp_endpoint: Option<Url>,
     /// `service.name`; default [`DEFAULT_SERVICE_NAME`], else `OTEL_SERVICE_NAME`.
-    pub service_name: Option<String>,
+    pub(crate) service_name: Option<String>,
     /// Share of new traces recorded, 0.0–1.0 (parent-based: a client's flag wins).
-    pub sample_ratio: f64,
+    pub(crate) sample_ratio: f64,
     /// Deadline of one export request.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl Default for Telemetry {
@@ -144,7 +144,7 @@ impl Telemetry {
     /// The export settings: `[telemetry] otlp_endpoint` wins; else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
     /// or `OTEL_EXPORTER_OTLP_ENDPOINT` turn export on (read by the exporter); `OTEL_SDK_DISABLED=true`
     /// turns it off. `None`: no export.
-    pub fn export_settings(&self) -> Option<crate::trace::ExportSettings> {
+    pub(crate) fn export_settings(&self) -> Option<crate::trace::ExportSettings> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return None;
@@ -172,73 +172,74 @@ impl Telemetry {
 }
 
 /// Shortest accepted `admin.token`, in characters: it guards ending anyone's sessions.
-pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+pub(crate) const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// `[admin]`: the operator listener. Plain HTTP: bind it to loopback or a private network.
 #[derive(Debug, Clone)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// Where `/metrics`, `/healthz`, `/readyz` (and the session admin API) are served.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Bearer token of the session admin API (`/sessions`); without it the API is off.
-    pub token: Option<Secret>,
+    pub(crate) token: Option<Secret>,
 }
 
 /// Default `capture.access_token`: JSON Pointer (RFC 6901) to the access token in the login and
 /// refresh answers.
-pub const DEFAULT_CAPTURE_ACCESS_TOKEN: &str = "/access_token";
+pub(crate) const DEFAULT_CAPTURE_ACCESS_TOKEN: &str = "/access_token";
 /// Default `capture.refresh_token`.
-pub const DEFAULT_CAPTURE_REFRESH_TOKEN: &str = "/refresh_token";
+pub(crate) const DEFAULT_CAPTURE_REFRESH_TOKEN: &str = "/refresh_token";
 /// Default `capture.refresh_before_expiry` (capped at half the token's lifetime, like OIDC's).
-pub const DEFAULT_CAPTURE_REFRESH_BEFORE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CAPTURE_REFRESH_BEFORE: Duration = Duration::from_secs(10);
 
 /// `[capture]`: sessions made from an existing API's own JSON login.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Capture {
+pub(crate) struct Capture {
     /// A POST here (through its route) that answers 2xx JSON with the tokens starts a session.
-    pub login_path: String,
+    pub(crate) login_path: String,
     /// Upstream path (same upstream) coatcheck POSTs `{"refresh_token": …}` to.
-    pub refresh_path: String,
+    pub(crate) refresh_path: String,
     /// Upstream path coatcheck POSTs `{"refresh_token": …}` to at logout.
-    pub logout_path: Option<String>,
+    pub(crate) logout_path: Option<String>,
     /// JSON Pointers into the login and refresh answers.
-    pub access_token: String,
-    pub refresh_token: String,
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: String,
     /// Without it, the access token's `exp` claim.
-    pub expires_in: Option<String>,
-    pub refresh_before_expiry: Duration,
+    pub(crate) expires_in: Option<String>,
+    pub(crate) refresh_before_expiry: Duration,
     /// Index (in `routes`) of the route that serves `login_path`: its upstream answers
     /// `refresh_path` and `logout_path` too.
-    pub route: usize,
+    pub(crate) route: usize,
 }
 
 #[derive(Debug, Clone)]
-pub struct Server {
-    pub listen: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) listen: SocketAddr,
     /// `scheme://host[:port]`, no trailing slash.
-    pub public_origin: String,
-    pub http_redirect_listen: Option<SocketAddr>,
-    pub tls: Tls,
-    pub limits: Limits,
+    pub(crate) public_origin: String,
+    pub(crate) http_redirect_listen: Option<SocketAddr>,
+    pub(crate) tls: Tls,
+    pub(crate) limits: Limits,
     /// Peers whose forwarding chain (`X-Forwarded-For`, `Forwarded`) is kept and appended to.
-    pub trusted_proxies: Vec<Cidr>,
+    pub(crate) trusted_proxies: Vec<Cidr>,
     /// What happens to request header names containing `_`.
-    pub underscore_headers: UnderscoreHeaders,
+    pub(crate) underscore_headers: UnderscoreHeaders,
     /// The `Strict-Transport-Security` value on every HTTPS answer; `None` when switched off.
-    pub hsts: Option<http::HeaderValue>,
+    pub(crate) hsts: Option<http::HeaderValue>,
 }
 
-pub use file::{AuthMode, ClientAuth, CsrfMode, LogFormat, RecordKey, SameSite, UnderscoreHeaders};
+pub(crate) use file::{AuthMode, ClientAuth, CsrfMode, LogFormat, UnderscoreHeaders};
+pub use file::{RecordKey, SameSite};
 
 /// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
+pub(crate) struct Cidr {
     addr: std::net::IpAddr,
     prefix: u8,
 }
 
 impl Cidr {
     /// Parses `addr/prefix` or a bare address (a /32 or /128).
-    pub fn parse(s: &str) -> Option<Cidr> {
+    pub(crate) fn parse(s: &str) -> Option<Cidr> {
         let (a, p) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -256,7 +257,7 @@ impl Cidr {
     }
 
     /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address counts as IPv4).
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr::{V4, V6};
         match (self.addr, ip.to_canonical()) {
             (V4(net), V4(ip)) => {
@@ -277,29 +278,29 @@ impl Cidr {
 }
 
 #[derive(Debug, Clone)]
-pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct Tls {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub max_header_bytes: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-    pub shutdown_grace: Duration,
+pub(crate) struct Limits {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) shutdown_grace: Duration,
     /// A streamed body that moves no byte for this long is cut.
-    pub body_idle_timeout: Duration,
-    pub max_connections_per_ip: usize,
-    pub login_requests_per_minute: u32,
+    pub(crate) body_idle_timeout: Duration,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) login_requests_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
-pub struct Log {
+pub(crate) struct Log {
     /// A `tracing` filter directive; `RUST_LOG` wins when set.
-    pub level: String,
-    pub format: LogFormat,
+    pub(crate) level: String,
+    pub(crate) format: LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -333,7 +334,7 @@ pub struct RedisSettings {
     /// secret (inline, `env:NAME`, `file:PATH`). With Sentinel only its scheme, credentials and
     /// database are used. Never logged.
     pub url: Secret,
-    /// Prefix of every key and of the event channel; default [`DEFAULT_REDIS_KEY_PREFIX`].
+    /// Prefix of every key and of the event channel; default `DEFAULT_REDIS_KEY_PREFIX`.
     pub key_prefix: String,
     /// Extra trust anchor (PEM) for `rediss://`, beside the system roots.
     pub ca: Option<PathBuf>,
@@ -341,67 +342,67 @@ pub struct RedisSettings {
     pub sentinels: Vec<String>,
     /// The master name the Sentinels monitor; required with `sentinels`.
     pub sentinel_master: Option<String>,
-    /// Deadline of one Redis call; default [`DEFAULT_REDIS_TIMEOUT`].
+    /// Deadline of one Redis call; default `DEFAULT_REDIS_TIMEOUT`.
     pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Oidc {
-    pub issuer: Url,
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub scopes: Vec<String>,
-    pub allowed_algs: Vec<jsonwebtoken::Algorithm>,
-    pub clock_skew: Duration,
-    pub refresh_before_expiry: Duration,
-    pub post_logout_redirect: String,
-    pub ca: Option<PathBuf>,
-    pub client_auth: ClientAuth,
-    pub timeout: Duration,
-    pub refresh_wait: Duration,
-    pub rotation_grace: Duration,
+pub(crate) struct Oidc {
+    pub(crate) issuer: Url,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: Secret,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) allowed_algs: Vec<jsonwebtoken::Algorithm>,
+    pub(crate) clock_skew: Duration,
+    pub(crate) refresh_before_expiry: Duration,
+    pub(crate) post_logout_redirect: String,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) client_auth: ClientAuth,
+    pub(crate) timeout: Duration,
+    pub(crate) refresh_wait: Duration,
+    pub(crate) rotation_grace: Duration,
     /// The issuer exactly as written in the file (compared byte for byte with discovery and `iss`).
-    pub issuer_id: String,
-    pub metadata_refresh: Duration,
+    pub(crate) issuer_id: String,
+    pub(crate) metadata_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
-pub struct Csrf {
-    pub header: HeaderName,
+pub(crate) struct Csrf {
+    pub(crate) header: HeaderName,
 }
 
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     /// Index in the file, for `route[N]` in messages and logs.
-    pub index: usize,
-    pub path: String,
-    pub upstream: Url,
-    pub auth: AuthMode,
-    pub strip_prefix: bool,
-    pub roles: Vec<String>,
-    pub timeout: Duration,
-    pub max_body_bytes: u64,
-    pub retry_body_bytes: u64,
-    pub methods: Option<Vec<Method>>,
-    pub preserve_host: bool,
-    pub ca: Option<PathBuf>,
-    pub login_redirect: bool,
-    pub csrf: CsrfMode,
+    pub(crate) index: usize,
+    pub(crate) path: String,
+    pub(crate) upstream: Url,
+    pub(crate) auth: AuthMode,
+    pub(crate) strip_prefix: bool,
+    pub(crate) roles: Vec<String>,
+    pub(crate) timeout: Duration,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) retry_body_bytes: u64,
+    pub(crate) methods: Option<Vec<Method>>,
+    pub(crate) preserve_host: bool,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) login_redirect: bool,
+    pub(crate) csrf: CsrfMode,
     /// `auth = "bearer"`: the `aud` the client's token must carry, if set. `auth = "client"`: the
     /// audience (resource indicator) the client-credentials token is requested for, if set.
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// `auth = "client"`: scopes of the client-credentials grant, sorted and without duplicates;
     /// empty (default): no `scope` parameter, the provider's default for the client.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Whether `%2F`/`%5C` (and a raw `\\`) may appear in a path routed here.
-    pub allow_encoded_slashes: bool,
+    pub(crate) allow_encoded_slashes: bool,
 }
 
 /// One configuration problem: which key, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub key: String,
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl std::fmt::Display for Problem {
@@ -414,8 +415,8 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigError {
-    pub file: String,
-    pub problems: Vec<Problem>,
+    pub(crate) file: String,
+    pub(crate) problems: Vec<Problem>,
 }
 
 struct Problems(Vec<Problem>);
@@ -546,7 +547,7 @@ impl Config {
     }
 
     /// Whether any route needs sessions (and therefore OIDC and session keys).
-    pub fn needs_sessions(&self) -> bool {
+    pub(crate) fn needs_sessions(&self) -> bool {
         self.routes
             .iter()
             .any(|r| matches!(r.auth, AuthMode::Required | AuthMode::Optional))
@@ -1428,7 +1429,7 @@ fn check_redis_url(raw: &str) -> Result<(), String> {
 }
 
 /// Whether `url` is http on a loopback host (allowed for local development and tests).
-pub fn is_loopback_http(url: &Url) -> bool {
+pub(crate) fn is_loopback_http(url: &Url) -> bool {
     url.scheme() == "http"
         && match url.host() {
             Some(url::Host::Ipv4(a)) => a.is_loopback(),

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 /// Boxed error used for sources we only log.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A failure that ends a request with an answer from coatcheck itself.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ pub enum Error {
 
 impl Error {
     /// The `error` code of the JSON body (DESIGN §5).
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Error::BadRequest(_) => "bad_request",
             Error::Unauthenticated { .. } | Error::AdminUnauthorized => "unauthenticated",
@@ -115,7 +115,7 @@ impl Error {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> http::StatusCode {
+    pub(crate) fn status(&self) -> http::StatusCode {
         use http::StatusCode as S;
         match self {
             Error::BadRequest(_) => S::BAD_REQUEST,
@@ -137,7 +137,7 @@ impl Error {
     }
 
     /// The `message` of the JSON body: safe to show, never an internal detail.
-    pub fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Error::BadGateway(_) => "the upstream could not be reached".to_owned(),
             Error::StoreUnavailable(_) => "the session store is unavailable".to_owned(),
@@ -147,12 +147,12 @@ impl Error {
     }
 
     /// Whether the failure is the client's (logged at a lower level).
-    pub fn is_client_error(&self) -> bool {
+    pub(crate) fn is_client_error(&self) -> bool {
         self.status().is_client_error()
     }
 
     /// Shorthand for an internal error from any source.
-    pub fn internal(e: impl Into<BoxError>) -> Self {
+    pub(crate) fn internal(e: impl Into<BoxError>) -> Self {
         Error::Internal(e.into())
     }
 }

@@ -35,7 +35,7 @@ use crate::proxy::ConnectionSlot;
 use crate::router::Router;
 
 /// Concurrent HTTP/2 streams per client connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Longest method token the head watch waits on; longer is not a request line.
 const MAX_METHOD: usize = 32;
 /// Bytes read from the socket at a time while a request head is being watched.
@@ -52,7 +52,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// One HTTPS listener's shared state: every serving runtime (one per core, see `app`) accepts
 /// on its own copy of the listening socket and serves what it accepted, start to end, on its own
 /// thread; the connection limits, the reload swap point and the shutdown grace are shared.
-pub struct TlsServer {
+pub(crate) struct TlsServer {
     acceptor: tokio_rustls::TlsAcceptor,
     builder: auto::Builder<TokioExecutor>,
     routers: Arc<ArcSwap<Router>>,
@@ -66,7 +66,7 @@ pub struct TlsServer {
 
 impl TlsServer {
     /// The shared state of one HTTPS listener.
-    pub fn new(
+    pub(crate) fn new(
         tls: Arc<rustls::ServerConfig>,
         routers: Arc<ArcSwap<Router>>,
         limits: Limits,
@@ -89,7 +89,7 @@ impl TlsServer {
     ///
     /// `routers` is the swap point of a reload: every request is handled by the router current
     /// when it arrived (one `ArcSwap` load), and finishes on it even if a reload swaps in another.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let graceful = GracefulShutdown::new();
         loop {
             let (tcp, remote) = tokio::select! {
@@ -306,7 +306,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Serves the plain-HTTP redirect listener: every request gets `308` to the same path and query
 /// on `public_origin`.
-pub async fn serve_redirect(
+pub(crate) async fn serve_redirect(
     listener: TcpListener,
     public_origin: String,
     limits: Limits,
@@ -874,7 +874,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 }
 
 /// Binds a TCP listener, naming the key on failure.
-pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+pub(crate) async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
@@ -890,7 +890,7 @@ pub async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
 /// with `SO_REUSEPORT` directly: the kernel's choice of a port for port 0 never falls on a port in
 /// use, reuse or not, and the socket is held while the others join it, so no other process can be
 /// given the same port in between (a probe closed before the group exists could be).
-pub fn bind_serving(
+pub(crate) fn bind_serving(
     key: &str,
     addr: SocketAddr,
     n: usize,

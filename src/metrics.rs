@@ -20,22 +20,22 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// `Content-Type` of the exposition (OpenMetrics 1.0 text, which Prometheus negotiates).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Histogram bucket upper bounds for request and upstream-facing latencies, in seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Histogram bucket upper bounds for session store calls, in seconds (a store answers in
 /// microseconds to milliseconds; its timeout is 500 ms by default).
-pub const STORE_BUCKETS: &[f64] = &[
+pub(crate) const STORE_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// The `route` label of a request coatcheck answered itself under `/bff/`.
-pub const BFF_ROUTE: &str = "/bff/";
+pub(crate) const BFF_ROUTE: &str = "/bff/";
 /// The `route` label of a request that matched no route (`/healthz`, 404, refused before routing).
-pub const NO_ROUTE: &str = "-";
+pub(crate) const NO_ROUTE: &str = "-";
 /// Lowest and highest status code counted; anything else is counted as 599 (never happens with
 /// hyper, which only sends valid codes).
 const FIRST_STATUS: u16 = 100;
@@ -45,12 +45,12 @@ macro_rules! label_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $label:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name { $($(#[$vdoc])* $variant),+ }
+        pub(crate) enum $name { $($(#[$vdoc])* $variant),+ }
         impl $name {
             /// Every value, in label order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
             /// The label value.
-            pub fn label(self) -> &'static str {
+            pub(crate) fn label(self) -> &'static str {
                 match self { $($name::$variant => $label),+ }
             }
             /// Every label value, in order.
@@ -170,7 +170,7 @@ label_enum! {
 
 /// A histogram made of atomics (`prometheus-client`'s own takes a mutex per observation).
 /// Buckets are stored non-cumulative; the encoder accumulates them.
-pub struct AtomicHistogram {
+pub(crate) struct AtomicHistogram {
     bounds: &'static [f64],
     /// One per bound, plus `+Inf`.
     buckets: Box<[AtomicU64]>,
@@ -180,7 +180,7 @@ pub struct AtomicHistogram {
 
 impl AtomicHistogram {
     /// A histogram with these bucket upper bounds (seconds, ascending; `+Inf` is added).
-    pub fn new(bounds: &'static [f64]) -> Self {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
         AtomicHistogram {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -190,7 +190,7 @@ impl AtomicHistogram {
     }
 
     /// Records one duration: three relaxed atomic additions.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = self
             .bounds
@@ -204,7 +204,7 @@ impl AtomicHistogram {
     }
 
     /// Observations so far.
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Relaxed)
     }
 }
@@ -239,7 +239,7 @@ impl EncodeMetric for AtomicHistogram {
 
 /// One metric per value of one label (`route`, `result`, `endpoint`, `op`), resolved up front:
 /// the hot path indexes, never hashes.
-pub struct ByLabel<M> {
+pub(crate) struct ByLabel<M> {
     key: &'static str,
     /// Shared with the registry's copy.
     entries: Arc<[(String, M)]>,
@@ -267,12 +267,12 @@ impl<M> ByLabel<M> {
     }
 
     /// The metric of the `i`th label value.
-    pub fn at(&self, i: usize) -> &M {
+    pub(crate) fn at(&self, i: usize) -> &M {
         &self.entries[i.min(self.entries.len() - 1)].1
     }
 
     /// The metric whose label value is `value`.
-    pub fn get(&self, value: &str) -> Option<&M> {
+    pub(crate) fn get(&self, value: &str) -> Option<&M> {
         self.entries
             .iter()
             .find(|(v, _)| v == value)
@@ -308,7 +308,7 @@ impl<M: EncodeMetric> EncodeMetric for ByLabel<M> {
 /// `coatcheck_requests_total{route,status}`: one atomic per route and status code; only codes
 /// that occurred are exposed.
 #[derive(Clone)]
-pub struct RequestCounts {
+pub(crate) struct RequestCounts {
     routes: Arc<[String]>,
     /// Shared with the registry's copy.
     counts: Arc<[AtomicU64]>,
@@ -332,11 +332,6 @@ impl RequestCounts {
 
     fn inc(&self, route: usize, status: u16) {
         self.slot(route, status).fetch_add(1, Relaxed);
-    }
-
-    /// Requests counted for `route` (by index) and `status`.
-    pub fn get(&self, route: usize, status: u16) -> u64 {
-        self.slot(route, status).load(Relaxed)
     }
 }
 
@@ -377,47 +372,48 @@ pub struct Metrics {
     /// `route` label values: the configured routes in file order, then `/bff/`, then `-`.
     routes: Vec<String>,
     /// `coatcheck_requests_total{route,status}`.
-    pub requests: RequestCounts,
+    pub(crate) requests: RequestCounts,
     /// `coatcheck_request_duration_seconds{route}`.
-    pub request_duration: ByLabel<AtomicHistogram>,
+    pub(crate) request_duration: ByLabel<AtomicHistogram>,
     /// `coatcheck_sessions_active`: set at scrape time from the session cache.
-    pub sessions_active: Gauge,
+    pub(crate) sessions_active: Gauge,
     /// `coatcheck_logins_total{result}`, indexed by [`LoginResult`].
-    pub logins: ByLabel<Counter>,
+    pub(crate) logins: ByLabel<Counter>,
     /// `coatcheck_refresh_total{result}`, indexed by [`RefreshResult`].
-    pub refreshes: ByLabel<Counter>,
+    pub(crate) refreshes: ByLabel<Counter>,
     /// `coatcheck_refresh_waiters`.
-    pub refresh_waiters: Gauge,
+    pub(crate) refresh_waiters: Gauge,
     /// `coatcheck_session_cache_hits_total`.
     pub cache_hits: Counter,
     /// `coatcheck_session_cache_misses_total`.
-    pub cache_misses: Counter,
+    pub(crate) cache_misses: Counter,
     /// `coatcheck_store_errors_total`.
-    pub store_errors: Counter,
+    pub(crate) store_errors: Counter,
     /// `coatcheck_store_call_duration_seconds{op}`, indexed by [`StoreOp`].
-    pub store_duration: ByLabel<AtomicHistogram>,
+    pub(crate) store_duration: ByLabel<AtomicHistogram>,
     /// `coatcheck_backchannel_logout_total{result}`, indexed by [`BackchannelResult`].
-    pub backchannel_logouts: ByLabel<Counter>,
+    pub(crate) backchannel_logouts: ByLabel<Counter>,
     /// `coatcheck_config_reloads_total{result}`, indexed by [`ReloadResult`].
-    pub config_reloads: ByLabel<Counter>,
+    pub(crate) config_reloads: ByLabel<Counter>,
     /// `coatcheck_idp_request_duration_seconds{endpoint}`, indexed by [`IdpEndpoint`].
-    pub idp_duration: ByLabel<AtomicHistogram>,
+    pub(crate) idp_duration: ByLabel<AtomicHistogram>,
     /// `coatcheck_idp_errors_total{endpoint}`, indexed by [`IdpEndpoint`].
-    pub idp_errors: ByLabel<Counter>,
+    pub(crate) idp_errors: ByLabel<Counter>,
     /// `coatcheck_connections_open`.
-    pub connections_open: Gauge,
+    pub(crate) connections_open: Gauge,
     /// `coatcheck_connections_total`.
-    pub connections_total: Counter,
+    pub(crate) connections_total: Counter,
     /// `coatcheck_upgrades_total`.
-    pub upgrades_total: Counter,
+    pub(crate) upgrades_total: Counter,
     /// `coatcheck_upgrades_open`.
-    pub upgrades_open: Gauge,
+    pub(crate) upgrades_open: Gauge,
     /// `coatcheck_admin_actions_total{action}` ([`ADMIN_ACTIONS`]).
-    pub admin_actions: ByLabel<Counter>,
+    pub(crate) admin_actions: ByLabel<Counter>,
 }
 
 /// `action` of `coatcheck_admin_actions_total`.
-pub const ADMIN_ACTIONS: &[&str] = &["list_sessions", "end_subject", "end_session", "refused"];
+pub(crate) const ADMIN_ACTIONS: &[&str] =
+    &["list_sessions", "end_subject", "end_session", "refused"];
 
 fn labels(values: &[impl AsRef<str>]) -> Vec<String> {
     values.iter().map(|v| v.as_ref().to_owned()).collect()
@@ -602,27 +598,27 @@ impl Metrics {
     }
 
     /// Counts one login by its result.
-    pub fn login(&self, result: LoginResult) {
+    pub(crate) fn login(&self, result: LoginResult) {
         self.logins.at(result as usize).inc();
     }
 
     /// Counts one refresh by its result.
-    pub fn refresh(&self, result: RefreshResult) {
+    pub(crate) fn refresh(&self, result: RefreshResult) {
         self.refreshes.at(result as usize).inc();
     }
 
     /// Counts one back-channel logout request by its result.
-    pub fn backchannel_logout(&self, result: BackchannelResult) {
+    pub(crate) fn backchannel_logout(&self, result: BackchannelResult) {
         self.backchannel_logouts.at(result as usize).inc();
     }
 
     /// Counts one configuration reload by its result.
-    pub fn config_reload(&self, result: ReloadResult) {
+    pub(crate) fn config_reload(&self, result: ReloadResult) {
         self.config_reloads.at(result as usize).inc();
     }
 
     /// Records one identity provider call.
-    pub fn idp_call(&self, endpoint: IdpEndpoint, elapsed: Duration, failed: bool) {
+    pub(crate) fn idp_call(&self, endpoint: IdpEndpoint, elapsed: Duration, failed: bool) {
         self.idp_duration.at(endpoint as usize).observe(elapsed);
         if failed {
             self.idp_errors.at(endpoint as usize).inc();
@@ -630,7 +626,7 @@ impl Metrics {
     }
 
     /// Records one session store call.
-    pub fn store_call(&self, op: StoreOp, elapsed: Duration, failed: bool) {
+    pub(crate) fn store_call(&self, op: StoreOp, elapsed: Duration, failed: bool) {
         self.store_duration.at(op as usize).observe(elapsed);
         if failed {
             self.store_errors.inc();
@@ -638,14 +634,14 @@ impl Metrics {
     }
 
     /// Counts one admin API request (`action` from [`ADMIN_ACTIONS`]).
-    pub fn admin_action(&self, action: &str) {
+    pub(crate) fn admin_action(&self, action: &str) {
         if let Some(c) = self.admin_actions.get(action) {
             c.inc();
         }
     }
 
     /// The exposition, OpenMetrics text.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -669,11 +665,11 @@ impl fmt::Debug for Metrics {
 }
 
 /// A gauge held up while something is open (a connection, a tunnel, a waiter).
-pub struct Open(Gauge);
+pub(crate) struct Open(Gauge);
 
 impl Open {
     /// Raises `gauge` by one until the returned guard is dropped.
-    pub fn new(gauge: &Gauge) -> Open {
+    pub(crate) fn new(gauge: &Gauge) -> Open {
         gauge.inc();
         Open(gauge.clone())
     }

@@ -4,11 +4,11 @@
 //! cannot reach the store. Bodies stream both ways (no buffering); upgrades (WebSocket) are spliced
 //! into a bidirectional byte tunnel once both sides said `101`.
 //!
-//! One forwarding path with named phases (after pingora's `ProxyHttp` filters): [`split`] (the
-//! request as it arrived), [`rewrite`] (the request as it leaves), [`send`] (the upstream call and
-//! the answer's own rewriting), then the caller's [`Phases`]: [`Phases::retry_with`] may send the
-//! request once more with a new credential (the body was kept when [`Phases::keep_for_retry`]
-//! said so), and [`Phases::response_filter`] has the last look at the answer.
+//! One forwarding path with named phases (after pingora's `ProxyHttp` filters): `split` (the
+//! request as it arrived), `rewrite` (the request as it leaves), `send` (the upstream call and
+//! the answer's own rewriting), then the caller's `Phases`: `Phases::retry_with` may send the
+//! request once more with a new credential (the body was kept when `Phases::keep_for_retry`
+//! said so), and `Phases::response_filter` has the last look at the answer.
 
 pub mod headers;
 
@@ -37,30 +37,30 @@ use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream, UpstreamError};
 
 /// What the caller decided about the request before it leaves.
-pub struct Forward<'a> {
+pub(crate) struct Forward<'a> {
     /// Path to request upstream (normalized, prefix stripped if configured), without the query.
-    pub path: &'a str,
+    pub(crate) path: &'a str,
     /// The peer's address, for `X-Forwarded-For`/`Forwarded`.
-    pub client: IpAddr,
+    pub(crate) client: IpAddr,
     /// Whether the peer is a trusted proxy (its forwarding chain is kept and appended to).
-    pub peer_trusted: bool,
+    pub(crate) peer_trusted: bool,
     /// The route prefix removed by `strip_prefix`, for `X-Forwarded-Prefix`.
-    pub prefix: Option<&'a str>,
+    pub(crate) prefix: Option<&'a str>,
     /// A streamed body (either way) that moves no byte for this long is cut.
-    pub body_idle: Duration,
+    pub(crate) body_idle: Duration,
     /// The request id, sent upstream and echoed back.
-    pub request_id: &'a HeaderValue,
+    pub(crate) request_id: &'a HeaderValue,
     /// `Authorization` value to inject (`Bearer <access token>`), marked sensitive.
-    pub authorization: Option<HeaderValue>,
+    pub(crate) authorization: Option<HeaderValue>,
     /// Name of coatcheck's session cookie: it and its login cookies never reach the upstream.
-    pub own_cookie: Option<&'a str>,
+    pub(crate) own_cookie: Option<&'a str>,
     /// The HTTP/1.1 client connection the request came on (`None` on HTTP/2).
     pub(crate) slot: Option<&'a ConnectionSlot>,
 }
 
 /// What a caller adds to the forwarding of one request. Every method has a default that does
 /// nothing, so a plain forward is [`Plain`].
-pub trait Phases: Send + Sync {
+pub(crate) trait Phases: Send + Sync {
     /// Whether the request body should be kept (up to the route's `retry_body_bytes`) so the
     /// request can be sent a second time.
     fn keep_for_retry(&self) -> bool {
@@ -86,12 +86,12 @@ pub trait Phases: Send + Sync {
 }
 
 /// A forward with no additions.
-pub struct Plain;
+pub(crate) struct Plain;
 
 impl Phases for Plain {}
 
 /// Forwards `req` to `upstream` for `route`, streaming the body under the route's size limit.
-pub async fn forward(
+pub(crate) async fn forward(
     upstream: &Upstream,
     route: &Route,
     req: Request<Incoming>,
@@ -304,7 +304,7 @@ impl ConnectionDeadline {
 
 /// Splits a client request, refusing a declared body over the route's limit up front and taking
 /// the upgrade handle of an HTTP/1.1 upgrade request.
-pub fn split(
+pub(crate) fn split(
     route: &Route,
     mut req: Request<Incoming>,
     body_idle: Duration,
@@ -334,7 +334,7 @@ pub fn split(
 }
 
 /// The declared `Content-Length`, if any.
-pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(h: &http::HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
@@ -342,7 +342,7 @@ pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
 
 /// Rewrites a request head for the upstream: URI, hop-by-hop and forwarding headers, `Host`,
 /// coatcheck's own cookies removed, the browser's `Authorization` replaced by the injected one.
-pub fn rewrite(
+pub(crate) fn rewrite(
     upstream: &Upstream,
     route: &Route,
     parts: &mut http::request::Parts,
@@ -400,7 +400,7 @@ pub fn rewrite(
 }
 
 /// Sends a prepared request and turns the upstream's answer (or failure) into ours.
-pub async fn send(
+pub(crate) async fn send(
     upstream: &Upstream,
     route: &Route,
     mut req: Request<UpstreamBody>,

@@ -28,14 +28,14 @@ use crate::trace;
 use crate::upstream::Upstream;
 
 /// One route with its upstream client.
-pub struct RouteEntry {
-    pub config: Route,
+pub(crate) struct RouteEntry {
+    pub(crate) config: Route,
     /// The route's normalized prefix (no trailing slash, "" for the root).
     prefix: String,
     /// Number of path segments in `prefix` (for `strip_prefix`).
     prefix_segments: usize,
-    pub name: Arc<str>,
-    pub upstream: Upstream,
+    pub(crate) name: Arc<str>,
+    pub(crate) upstream: Upstream,
     /// Index of the route's metric handles ([`Metrics::route_index`]).
     metric: usize,
 }
@@ -52,7 +52,7 @@ impl RouteEntry {
 }
 
 /// The request router.
-pub struct Router {
+pub(crate) struct Router {
     routes: Vec<RouteEntry>,
     max_header_bytes: usize,
     auth: Option<Arc<Auth>>,
@@ -77,7 +77,7 @@ static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-t
 
 impl Router {
     /// Builds the route table (longest prefix first) and the upstream clients.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         auth: Option<Arc<Auth>>,
         metrics: Arc<Metrics>,
@@ -125,7 +125,7 @@ impl Router {
     }
 
     /// Whether every configured piece is ready (identity provider metadata, session store).
-    pub async fn ready(&self) -> Result<(), String> {
+    pub(crate) async fn ready(&self) -> Result<(), String> {
         match &self.auth {
             Some(a) => a.ready().await,
             None => Ok(()),
@@ -641,15 +641,15 @@ pub(crate) fn error_response(e: &Error, auth: Option<&Auth>) -> Response<Body> {
 /// records an encoded `/` or `\` (or a raw `\`): the router refuses those unless the route sets
 /// `allow_encoded_slashes`, because upstreams disagree on whether `%2F` separates segments.
 #[derive(Debug, PartialEq, Eq)]
-pub struct NormalizedPath<'a> {
-    pub matched: Cow<'a, str>,
-    pub raw: Cow<'a, str>,
-    pub separator: bool,
+pub(crate) struct NormalizedPath<'a> {
+    pub(crate) matched: Cow<'a, str>,
+    pub(crate) raw: Cow<'a, str>,
+    pub(crate) separator: bool,
 }
 
 impl<'a> NormalizedPath<'a> {
     /// Normalizes `path` (the URI path, starting with `/`).
-    pub fn parse(path: &'a str) -> Result<NormalizedPath<'a>, Error> {
+    pub(crate) fn parse(path: &'a str) -> Result<NormalizedPath<'a>, Error> {
         if !path.starts_with('/') {
             return Err(Error::BadRequest(
                 "the request target must be an absolute path".into(),

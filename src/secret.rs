@@ -22,7 +22,7 @@ impl<T> Secret<T> {
     }
 
     /// The wrapped value, moved out (a secret that changes hands, not a copy).
-    pub fn into_inner(self) -> T {
+    pub(crate) fn into_inner(self) -> T {
         self.0
     }
 }
@@ -52,13 +52,13 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Secret<T> {
 }
 
 /// Compares two byte strings in constant time (with respect to their contents).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
 /// Resolves a configured secret: `env:NAME` reads the environment, `file:PATH` reads a file (trimmed),
 /// anything else is the value itself. The error says what is missing without echoing any value.
-pub fn resolve(raw: &str) -> Result<Secret, String> {
+pub(crate) fn resolve(raw: &str) -> Result<Secret, String> {
     if let Some(name) = raw.strip_prefix("env:") {
         match std::env::var(name) {
             Ok(v) if !v.trim().is_empty() => Ok(Secret(v.trim().to_owned())),
@@ -79,7 +79,7 @@ pub fn resolve(raw: &str) -> Result<Secret, String> {
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
-pub fn random_bytes(buf: &mut [u8]) {
+pub(crate) fn random_bytes(buf: &mut [u8]) {
     // aws-lc's RNG only fails if the OS entropy source is gone, after which nothing secure can be
     // done: failing closed (abort the request) is the right answer, and it cannot happen on Linux.
     aws_lc_rs::rand::fill(buf).expect("operating system random source failed");
@@ -87,7 +87,7 @@ pub fn random_bytes(buf: &mut [u8]) {
 
 /// Derives a 32-byte key from `ikm` for one purpose (HKDF-SHA256, RFC 5869). Each purpose gets
 /// its own `info`, so a key never serves two roles.
-pub fn derive_key(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
+pub(crate) fn derive_key(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
     use aws_lc_rs::hkdf;
     struct Len32;
     impl hkdf::KeyType for Len32 {
@@ -105,7 +105,7 @@ pub fn derive_key(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
 }
 
 /// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
     out
@@ -121,7 +121,7 @@ pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
 
 /// [`seal`], written after `prefix` in one buffer: `prefix` ‖ nonce ‖ ciphertext ‖ tag (the
 /// prefix is not authenticated: it only tells a reader how to open what follows).
-pub fn seal_after(prefix: &[u8], key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+pub(crate) fn seal_after(prefix: &[u8], key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"));
     let mut nonce = [0u8; NONCE_LEN];
@@ -159,7 +159,7 @@ pub fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut out = vec![0u8; bytes.len() * 2];
     hex_into(bytes, &mut out);
     // Hex digits only: always UTF-8.
@@ -185,7 +185,7 @@ pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
 }
 
 /// A random value of `n` bytes, base64url without padding (state, nonce, PKCE verifier…).
-pub fn random_token(n: usize) -> String {
+pub(crate) fn random_token(n: usize) -> String {
     use base64::Engine as _;
     let mut buf = vec![0u8; n];
     random_bytes(&mut buf);

@@ -7,7 +7,7 @@
 //! Caches are told, not left to expire: every change is published on the store's event channel
 //! ([`store::Events`]) and every instance drops its copy. An instance whose subscription dropped
 //! checks each cached session against the store until it has resubscribed (and then flushes). While
-//! the store is unreachable, cached sessions keep being served for [`OUTAGE_GRACE`] and nobody is
+//! the store is unreachable, cached sessions keep being served for `OUTAGE_GRACE` and nobody is
 //! logged out: a failed write is retried, never turned into a logout.
 
 pub mod claims;
@@ -36,14 +36,14 @@ use ticket::{CookieSpec, Keys, Presented, TICKET_LEN, Ticket};
 const MAX_USER_AGENT: usize = 256;
 /// While the store is unreachable, a session cached by this instance keeps being served for this
 /// long after it was last read from the store (beyond `session.cache.ttl`); then 503.
-pub const OUTAGE_GRACE: Duration = Duration::from_secs(300);
+pub(crate) const OUTAGE_GRACE: Duration = Duration::from_secs(300);
 /// Open `/bff/events` streams per session (tabs of one browser share a session).
 pub const MAX_STREAMS_PER_SESSION: usize = 16;
 /// Open `/bff/events` streams per instance.
-pub const MAX_STREAMS: usize = 10_000;
+pub(crate) const MAX_STREAMS: usize = 10_000;
 
 /// `Retry-After` seconds on a 503 `store_unavailable`.
-pub const STORE_RETRY_AFTER_SECS: u64 = 2;
+pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 2;
 /// A write that failed because the store was unreachable (refreshed tokens) is retried this often…
 const RETRY_SAVE_EVERY: Duration = Duration::from_secs(1);
 /// …for at most this long.
@@ -80,10 +80,10 @@ pub struct SessionData {
 }
 
 /// The first byte of a [`SessionData::encode`]d payload (JSON payloads start with `{`).
-pub const DATA_V1: u8 = 1;
+pub(crate) const DATA_V1: u8 = 1;
 
 impl SessionData {
-    /// The sealed plaintext: [`DATA_V1`], then `iss`, `sub` (length-prefixed), `issuer` (one byte:
+    /// The sealed plaintext: `DATA_V1`, then `iss`, `sub` (length-prefixed), `issuer` (one byte:
     /// 0 OIDC, 1 capture), `claims` (a binary JSON object: member count, then key and tagged
     /// value pairs — see `store::binary`; parsing them as JSON text was the largest cost of
     /// opening a session), `id_token` (a presence byte, then the string), `access_token`,
@@ -121,13 +121,14 @@ impl SessionData {
 
     /// The session data from a sealed plaintext: [`SessionData::encode`]'s, or the JSON that
     /// versions before the binary format sealed (its first byte is `{`). `None` if neither.
-    pub fn decode(plain: &[u8]) -> Option<SessionData> {
+    #[cfg(test)]
+    pub(crate) fn decode(plain: &[u8]) -> Option<SessionData> {
         let (mut data, access_token) = SessionData::decode_parts(plain)?;
         data.access_token = Secret::new(access_token.into_owned());
         Some(data)
     }
 
-    /// [`SessionData::decode`] with the access token apart (the field is left empty): borrowed
+    /// `SessionData::decode` with the access token apart (the field is left empty): borrowed
     /// from `plain` in the binary form, checked to be UTF-8 but not copied, so that a session
     /// opened from the store writes it once, into its bearer.
     fn decode_parts(plain: &[u8]) -> Option<(SessionData, std::borrow::Cow<'_, str>)> {
@@ -179,9 +180,9 @@ pub struct Session {
     idp_sid: Option<[u8; 16]>,
     /// Which issuer made the session.
     issuer: crate::auth::issuer::IssuerKind,
-    pub version: u64,
-    pub created_at: u64,
-    pub absolute_expires_at: u64,
+    pub(crate) version: u64,
+    pub(crate) created_at: u64,
+    pub(crate) absolute_expires_at: u64,
     /// Unix seconds at which the access token expires.
     pub(crate) access_expires_at: u64,
     /// Unix seconds at which the access token was received.
@@ -190,13 +191,13 @@ pub struct Session {
     claims: claims::Claims,
     /// `Bearer <access token>`, ready to inject (marked sensitive): the one copy of the access
     /// token a session keeps.
-    pub bearer: HeaderValue,
+    pub(crate) bearer: HeaderValue,
     /// The issuer, the subject, the user agent, the ID token and the refresh token, in that order,
     /// then their lengths (each a little-endian u32; [`ABSENT`]: none): one allocation, not five.
     strings: Box<[u8]>,
     /// When the access token expires, on the monotonic clock: set when the tokens arrive (or the
     /// session is loaded), from their remaining lifetime.
-    pub access_deadline: Instant,
+    pub(crate) access_deadline: Instant,
     /// Last request seen (Unix seconds), kept in memory; written to the store at most once per
     /// `session.touch_interval`.
     last_seen: AtomicU64,
@@ -268,12 +269,12 @@ impl std::fmt::Display for Hex {
 
 impl Session {
     /// Whether the access token is still valid (monotonic clock).
-    pub fn token_valid(&self) -> bool {
+    pub(crate) fn token_valid(&self) -> bool {
         Instant::now() < self.access_deadline
     }
 
     /// When the session ends if idle from now on.
-    pub fn idle_expires_at(&self, idle: Duration) -> u64 {
+    pub(crate) fn idle_expires_at(&self, idle: Duration) -> u64 {
         (self.last_seen.load(Ordering::Relaxed) + idle.as_secs()).min(self.absolute_expires_at)
     }
 }
@@ -292,7 +293,7 @@ pub enum Lookup {
 pub struct Sessions {
     /// Swapped whole when a reload adds or retires a key (`session.keys`).
     keys: ArcSwap<Keys>,
-    pub cookie: CookieSpec,
+    pub(crate) cookie: CookieSpec,
     store: Arc<Backend>,
     metrics: Arc<Metrics>,
     cache: moka::sync::Cache<[u8; 16], Arc<Session>, HandleHash>,
@@ -305,8 +306,8 @@ pub struct Sessions {
     watchers: std::sync::Mutex<HashMap<[u8; 16], watch::Sender<Option<EndReason>>>>,
     /// Open `/bff/events` streams on this instance.
     streams: AtomicUsize,
-    pub idle: Duration,
-    pub absolute: Duration,
+    pub(crate) idle: Duration,
+    pub(crate) absolute: Duration,
     touch_interval: Duration,
     /// How the key of a record this process writes is derived (`session.record_key`).
     record_key: RecordKey,
@@ -401,7 +402,7 @@ impl Sessions {
     }
 
     /// Opens the configured store and builds the cache; cache and store activity go to `metrics`.
-    pub fn with_metrics(
+    pub(crate) fn with_metrics(
         cfg: &config::Session,
         metrics: Arc<Metrics>,
     ) -> Result<Sessions, StoreError> {
@@ -444,13 +445,13 @@ impl Sessions {
     }
 
     /// The keys in force (login cookies use them too).
-    pub fn keys(&self) -> arc_swap::Guard<Arc<Keys>> {
+    pub(crate) fn keys(&self) -> arc_swap::Guard<Arc<Keys>> {
         self.keys.load()
     }
 
     /// Puts a new `session.keys` in force (reload): the first signs new tickets and login cookies
     /// from now on; cookies signed under a key no longer listed stop verifying.
-    pub fn set_keys(&self, configured: &[Secret<Vec<u8>>]) {
+    pub(crate) fn set_keys(&self, configured: &[Secret<Vec<u8>>]) {
         self.keys.store(Arc::new(Keys::new(configured)));
         // Cached copies remember the tickets they were verified for under the old keys: every
         // cookie is verified again (a store read each, never a logout).
@@ -458,12 +459,12 @@ impl Sessions {
     }
 
     /// Whether the store answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         self.store.ping().await
     }
 
     /// The store's once-set, lease and event channel (for `auth`).
-    pub fn backend(&self) -> &Arc<Backend> {
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
         &self.store
     }
 
@@ -603,7 +604,7 @@ impl Sessions {
 
     /// Registers a stream that waits for `session` to end (on any instance). `None` when this
     /// session or this instance has as many streams open as allowed.
-    pub fn watch_end(self: &Arc<Self>, session: &Session) -> Option<EndWatch> {
+    pub(crate) fn watch_end(self: &Arc<Self>, session: &Session) -> Option<EndWatch> {
         let key = session.handle;
         if self.streams.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
             self.streams.fetch_sub(1, Ordering::AcqRel);
@@ -627,7 +628,7 @@ impl Sessions {
 
     /// Why the session has ended, as far as this instance knows without asking the store:
     /// its idle or absolute timeout passed, or its end was announced before a stream registered.
-    pub async fn ended_by_now(&self, session: &Session, now: u64) -> Option<EndReason> {
+    pub(crate) async fn ended_by_now(&self, session: &Session, now: u64) -> Option<EndReason> {
         let key = session.handle;
         if self.ended.contains_key(&key) {
             return Some(EndReason::Revoked);
@@ -639,7 +640,7 @@ impl Sessions {
     }
 
     /// Applies an event from any instance (this one included) to the cache.
-    pub async fn apply(&self, event: Event) {
+    pub(crate) async fn apply(&self, event: Event) {
         match event {
             Event::Changed { handle, version } => {
                 if let Some(k) = handle_bytes(&handle)
@@ -666,7 +667,10 @@ impl Sessions {
     }
 
     /// Follows the event channel until `shutdown`; run once per process.
-    pub async fn follow_events(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    pub(crate) async fn follow_events(
+        self: Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         let mut rx = self.store.subscribe();
         loop {
             let event = tokio::select! {
@@ -742,7 +746,7 @@ impl Sessions {
     /// If the store is unreachable the new data is not lost (it may hold a rotated refresh token
     /// that the provider will not accept twice): it is served from this instance's cache and the
     /// write is retried in the background.
-    pub async fn update(
+    pub(crate) async fn update(
         &self,
         current: &Session,
         data: SessionData,
@@ -813,7 +817,7 @@ impl Sessions {
     }
 
     /// Reloads a session from the store (after a lost compare-and-set), bypassing the cache.
-    pub async fn reload(&self, current: &Session) -> Result<Option<Arc<Session>>, Error> {
+    pub(crate) async fn reload(&self, current: &Session) -> Result<Option<Arc<Session>>, Error> {
         let handle = current.handle();
         let Some(record) = self.store.load(&handle, now()).await? else {
             self.evict(&handle).await;
@@ -827,7 +831,11 @@ impl Sessions {
     }
 
     /// Ends one session: deleted from the store, dropped from every instance's cache.
-    pub async fn delete(&self, handle: &str, reason: EndReason) -> Result<Option<Record>, Error> {
+    pub(crate) async fn delete(
+        &self,
+        handle: &str,
+        reason: EndReason,
+    ) -> Result<Option<Record>, Error> {
         // The cache first: a request racing the delete must not be served meanwhile.
         self.evict_ended(handle).await;
         let gone = self.store.delete(handle).await?;
@@ -837,14 +845,18 @@ impl Sessions {
     }
 
     /// Ends every session of a subject (by its [`subject_key`]).
-    pub async fn delete_subject(&self, subject: &str, reason: EndReason) -> Result<usize, Error> {
+    pub(crate) async fn delete_subject(
+        &self,
+        subject: &str,
+        reason: EndReason,
+    ) -> Result<usize, Error> {
         let handles = self.store.delete_subject(subject).await?;
         self.announce_ended(&handles, reason).await;
         Ok(handles.len())
     }
 
     /// Ends every session of a provider session (by the [`subject_key`] of `("sid", sid)`).
-    pub async fn delete_idp_session(
+    pub(crate) async fn delete_idp_session(
         &self,
         idp_sid: &str,
         reason: EndReason,
@@ -866,7 +878,7 @@ impl Sessions {
     }
 
     /// The live sessions of a subject.
-    pub async fn list(&self, subject: &str) -> Result<Vec<Record>, Error> {
+    pub(crate) async fn list(&self, subject: &str) -> Result<Vec<Record>, Error> {
         Ok(self.store.list_subject(subject, now()).await?)
     }
 
@@ -877,7 +889,7 @@ impl Sessions {
     }
 
     /// Removes expired records from the store; run periodically.
-    pub async fn sweep(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn sweep(&self) -> Result<usize, StoreError> {
         self.store.sweep(now()).await
     }
 
@@ -887,29 +899,29 @@ impl Sessions {
     }
 
     /// Sessions held in the cache, after the cache's pending bookkeeping (for metrics scrapes).
-    pub async fn cached_now(&self) -> u64 {
+    pub(crate) async fn cached_now(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 
     /// The `Set-Cookie` header value for `value`.
-    pub fn set_cookie(&self, value: &Secret) -> HeaderValue {
+    pub(crate) fn set_cookie(&self, value: &Secret) -> HeaderValue {
         self.cookie.set(value)
     }
 
     /// The `Set-Cookie` header value that clears the session cookie.
-    pub fn clear_cookie(&self) -> HeaderValue {
+    pub(crate) fn clear_cookie(&self) -> HeaderValue {
         self.cookie.clear()
     }
 
     /// Extracts the `User-Agent` header.
-    pub fn user_agent(headers: &HeaderMap) -> Option<&HeaderValue> {
+    pub(crate) fn user_agent(headers: &HeaderMap) -> Option<&HeaderValue> {
         headers.get(header::USER_AGENT)
     }
 }
 
 /// A stream's registration with [`Sessions::watch_end`]; unregisters when dropped.
-pub struct EndWatch {
+pub(crate) struct EndWatch {
     rx: watch::Receiver<Option<EndReason>>,
     key: [u8; 16],
     sessions: Arc<Sessions>,
@@ -917,7 +929,7 @@ pub struct EndWatch {
 
 impl EndWatch {
     /// Resolves with the reason once the session has ended.
-    pub async fn ended(&mut self) -> EndReason {
+    pub(crate) async fn ended(&mut self) -> EndReason {
         loop {
             if let Some(r) = *self.rx.borrow_and_update() {
                 return r;

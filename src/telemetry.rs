@@ -22,7 +22,7 @@ use crate::config::LogFormat;
 static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
-pub fn init(level: &str, format: LogFormat) {
+pub(crate) fn init(level: &str, format: LogFormat) {
     use std::io::IsTerminal;
     let from_env = EnvFilter::try_from_default_env().ok();
     let env_wins = from_env.is_some();
@@ -45,14 +45,14 @@ pub fn init(level: &str, format: LogFormat) {
 
 /// What became of a new `[log] level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LevelChange {
+pub(crate) enum LevelChange {
     Applied,
     /// `RUST_LOG` is set (or the subscriber is not coatcheck's): the level stays.
     Overridden,
 }
 
 /// Applies a new `[log] level` (a filter directive, already validated) to the running subscriber.
-pub fn set_level(level: &str) -> Result<LevelChange, String> {
+pub(crate) fn set_level(level: &str) -> Result<LevelChange, String> {
     let Some(handle) = LEVEL.get() else {
         return Ok(LevelChange::Overridden);
     };
@@ -63,22 +63,22 @@ pub fn set_level(level: &str) -> Result<LevelChange, String> {
 
 /// What the access log line says about one request; filled in as the request travels.
 #[derive(Debug)]
-pub struct AccessRecord {
-    pub start: Instant,
-    pub method: Method,
+pub(crate) struct AccessRecord {
+    pub(crate) start: Instant,
+    pub(crate) method: Method,
     /// Path only, never the query string.
-    pub path: String,
-    pub status: u16,
-    pub route: Option<Arc<str>>,
+    pub(crate) path: String,
+    pub(crate) status: u16,
+    pub(crate) route: Option<Arc<str>>,
     /// The route's index among the metrics' `route` labels ([`crate::metrics::Metrics::route_index`]).
-    pub route_metric: usize,
-    pub upstream: Option<Arc<str>>,
-    pub request_id: HeaderValue,
-    pub client: IpAddr,
+    pub(crate) route_metric: usize,
+    pub(crate) upstream: Option<Arc<str>>,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) client: IpAddr,
     /// Short reason for an error answer (the error code), if any.
-    pub error: Option<&'static str>,
+    pub(crate) error: Option<&'static str>,
     /// The request's server span (a no-op without export): it ends with this line.
-    pub span: crate::trace::ServerSpan,
+    pub(crate) span: crate::trace::ServerSpan,
 }
 
 impl AccessRecord {
@@ -103,13 +103,13 @@ impl AccessRecord {
 
 /// Watches a response body: counts the bytes sent and writes the access log line when the body
 /// ends or is dropped (e.g. because the client went away), so duration and bytes include streaming.
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     record: Option<Box<AccessRecord>>,
     bytes: u64,
 }
 
 impl AccessLog {
-    pub fn new(record: Box<AccessRecord>) -> Self {
+    pub(crate) fn new(record: Box<AccessRecord>) -> Self {
         AccessLog {
             record: Some(record),
             bytes: 0,
@@ -136,4 +136,4 @@ impl Drop for AccessLog {
 }
 
 /// A response body with its access log line.
-pub type Logged<B> = Watched<B, AccessLog>;
+pub(crate) type Logged<B> = Watched<B, AccessLog>;

@@ -94,7 +94,7 @@ impl ServerCert {
     }
 
     /// From now on, new handshakes get `other`'s certificate.
-    pub fn replace_with(&self, other: ServerCert) {
+    pub(crate) fn replace_with(&self, other: ServerCert) {
         self.current.store(other.current.into_inner());
     }
 }
@@ -147,7 +147,7 @@ pub fn root_store(key: &'static str, extra_ca: Option<&Path>) -> Result<RootCert
 }
 
 /// A client TLS configuration trusting `roots`, offering the given ALPN protocols.
-pub fn client_config(
+pub(crate) fn client_config(
     roots: RootCertStore,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
@@ -160,10 +160,10 @@ pub fn client_config(
 }
 
 /// Validity of the development CA, in days (ten years).
-pub const DEV_CA_DAYS: i64 = 3650;
+pub(crate) const DEV_CA_DAYS: i64 = 3650;
 /// Validity of a development server certificate, in days: 397 is under every browser's limit
 /// (Apple platforms refuse more than 825 days even for private CAs; public CAs are held to 398).
-pub const DEV_CERT_DAYS: i64 = 397;
+pub(crate) const DEV_CERT_DAYS: i64 = 397;
 
 /// Files written by [`generate_dev_certs`].
 #[derive(Debug)]

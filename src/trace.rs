@@ -31,9 +31,9 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 /// `traceparent` (W3C Trace Context §3.2).
-pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// `tracestate` (W3C Trace Context §3.3).
-pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Length of a version-00 `traceparent`: `vv-<32 hex>-<16 hex>-ff`.
 const TRACEPARENT_LEN: usize = 55;
@@ -42,17 +42,17 @@ const SAMPLED: u8 = 0x01;
 
 /// A parsed `traceparent`: trace id, parent span id, trace flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceParent {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub flags: u8,
+pub(crate) struct TraceParent {
+    pub(crate) trace_id: [u8; 16],
+    pub(crate) span_id: [u8; 8],
+    pub(crate) flags: u8,
 }
 
 impl TraceParent {
     /// Parses a `traceparent` value by hand (W3C Trace Context §3.2.2): lowercase hex only,
     /// version `ff` refused, all-zero ids refused, version 00 exactly 55 bytes, a later version
     /// at least 55 bytes with a `-` after the flags. Never panics; `None` means "start a trace".
-    pub fn parse(v: &[u8]) -> Option<TraceParent> {
+    pub(crate) fn parse(v: &[u8]) -> Option<TraceParent> {
         if v.len() < TRACEPARENT_LEN {
             return None;
         }
@@ -85,7 +85,7 @@ impl TraceParent {
     }
 
     /// The one valid `traceparent` among `headers` (two or more are invalid, §3.2.1).
-    pub fn from_headers(headers: &HeaderMap) -> Option<TraceParent> {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Option<TraceParent> {
         let mut all = headers.get_all(&TRACEPARENT).iter();
         let first = all.next()?;
         if all.next().is_some() {
@@ -95,7 +95,7 @@ impl TraceParent {
     }
 
     /// The version-00 header value.
-    pub fn to_header(&self) -> HeaderValue {
+    pub(crate) fn to_header(self) -> HeaderValue {
         // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
         let mut out: [u8; TRACEPARENT_LEN] =
             *b"00-________________________________-________________-__";
@@ -208,11 +208,11 @@ tokio::task_local! {
 /// The server span of one request; ends when dropped (the access log holds it until the
 /// response body has been sent).
 #[derive(Debug, Default)]
-pub struct ServerSpan(Option<Box<opentelemetry_sdk::trace::Span>>);
+pub(crate) struct ServerSpan(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 impl ServerSpan {
     /// Names the span after the route (`GET /api/`) and records the route's auth mode.
-    pub fn set_route(&mut self, method: &http::Method, route: &str, auth: &'static str) {
+    pub(crate) fn set_route(&mut self, method: &http::Method, route: &str, auth: &'static str) {
         if let Some(s) = &mut self.0 {
             s.update_name(format!("{method} {route}"));
             s.set_attribute(KeyValue::new("http.route", route.to_owned()));
@@ -221,7 +221,7 @@ impl ServerSpan {
     }
 
     /// Records the answer: status code, result (the error code or `ok`), Error status on 5xx.
-    pub fn finish(&mut self, status: u16, error: Option<&'static str>) {
+    pub(crate) fn finish(&mut self, status: u16, error: Option<&'static str>) {
         if let Some(s) = &mut self.0 {
             s.set_attribute(KeyValue::new(
                 "http.response.status_code",
@@ -339,21 +339,21 @@ pub(crate) struct ChildSpan {
 
 impl ChildSpan {
     /// Adds an attribute (fixed names and non-secret values only: see the module docs).
-    pub fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+    pub(crate) fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
         if let Some(s) = &mut self.span {
             s.set_attribute(KeyValue::new(key, value));
         }
     }
 
     /// Marks the span failed, with a short reason (an error code, never a message from a peer).
-    pub fn fail(&mut self, reason: &'static str) {
+    pub(crate) fn fail(&mut self, reason: &'static str) {
         if let Some(s) = &mut self.span {
             s.set_status(Status::error(reason));
         }
     }
 
     /// The `traceparent` to send with the call this span stands for.
-    pub fn traceparent(&self) -> Option<&HeaderValue> {
+    pub(crate) fn traceparent(&self) -> Option<&HeaderValue> {
         self.traceparent.as_ref()
     }
 }
@@ -436,7 +436,7 @@ pub(crate) fn session_refresh() -> RefreshSpan {
 
 impl RefreshSpan {
     /// Records how the refresh ended (`ok` or an error code).
-    pub fn outcome(&mut self, outcome: &'static str) {
+    pub(crate) fn outcome(&mut self, outcome: &'static str) {
         self.0.set("coatcheck.refresh.outcome", outcome);
         if outcome != "ok" && outcome != "session_expired" {
             self.0.fail(outcome);
@@ -547,17 +547,17 @@ pub(crate) fn traced(
 
 /// Where and how spans are exported; from `[telemetry]` and the `OTEL_*` environment.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExportSettings {
+pub(crate) struct ExportSettings {
     /// The full traces URL (`…/v1/traces`), or `None` to let `OTEL_EXPORTER_OTLP_*` decide.
-    pub endpoint: Option<String>,
-    pub service_name: String,
-    pub sample_ratio: f64,
-    pub timeout: Duration,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) service_name: String,
+    pub(crate) sample_ratio: f64,
+    pub(crate) timeout: Duration,
 }
 
 /// Errors of starting the export pipeline.
 #[derive(Debug, thiserror::Error)]
-pub enum TraceError {
+pub(crate) enum TraceError {
     #[error("cannot build the OTLP HTTP client: {0}")]
     Client(#[source] reqwest::Error),
     #[error("cannot build the OTLP exporter: {0}")]

@@ -35,9 +35,9 @@ use crate::body::{UpstreamBody, Watch, Watched};
 use crate::tls::{self, TlsError};
 
 /// Idle pooled connections to an upstream are closed after this long.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connecting (TCP) to an upstream may take at most this long; the route timeout bounds the rest.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pool slots per upstream: serving runtime `i` uses slot `i % POOL_SLOTS` (slot 0: any other
 /// thread). Only the slots in use hold a pool or a client.
@@ -90,9 +90,9 @@ enum Connected {
 }
 
 /// One configured upstream.
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// The upstream URL as configured, for logs.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     scheme: Scheme,
     authority: Authority,
     /// `host:port` to connect to (the port defaulted from the scheme).
@@ -102,7 +102,7 @@ pub struct Upstream {
     /// The upstream URL's path without its trailing slash ("" for "/").
     base_path: String,
     /// `Host` value sent upstream unless the route preserves the client's.
-    pub host: HeaderValue,
+    pub(crate) host: HeaderValue,
     tls: rustls::ClientConfig,
     /// The TLS connector of the HTTP/1.1 pool (offers `h2` and `http/1.1`); `None` for http.
     tls_connector: Option<tokio_rustls::TlsConnector>,
@@ -114,7 +114,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the upstream; `ca` adds a trust anchor for an https upstream.
-    pub fn new(url: &Url, ca: Option<&Path>, ca_key: &'static str) -> Result<Upstream, TlsError> {
+    pub(crate) fn new(
+        url: &Url,
+        ca: Option<&Path>,
+        ca_key: &'static str,
+    ) -> Result<Upstream, TlsError> {
         let roots = tls::root_store(ca_key, ca)?;
         let tls = tls::client_config(roots, &[])?;
         // `host_str` already brackets IPv6 literals.
@@ -161,7 +165,7 @@ impl Upstream {
     ///
     /// When that is the client's own path and query byte for byte (no base path, nothing
     /// stripped or normalized away), the client's are shared rather than copied and re-validated.
-    pub fn uri(&self, client: &Uri, path: &str) -> Result<Uri, http::Error> {
+    pub(crate) fn uri(&self, client: &Uri, path: &str) -> Result<Uri, http::Error> {
         let pq = match client.path_and_query() {
             Some(pq) if self.base_path.is_empty() && client.path() == path => pq.clone(),
             _ => {
@@ -335,7 +339,7 @@ where
 /// time the request was handed over until then. Lets a response deadline start once the upload is
 /// done instead of counting a long upload against the upstream.
 #[derive(Clone)]
-pub struct Progress {
+pub(crate) struct Progress {
     epoch: Instant,
     /// Milliseconds after `epoch`.
     last_ms: Arc<AtomicU64>,
@@ -355,7 +359,7 @@ impl Progress {
     }
 
     /// The last time the request body moved.
-    pub fn last(&self) -> Instant {
+    pub(crate) fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }

@@ -8,7 +8,7 @@
 //! without the tokens — passes through untouched and creates nothing.
 //!
 //! From then on the session is refreshed by POSTing `{"refresh_token": …}` to `refresh_path` on the
-//! same upstream ([`Issuer::refresh`]) and ended by POSTing it to `logout_path`. The API's
+//! same upstream (`Issuer::refresh`) and ended by POSTing it to `logout_path`. The API's
 //! `refresh_path` is coatcheck's alone: a browser request to it through a route is refused, so a
 //! refresh answer can never carry tokens to the browser.
 
@@ -35,12 +35,12 @@ use crate::tls::{self, TlsError};
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// An access token whose lifetime neither `expires_in` nor an `exp` claim tells is refreshed after
 /// this long.
-pub const DEFAULT_LIFETIME_SECS: u64 = 300;
+pub(crate) const DEFAULT_LIFETIME_SECS: u64 = 300;
 /// How long coatcheck waits for the API's refresh and logout answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The capture issuer: the API's own login, refresh and logout.
-pub struct Capture {
+pub(crate) struct Capture {
     cfg: config::Capture,
     /// The upstream of the route that serves the login (refresh and logout go there too).
     upstream: Url,
@@ -58,7 +58,7 @@ struct Found {
 
 impl Capture {
     /// Builds the client for the login route's upstream (no network yet).
-    pub fn new(cfg: &config::Capture, route: &Route) -> Result<Capture, TlsError> {
+    pub(crate) fn new(cfg: &config::Capture, route: &Route) -> Result<Capture, TlsError> {
         let tls = tls::client_config(tls::root_store("ca", route.ca.as_deref())?, &[b"http/1.1"])?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -80,18 +80,18 @@ impl Capture {
     }
 
     /// The public login path.
-    pub fn login_path(&self) -> &str {
+    pub(crate) fn login_path(&self) -> &str {
         &self.cfg.login_path
     }
 
     /// Whether `route` forwarding to `upstream_path` would reach the API's refresh endpoint.
-    pub fn is_refresh_endpoint(&self, route: &Route, upstream_path: &str) -> bool {
+    pub(crate) fn is_refresh_endpoint(&self, route: &Route, upstream_path: &str) -> bool {
         route.upstream == self.upstream
             && upstream_path.trim_end_matches('/') == self.cfg.refresh_path.trim_end_matches('/')
     }
 
     /// `refresh_before_expiry` of capture sessions.
-    pub fn refresh_before(&self) -> Duration {
+    pub(crate) fn refresh_before(&self) -> Duration {
         self.cfg.refresh_before_expiry
     }
 
@@ -306,12 +306,12 @@ impl Issuer for Capture {
 /// The phases of a login POST through capture: the answer is read, and if it holds tokens, a
 /// session is made and the tokens are removed from it.
 pub(super) struct LoginPhases<'a> {
-    pub auth: &'a Auth,
-    pub capture: &'a Capture,
+    pub(crate) auth: &'a Auth,
+    pub(crate) capture: &'a Capture,
     /// The session this browser had before (ended when the new one starts: no fixation).
-    pub previous: Option<std::sync::Arc<Session>>,
-    pub user_agent: Option<HeaderValue>,
-    pub timeout: Duration,
+    pub(crate) previous: Option<std::sync::Arc<Session>>,
+    pub(crate) user_agent: Option<HeaderValue>,
+    pub(crate) timeout: Duration,
 }
 
 impl crate::proxy::Phases for LoginPhases<'_> {

@@ -9,7 +9,7 @@
 //!   capped at half its lifetime (as session tokens are).
 //! - **Single flight.** One request runs the grant; requests arriving meanwhile keep using the
 //!   current token while it is valid, or wait for the grant (at most `oidc.refresh_wait`).
-//! - **Outages.** A failed grant is not retried for [`RETRY_AFTER_SECS`]; meanwhile a still-valid
+//! - **Outages.** A failed grant is not retried for `RETRY_AFTER_SECS`; meanwhile a still-valid
 //!   token keeps being used and without one the answer is 503 `idp_unavailable` with `Retry-After`.
 
 use std::collections::HashMap;
@@ -89,7 +89,7 @@ struct Flight {
 }
 
 /// The machine tokens of every `auth = "client"` route.
-pub struct ClientTokens<G> {
+pub(crate) struct ClientTokens<G> {
     issuer: Arc<G>,
     /// Shared with the `ClientTokens` of a reloaded configuration, so a token outlives a reload.
     caches: HashMap<GrantSet, Arc<Cache>>,
@@ -100,7 +100,7 @@ pub struct ClientTokens<G> {
 
 impl<G: ClientGrant> ClientTokens<G> {
     /// One cache per distinct grant set of the `auth = "client"` routes.
-    pub fn new(issuer: Arc<G>, routes: &[Route], oidc: &config::Oidc) -> ClientTokens<G> {
+    pub(crate) fn new(issuer: Arc<G>, routes: &[Route], oidc: &config::Oidc) -> ClientTokens<G> {
         let mut caches = HashMap::new();
         for r in routes.iter().filter(|r| r.auth == AuthMode::Client) {
             let set = GrantSet::of(r);
@@ -118,7 +118,7 @@ impl<G: ClientGrant> ClientTokens<G> {
 
     /// The caches of `routes` (after a reload): a grant set already cached keeps its token; a new
     /// one starts empty; one no route asks for any more is dropped.
-    pub fn reconfigured(&self, routes: &[Route]) -> ClientTokens<G> {
+    pub(crate) fn reconfigured(&self, routes: &[Route]) -> ClientTokens<G> {
         let mut caches = HashMap::new();
         for r in routes.iter().filter(|r| r.auth == AuthMode::Client) {
             let set = GrantSet::of(r);
@@ -138,7 +138,7 @@ impl<G: ClientGrant> ClientTokens<G> {
 
     /// The `Authorization` value for a request to `route`. The hot path is a map lookup, a read
     /// lock and one comparison.
-    pub async fn bearer(&self, route: &Route) -> Result<HeaderValue, Error> {
+    pub(crate) async fn bearer(&self, route: &Route) -> Result<HeaderValue, Error> {
         // The caches are made from the same routes the router holds: a miss is a bug. Fail closed.
         let cache = self.caches.get(&GrantSet::of(route)).ok_or_else(|| {
             Error::internal(format!(

@@ -17,14 +17,14 @@ use crate::error::Error;
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// The CSRF rules for one request.
-pub struct Check<'a> {
-    pub header: &'a HeaderName,
-    pub public_origin: &'a str,
+pub(crate) struct Check<'a> {
+    pub(crate) header: &'a HeaderName,
+    pub(crate) public_origin: &'a str,
 }
 
 impl Check<'_> {
     /// Checks a request to a route (or `/bff/*` JSON endpoint) with the given mode.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         headers: &HeaderMap,
         method: &Method,

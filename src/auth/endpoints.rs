@@ -24,7 +24,7 @@ const REVOKE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 
 /// Routes a `/bff/*` request.
-pub async fn dispatch(
+pub(crate) async fn dispatch(
     auth: &Auth,
     req: Request<Incoming>,
     path: &str,
@@ -267,7 +267,7 @@ async fn events(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, E
 
 /// How often an idle event stream sends a comment (keeps proxies from timing it out) and checks
 /// the session's timeouts.
-pub const EVENTS_HEARTBEAT: Duration = Duration::from_secs(15);
+pub(crate) const EVENTS_HEARTBEAT: Duration = Duration::from_secs(15);
 
 async fn event_stream(
     sessions: std::sync::Arc<crate::session::Sessions>,

@@ -18,20 +18,20 @@ use crate::secret;
 /// Why a token was refused (logged or shown on the login error page; carries no token material).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid token: {0}")]
-pub struct TokenError(pub String);
+pub(crate) struct TokenError(pub String);
 
 /// A back-channel logout token older than this (by `iat`, seconds) is refused.
-pub const LOGOUT_TOKEN_MAX_AGE: u64 = 300;
+pub(crate) const LOGOUT_TOKEN_MAX_AGE: u64 = 300;
 
 /// What the caller expects of an ID token.
-pub struct Expected<'a> {
+pub(crate) struct Expected<'a> {
     /// The nonce of the login (required at login; `None` for ID tokens from a refresh).
-    pub nonce: Option<&'a str>,
+    pub(crate) nonce: Option<&'a str>,
 }
 
 /// A validation outcome: `Err(Ok(_))` is a refused token; `Err(Err(_))` means the keys could not be
 /// fetched (provider unavailable).
-pub type Outcome = Result<Map<String, Value>, Result<TokenError, Error>>;
+pub(crate) type Outcome = Result<Map<String, Value>, Result<TokenError, Error>>;
 
 fn refuse(s: impl Into<String>) -> Outcome {
     Err(Ok(TokenError(s.into())))
@@ -113,7 +113,7 @@ fn header_problem(token: &str) -> Option<&'static str> {
 }
 
 /// Whether a `typ` header names a JWT access token (RFC 9068 §2.1).
-pub fn is_access_token_typ(typ: &str) -> bool {
+pub(crate) fn is_access_token_typ(typ: &str) -> bool {
     matches!(
         typ.to_ascii_lowercase().as_str(),
         "at+jwt" | "application/at+jwt"
@@ -121,7 +121,7 @@ pub fn is_access_token_typ(typ: &str) -> bool {
 }
 
 /// Validates an ID token and returns its claims.
-pub async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) -> Outcome {
+pub(crate) async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) -> Outcome {
     // RFC 9068 §4 / RFC 8725 §3.11: an access token must not pass for an ID token.
     if decode_header(token)
         .ok()
@@ -162,7 +162,7 @@ pub async fn validate(provider: &Provider, token: &str, expected: Expected<'_>) 
 }
 
 /// Validates a back-channel logout token (Back-Channel Logout 1.0 §2.6).
-pub async fn validate_logout_token(provider: &Provider, token: &str) -> Outcome {
+pub(crate) async fn validate_logout_token(provider: &Provider, token: &str) -> Outcome {
     let claims = verify(
         provider,
         token,
@@ -202,7 +202,7 @@ pub async fn validate_logout_token(provider: &Provider, token: &str) -> Outcome 
 /// Validates an access token presented by a non-browser client on an `auth = "bearer"` route:
 /// the provider's signature, issuer and expiry, `typ: at+jwt` (RFC 9068 §4, so an ID token cannot
 /// pass for an access token), and the route's `audience` when one is configured.
-pub async fn validate_access_token(
+pub(crate) async fn validate_access_token(
     provider: &Provider,
     token: &str,
     audience: Option<&str>,

@@ -1,13 +1,13 @@
 //! Token issuers: where a session's tokens come from — how they are refreshed, revoked and ended,
 //! where the session's claims come from, and whether the issuer is ready.
 //!
-//! The refresher, logout and readiness talk to an [`Issuer`], never to the OpenID provider
+//! The refresher, logout and readiness talk to an `Issuer`, never to the OpenID provider
 //! directly, so that other ways of obtaining tokens (an existing API's own JSON login, client
-//! credentials) are implementations beside [`oidc::Provider`](super::oidc::Provider). Each
+//! credentials) are implementations beside `oidc::Provider`. Each
 //! session remembers which issuer made it ([`IssuerKind`], inside the sealed record).
 //!
 //! Tokens that belong to no user and no session (client credentials, `auth = "client"` routes)
-//! come from a [`ClientGrant`]; [`client::ClientTokens`](super::client::ClientTokens) caches them.
+//! come from a `ClientGrant`; `client::ClientTokens` caches them.
 
 use std::future::Future;
 
@@ -33,13 +33,13 @@ pub enum IssuerKind {
 }
 
 /// The issuers this configuration has; a session is refreshed and ended by the one that made it.
-pub struct Issuers {
-    pub oidc: Option<std::sync::Arc<Provider>>,
-    pub capture: Option<std::sync::Arc<super::capture::Capture>>,
+pub(crate) struct Issuers {
+    pub(crate) oidc: Option<std::sync::Arc<Provider>>,
+    pub(crate) capture: Option<std::sync::Arc<super::capture::Capture>>,
 }
 
 /// One of the configured issuers (static dispatch).
-pub enum AnyIssuer<'a> {
+pub(crate) enum AnyIssuer<'a> {
     Oidc(&'a Provider),
     Capture(&'a super::capture::Capture),
 }
@@ -47,7 +47,7 @@ pub enum AnyIssuer<'a> {
 impl Issuers {
     /// The issuer of `kind`; an error if this configuration has none (a record written under
     /// another configuration).
-    pub fn get(&self, kind: IssuerKind) -> Result<AnyIssuer<'_>, IssuerError> {
+    pub(crate) fn get(&self, kind: IssuerKind) -> Result<AnyIssuer<'_>, IssuerError> {
         match kind {
             IssuerKind::Oidc => self.oidc.as_deref().map(AnyIssuer::Oidc),
             IssuerKind::Capture => self.capture.as_deref().map(AnyIssuer::Capture),
@@ -56,7 +56,7 @@ impl Issuers {
     }
 
     /// `refresh_before_expiry` for sessions of `kind`.
-    pub fn refresh_before(&self, kind: IssuerKind) -> std::time::Duration {
+    pub(crate) fn refresh_before(&self, kind: IssuerKind) -> std::time::Duration {
         match kind {
             IssuerKind::Oidc => self.oidc.as_ref().map(|p| p.cfg.refresh_before_expiry),
             IssuerKind::Capture => self.capture.as_ref().map(|c| c.refresh_before()),
@@ -65,7 +65,7 @@ impl Issuers {
     }
 
     /// Ready when every configured issuer is.
-    pub fn ready(&self) -> Result<(), String> {
+    pub(crate) fn ready(&self) -> Result<(), String> {
         if let Some(p) = &self.oidc {
             Issuer::ready(p.as_ref())?;
         }
@@ -107,7 +107,7 @@ impl Issuer for AnyIssuer<'_> {
 
 /// Why an issuer could not refresh or revoke.
 #[derive(Debug, thiserror::Error)]
-pub enum IssuerError {
+pub(crate) enum IssuerError {
     /// The grant is gone for good (OAuth `invalid_grant` and its kind, or refreshed tokens that
     /// belong to someone else): the session ends.
     #[error("the issuer refused: {0}")]
@@ -118,7 +118,7 @@ pub enum IssuerError {
 }
 
 /// What every token issuer offers.
-pub trait Issuer: Send + Sync {
+pub(crate) trait Issuer: Send + Sync {
     /// Spends `refresh_token` and returns the session's data with the new tokens (and claims).
     /// A rotated refresh token replaces the old one; without one the old one is kept.
     fn refresh(
@@ -139,7 +139,7 @@ pub trait Issuer: Send + Sync {
 }
 
 /// An issuer of tokens for coatcheck itself: no user, no session, no refresh token.
-pub trait ClientGrant: Send + Sync {
+pub(crate) trait ClientGrant: Send + Sync {
     /// Runs the client-credentials grant (RFC 6749 §4.4) for `scopes` (none: the issuer's default)
     /// and, if given, one audience (resource indicator, RFC 8707).
     fn client_credentials(

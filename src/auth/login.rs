@@ -81,7 +81,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 }
 
 /// `GET /bff/login?returnUrl=/path`.
-pub async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+pub(crate) async fn start(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     let return_url = match query_param(&req, "returnUrl") {
         None => "/".to_owned(),
         Some(r) => safe_return_url(&r)
@@ -146,7 +146,7 @@ fn failure(status: StatusCode, reason: &str, cookie_to_clear: Option<&str>) -> R
 }
 
 /// `GET /bff/callback?code=…&state=…`.
-pub async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+pub(crate) async fn callback(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     let state = query_param(&req, "state").unwrap_or_default();
     let valid_state = state.len() >= STATE_PREFIX
         && state

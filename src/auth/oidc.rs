@@ -22,21 +22,21 @@ use crate::tls::{self, TlsError};
 use crate::trace::{self, ChildSpan};
 
 /// Largest response accepted from the provider (discovery, JWKS, tokens).
-pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 /// An unknown `kid` refetches the JWKS at most this often.
-pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// Discovery retries back off up to this interval.
-pub const DISCOVERY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const DISCOVERY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Access-token lifetime assumed when the provider gives neither `expires_in` nor a JWT `exp`.
-pub const DEFAULT_ACCESS_TOKEN_LIFETIME: u64 = 300;
+pub(crate) const DEFAULT_ACCESS_TOKEN_LIFETIME: u64 = 300;
 /// Longest access-token lifetime believed (seconds, a year): a larger (or absurd) `expires_in` is
 /// capped, so no timestamp arithmetic can overflow.
-pub const MAX_ACCESS_TOKEN_LIFETIME: u64 = 365 * 24 * 3600;
+pub(crate) const MAX_ACCESS_TOKEN_LIFETIME: u64 = 365 * 24 * 3600;
 
 /// A failed call to the provider: either it is unavailable (network, timeout, 5xx, garbage) or it
 /// answered with an OAuth error (RFC 6749 §5.2).
 #[derive(Debug, thiserror::Error)]
-pub enum OidcError {
+pub(crate) enum OidcError {
     #[error("identity provider unavailable: {0}")]
     Unavailable(#[source] BoxError),
     #[error("identity provider refused: {error}")]
@@ -47,12 +47,12 @@ pub enum OidcError {
 
 impl OidcError {
     /// Whether the answer means the grant is gone for good (the session must end).
-    pub fn ends_session(&self) -> bool {
+    pub(crate) fn ends_session(&self) -> bool {
         matches!(self, OidcError::Rejected { error, .. } if matches!(error.as_str(), "invalid_grant" | "invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope" | "invalid_request"))
     }
 
     /// As a request error: the provider is unavailable.
-    pub fn into_unavailable(self) -> Error {
+    pub(crate) fn into_unavailable(self) -> Error {
         Error::IdpUnavailable {
             source: Some(Box::new(self)),
             retry_after: 5,
@@ -62,28 +62,28 @@ impl OidcError {
 
 /// Provider metadata (OpenID Connect Discovery 1.0 §3), the parts coatcheck uses.
 #[derive(Debug, Deserialize)]
-pub struct Metadata {
-    pub issuer: String,
-    pub authorization_endpoint: Url,
-    pub token_endpoint: Url,
-    pub jwks_uri: Url,
-    pub end_session_endpoint: Option<Url>,
-    pub revocation_endpoint: Option<Url>,
+pub(crate) struct Metadata {
+    pub(crate) issuer: String,
+    pub(crate) authorization_endpoint: Url,
+    pub(crate) token_endpoint: Url,
+    pub(crate) jwks_uri: Url,
+    pub(crate) end_session_endpoint: Option<Url>,
+    pub(crate) revocation_endpoint: Option<Url>,
     #[serde(default)]
-    pub code_challenge_methods_supported: Vec<String>,
+    pub(crate) code_challenge_methods_supported: Vec<String>,
     /// RFC 9207 §3: the provider puts `iss` in every authorization response; coatcheck then
     /// requires it.
     #[serde(default)]
-    pub authorization_response_iss_parameter_supported: bool,
+    pub(crate) authorization_response_iss_parameter_supported: bool,
 }
 
 /// A token endpoint answer (RFC 6749 §5.1), validated.
-pub struct TokenResponse {
-    pub access_token: Secret,
+pub(crate) struct TokenResponse {
+    pub(crate) access_token: Secret,
     /// Unix seconds.
-    pub access_expires_at: u64,
-    pub refresh_token: Option<Secret>,
-    pub id_token: Option<Secret>,
+    pub(crate) access_expires_at: u64,
+    pub(crate) refresh_token: Option<Secret>,
+    pub(crate) id_token: Option<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -108,12 +108,12 @@ struct Jwks {
 }
 
 /// The configured provider.
-pub struct Provider {
-    pub cfg: config::Oidc,
+pub(crate) struct Provider {
+    pub(crate) cfg: config::Oidc,
     /// `public_origin + "/bff/callback"`.
-    pub redirect_uri: String,
+    pub(crate) redirect_uri: String,
     /// `public_origin + post_logout_redirect`.
-    pub post_logout_uri: String,
+    pub(crate) post_logout_uri: String,
     http: reqwest::Client,
     metadata: RwLock<Option<Arc<Metadata>>>,
     jwks: RwLock<Option<Arc<Jwks>>>,
@@ -124,7 +124,7 @@ pub struct Provider {
 
 impl Provider {
     /// Builds the client (no network yet).
-    pub fn new(
+    pub(crate) fn new(
         cfg: &config::Oidc,
         public_origin: &str,
         metrics: Arc<Metrics>,
@@ -159,7 +159,7 @@ impl Provider {
     }
 
     /// The metadata, or 503 `idp_unavailable` while discovery has not succeeded.
-    pub fn metadata(&self) -> Result<Arc<Metadata>, Error> {
+    pub(crate) fn metadata(&self) -> Result<Arc<Metadata>, Error> {
         self.metadata
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -171,7 +171,7 @@ impl Provider {
     }
 
     /// Whether discovery and the JWKS are loaded; the reason otherwise.
-    pub fn ready(&self) -> Result<(), String> {
+    pub(crate) fn ready(&self) -> Result<(), String> {
         if self
             .metadata
             .read()
@@ -196,7 +196,7 @@ impl Provider {
     /// Runs discovery until it succeeds (exponential backoff), then re-reads discovery and the
     /// JWKS every `oidc.metadata_refresh`, so rotated keys and moved endpoints are picked up
     /// without waiting for an unknown `kid`. A failed refresh keeps the last good metadata.
-    pub async fn discover_and_refresh(self: Arc<Self>) {
+    pub(crate) async fn discover_and_refresh(self: Arc<Self>) {
         self.clone().discover_until_ready().await;
         loop {
             tokio::time::sleep(self.cfg.metadata_refresh).await;
@@ -212,7 +212,7 @@ impl Provider {
     }
 
     /// Runs discovery until it succeeds (exponential backoff), then returns.
-    pub async fn discover_until_ready(self: Arc<Self>) {
+    pub(crate) async fn discover_until_ready(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
             match self.discover().await {
@@ -233,7 +233,7 @@ impl Provider {
     }
 
     /// Fetches the discovery document and the JWKS once.
-    pub async fn discover(&self) -> Result<(), OidcError> {
+    pub(crate) async fn discover(&self) -> Result<(), OidcError> {
         let issuer = self.cfg.issuer.as_str().trim_end_matches('/');
         let url = format!("{issuer}/.well-known/openid-configuration");
         let meta: Metadata = self.get_json(IdpEndpoint::Discovery, &url).await?;
@@ -302,7 +302,7 @@ impl Provider {
 
     /// The verification key for a token header (`kid` and the algorithm already checked against
     /// `allowed_algs`). An unknown `kid` refetches the JWKS at most once per interval.
-    pub async fn key_for(
+    pub(crate) async fn key_for(
         &self,
         kid: Option<&str>,
         alg: Algorithm,
@@ -359,7 +359,7 @@ impl Provider {
     }
 
     /// The authorization request URL (code flow, PKCE S256).
-    pub fn authorize_url(
+    pub(crate) fn authorize_url(
         &self,
         state: &str,
         nonce: &str,
@@ -380,7 +380,7 @@ impl Provider {
     }
 
     /// Exchanges an authorization code (RFC 6749 §4.1.3, RFC 7636 §4.5).
-    pub async fn exchange_code(
+    pub(crate) async fn exchange_code(
         &self,
         code: &Secret,
         verifier: &Secret,
@@ -398,7 +398,7 @@ impl Provider {
     }
 
     /// Spends a refresh token (RFC 6749 §6).
-    pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenResponse, OidcError> {
+    pub(crate) async fn refresh(&self, refresh_token: &Secret) -> Result<TokenResponse, OidcError> {
         let meta = self
             .metadata()
             .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
@@ -412,7 +412,7 @@ impl Provider {
     /// Obtains a token for coatcheck itself (RFC 6749 §4.4), authenticated like the code exchange.
     /// `audience` goes out both as the RFC 8707 `resource` indicator and as the `audience`
     /// parameter some providers use instead; providers ignore the one they do not know.
-    pub async fn client_credentials(
+    pub(crate) async fn client_credentials(
         &self,
         scopes: &[String],
         audience: Option<&str>,
@@ -432,7 +432,7 @@ impl Provider {
     }
 
     /// Revokes a refresh token (RFC 7009), if the provider has a revocation endpoint.
-    pub async fn revoke(&self, refresh_token: &Secret) -> Result<(), OidcError> {
+    pub(crate) async fn revoke(&self, refresh_token: &Secret) -> Result<(), OidcError> {
         let meta = self
             .metadata()
             .map_err(|e| OidcError::Unavailable(Box::new(e)))?;
@@ -487,7 +487,7 @@ impl Provider {
     }
 
     /// The RP-initiated logout URL (OpenID Connect RP-Initiated Logout 1.0 §2), if supported.
-    pub fn end_session_url(&self, id_token: Option<&Secret>, state: &str) -> Option<String> {
+    pub(crate) fn end_session_url(&self, id_token: Option<&Secret>, state: &str) -> Option<String> {
         let meta = self.metadata().ok()?;
         let mut url = meta.end_session_endpoint.clone()?;
         if let Some(t) = id_token {

@@ -10,7 +10,7 @@ static SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
 
 /// The roles a set of claims grants: the `roles` claim, an array of strings or one string of
 /// space-separated names.
-pub fn roles(claims: &Map<String, Value>) -> Vec<Box<str>> {
+pub(crate) fn roles(claims: &Map<String, Value>) -> Vec<Box<str>> {
     match claims.get("roles") {
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(Box::from).collect(),
         Some(Value::String(s)) => s.split_whitespace().map(Box::from).collect(),
@@ -20,7 +20,7 @@ pub fn roles(claims: &Map<String, Value>) -> Vec<Box<str>> {
 
 /// The roles a session or token has, asked one at a time: a token's [`roles`], or a session's
 /// (`Claims::roles`, which keeps them as positions in its encoded claims).
-pub trait RoleSet {
+pub(crate) trait RoleSet {
     /// Whether `role` is one of them.
     fn has(&self, role: &str) -> bool;
 }
@@ -33,7 +33,7 @@ impl<T: AsRef<[Box<str>]> + ?Sized> RoleSet for &T {
 
 /// Checks the route's `roles` against the roles a session or token has ([`RoleSet`]). No roles
 /// configured: any session passes. Otherwise one match is needed, else 403.
-pub fn check_roles(route: &Route, has: impl RoleSet) -> Result<(), Error> {
+pub(crate) fn check_roles(route: &Route, has: impl RoleSet) -> Result<(), Error> {
     if route.roles.is_empty() || route.roles.iter().any(|r| has.has(r)) {
         return Ok(());
     }
@@ -45,7 +45,7 @@ pub fn check_roles(route: &Route, has: impl RoleSet) -> Result<(), Error> {
 
 /// Whether the request is a browser's top-level navigation (DESIGN §3): `Sec-Fetch-Mode: navigate`,
 /// or, from browsers that do not send Fetch Metadata, `Accept: text/html`.
-pub fn is_navigation(headers: &HeaderMap) -> bool {
+pub(crate) fn is_navigation(headers: &HeaderMap) -> bool {
     match headers.get(&SEC_FETCH_MODE) {
         Some(mode) => mode.as_bytes() == b"navigate",
         None => headers

@@ -31,7 +31,7 @@ use crate::session::{self, Session, Sessions};
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// `Retry-After` seconds when the provider is unavailable.
-pub const RETRY_AFTER_SECS: u64 = 5;
+pub(crate) const RETRY_AFTER_SECS: u64 = 5;
 
 /// What the lease holder found.
 enum Step {
@@ -42,7 +42,7 @@ enum Step {
 }
 
 /// The refresher.
-pub struct Refresher {
+pub(crate) struct Refresher {
     /// The token issuers: a session is refreshed by the one that made it.
     issuers: Arc<Issuers>,
     sessions: Arc<Sessions>,
@@ -58,7 +58,7 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(
+    pub(crate) fn new(
         issuers: Arc<Issuers>,
         sessions: Arc<Sessions>,
         oidc: Option<&config::Oidc>,
@@ -99,7 +99,7 @@ impl Refresher {
 
     /// The session with an access token fit to forward (refreshing first if it is due).
     /// The hot path is one comparison.
-    pub async fn fresh(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
+    pub(crate) async fn fresh(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
         if !self.due(&s) {
             return Ok(s);
         }
@@ -109,7 +109,7 @@ impl Refresher {
     }
 
     /// After the upstream rejected the token: refresh once, unless someone already did.
-    pub async fn after_rejection(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
+    pub(crate) async fn after_rejection(&self, s: Arc<Session>) -> Result<Arc<Session>, Error> {
         Box::pin(self.traced_refresh(s, true)).await
     }
 
@@ -337,7 +337,9 @@ async fn wait_release(
 }
 
 /// The claims kept from an ID token: everything but values tied to one token or login.
-pub fn login_claims(mut claims: serde_json::Map<String, Value>) -> crate::session::claims::Claims {
+pub(crate) fn login_claims(
+    mut claims: serde_json::Map<String, Value>,
+) -> crate::session::claims::Claims {
     for k in ["nonce", "at_hash", "c_hash", "s_hash"] {
         claims.remove(k);
     }

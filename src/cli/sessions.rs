@@ -19,7 +19,7 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Args)]
-pub struct SessionsArgs {
+pub(crate) struct SessionsArgs {
     /// The admin listener's base URL, e.g. http://127.0.0.1:9100 (default: `admin.listen` of --config).
     #[arg(long, value_name = "URL")]
     admin: Option<url::Url>,
@@ -78,7 +78,7 @@ struct Target {
 }
 
 /// Runs `coatcheck sessions …`.
-pub fn run(args: SessionsArgs) -> ExitCode {
+pub(crate) fn run(args: SessionsArgs) -> ExitCode {
     let target = match target(&args) {
         Ok(t) => t,
         Err(why) => {

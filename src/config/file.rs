@@ -9,83 +9,83 @@ use serde::{Deserialize, Deserializer};
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    pub server: ServerFile,
+pub(crate) struct ConfigFile {
+    pub(crate) server: ServerFile,
     #[serde(default)]
-    pub log: LogFile,
+    pub(crate) log: LogFile,
     #[serde(default)]
-    pub session: SessionFile,
-    pub oidc: Option<OidcFile>,
-    pub capture: Option<CaptureFile>,
+    pub(crate) session: SessionFile,
+    pub(crate) oidc: Option<OidcFile>,
+    pub(crate) capture: Option<CaptureFile>,
     #[serde(default)]
-    pub csrf: CsrfFile,
+    pub(crate) csrf: CsrfFile,
     #[serde(default, rename = "route")]
-    pub routes: Vec<RouteFile>,
-    pub admin: Option<AdminFile>,
+    pub(crate) routes: Vec<RouteFile>,
+    pub(crate) admin: Option<AdminFile>,
     #[serde(default)]
-    pub telemetry: TelemetryFile,
+    pub(crate) telemetry: TelemetryFile,
 }
 
 /// `[telemetry]`: OTLP span export (W3C trace-context propagation is always on).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TelemetryFile {
-    pub otlp_endpoint: Option<String>,
-    pub service_name: Option<String>,
-    pub sample_ratio: Option<f64>,
-    pub timeout: Option<String>,
+pub(crate) struct TelemetryFile {
+    pub(crate) otlp_endpoint: Option<String>,
+    pub(crate) service_name: Option<String>,
+    pub(crate) sample_ratio: Option<f64>,
+    pub(crate) timeout: Option<String>,
 }
 
 /// `[admin]`: the operator listener (metrics, health, session admin API).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    pub listen: String,
+pub(crate) struct AdminFile {
+    pub(crate) listen: String,
     /// A secret (inline, `env:NAME`, `file:PATH`); enables the session admin API.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerFile {
-    pub listen: String,
-    pub public_origin: String,
-    pub http_redirect_listen: Option<String>,
+pub(crate) struct ServerFile {
+    pub(crate) listen: String,
+    pub(crate) public_origin: String,
+    pub(crate) http_redirect_listen: Option<String>,
     /// Networks (CIDR or single addresses) whose `X-Forwarded-For`/`Forwarded` chain is kept.
-    pub trusted_proxies: Option<Vec<String>>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
     /// What to do with request header names containing `_`.
-    pub underscore_headers: Option<UnderscoreHeaders>,
+    pub(crate) underscore_headers: Option<UnderscoreHeaders>,
     /// `Strict-Transport-Security` value, or "off".
-    pub hsts: Option<String>,
-    pub tls: TlsFile,
+    pub(crate) hsts: Option<String>,
+    pub(crate) tls: TlsFile,
     #[serde(default)]
-    pub limits: LimitsFile,
+    pub(crate) limits: LimitsFile,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFile {
-    pub cert: String,
-    pub key: String,
+pub(crate) struct TlsFile {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
-    pub max_header_bytes: Option<i64>,
-    pub header_read_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub max_connections: Option<i64>,
-    pub shutdown_grace: Option<String>,
-    pub body_idle_timeout: Option<String>,
-    pub max_connections_per_ip: Option<i64>,
-    pub login_requests_per_minute: Option<i64>,
+pub(crate) struct LimitsFile {
+    pub(crate) max_header_bytes: Option<i64>,
+    pub(crate) header_read_timeout: Option<String>,
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) max_connections: Option<i64>,
+    pub(crate) shutdown_grace: Option<String>,
+    pub(crate) body_idle_timeout: Option<String>,
+    pub(crate) max_connections_per_ip: Option<i64>,
+    pub(crate) login_requests_per_minute: Option<i64>,
 }
 
 /// `server.underscore_headers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum UnderscoreHeaders {
+pub(crate) enum UnderscoreHeaders {
     /// Remove the header and forward the request (default).
     Drop,
     /// Refuse the request with 400.
@@ -94,15 +94,15 @@ pub enum UnderscoreHeaders {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogFile {
-    pub level: Option<String>,
-    pub format: Option<Choice<LogFormat>>,
+pub(crate) struct LogFile {
+    pub(crate) level: Option<String>,
+    pub(crate) format: Option<Choice<LogFormat>>,
 }
 
 /// `log.format`: how log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines (default).
     Text,
     /// One JSON object per line.
@@ -124,20 +124,20 @@ pub enum RecordKey {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SessionFile {
-    pub cookie_name: Option<String>,
-    pub same_site: Option<Choice<SameSite>>,
-    pub idle_timeout: Option<String>,
-    pub absolute_timeout: Option<String>,
-    pub persistent: Option<bool>,
-    pub touch_interval: Option<String>,
-    pub record_key: Option<RecordKey>,
+pub(crate) struct SessionFile {
+    pub(crate) cookie_name: Option<String>,
+    pub(crate) same_site: Option<Choice<SameSite>>,
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) absolute_timeout: Option<String>,
+    pub(crate) persistent: Option<bool>,
+    pub(crate) touch_interval: Option<String>,
+    pub(crate) record_key: Option<RecordKey>,
     #[serde(default)]
-    pub keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     #[serde(default)]
-    pub store: StoreFile,
+    pub(crate) store: StoreFile,
     #[serde(default)]
-    pub cache: CacheFile,
+    pub(crate) cache: CacheFile,
 }
 
 /// `session.same_site`: the `SameSite` attribute of the session cookie.
@@ -152,21 +152,21 @@ pub enum SameSite {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StoreFile {
-    pub kind: Option<Choice<StoreKindName>>,
-    pub path: Option<String>,
-    pub url: Option<String>,
-    pub key_prefix: Option<String>,
-    pub ca: Option<String>,
-    pub sentinels: Option<Vec<String>>,
-    pub sentinel_master: Option<String>,
-    pub timeout: Option<String>,
+pub(crate) struct StoreFile {
+    pub(crate) kind: Option<Choice<StoreKindName>>,
+    pub(crate) path: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) key_prefix: Option<String>,
+    pub(crate) ca: Option<String>,
+    pub(crate) sentinels: Option<Vec<String>>,
+    pub(crate) sentinel_master: Option<String>,
+    pub(crate) timeout: Option<String>,
 }
 
 /// `session.store.kind`, by name; [`crate::config::StoreKind`] carries each kind's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StoreKindName {
+pub(crate) enum StoreKindName {
     /// In-process, lost at exit: for tests and throwaway use.
     Memory,
     /// A persistent file (redb) (default).
@@ -177,34 +177,34 @@ pub enum StoreKindName {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CacheFile {
-    pub capacity: Option<i64>,
-    pub ttl: Option<String>,
+pub(crate) struct CacheFile {
+    pub(crate) capacity: Option<i64>,
+    pub(crate) ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OidcFile {
-    pub issuer: String,
-    pub client_id: String,
-    pub client_secret: String,
-    pub scopes: Option<Vec<String>>,
-    pub allowed_algs: Option<Vec<String>>,
-    pub clock_skew: Option<String>,
-    pub refresh_before_expiry: Option<String>,
-    pub post_logout_redirect: Option<String>,
-    pub ca: Option<String>,
-    pub token_endpoint_auth_method: Option<Choice<ClientAuth>>,
-    pub timeout: Option<String>,
-    pub refresh_wait: Option<String>,
-    pub rotation_grace: Option<String>,
-    pub metadata_refresh: Option<String>,
+pub(crate) struct OidcFile {
+    pub(crate) issuer: String,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: String,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) allowed_algs: Option<Vec<String>>,
+    pub(crate) clock_skew: Option<String>,
+    pub(crate) refresh_before_expiry: Option<String>,
+    pub(crate) post_logout_redirect: Option<String>,
+    pub(crate) ca: Option<String>,
+    pub(crate) token_endpoint_auth_method: Option<Choice<ClientAuth>>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) refresh_wait: Option<String>,
+    pub(crate) rotation_grace: Option<String>,
+    pub(crate) metadata_refresh: Option<String>,
 }
 
 /// `oidc.token_endpoint_auth_method`: how the client authenticates at the token and revocation
 /// endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// HTTP Basic, id and secret form-encoded first (RFC 6749 §2.3.1) (default).
     #[serde(rename = "client_secret_basic")]
     Basic,
@@ -215,48 +215,48 @@ pub enum ClientAuth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CaptureFile {
-    pub login_path: String,
-    pub refresh_path: String,
-    pub logout_path: Option<String>,
-    pub access_token: Option<String>,
-    pub refresh_token: Option<String>,
-    pub expires_in: Option<String>,
-    pub refresh_before_expiry: Option<String>,
+pub(crate) struct CaptureFile {
+    pub(crate) login_path: String,
+    pub(crate) refresh_path: String,
+    pub(crate) logout_path: Option<String>,
+    pub(crate) access_token: Option<String>,
+    pub(crate) refresh_token: Option<String>,
+    pub(crate) expires_in: Option<String>,
+    pub(crate) refresh_before_expiry: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CsrfFile {
-    pub header: Option<String>,
+pub(crate) struct CsrfFile {
+    pub(crate) header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteFile {
-    pub path: String,
-    pub upstream: String,
-    pub auth: Option<Choice<AuthMode>>,
-    pub strip_prefix: Option<bool>,
-    pub roles: Option<Vec<String>>,
-    pub timeout: Option<String>,
-    pub max_body_bytes: Option<i64>,
-    pub retry_body_bytes: Option<i64>,
-    pub methods: Option<Vec<String>>,
-    pub preserve_host: Option<bool>,
-    pub ca: Option<String>,
-    pub login_redirect: Option<bool>,
-    pub csrf: Option<Choice<CsrfMode>>,
-    pub audience: Option<String>,
+pub(crate) struct RouteFile {
+    pub(crate) path: String,
+    pub(crate) upstream: String,
+    pub(crate) auth: Option<Choice<AuthMode>>,
+    pub(crate) strip_prefix: Option<bool>,
+    pub(crate) roles: Option<Vec<String>>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) max_body_bytes: Option<i64>,
+    pub(crate) retry_body_bytes: Option<i64>,
+    pub(crate) methods: Option<Vec<String>>,
+    pub(crate) preserve_host: Option<bool>,
+    pub(crate) ca: Option<String>,
+    pub(crate) login_redirect: Option<bool>,
+    pub(crate) csrf: Option<Choice<CsrfMode>>,
+    pub(crate) audience: Option<String>,
     /// `auth = "client"`: scopes of the client-credentials grant.
-    pub scopes: Option<Vec<String>>,
-    pub allow_encoded_slashes: Option<bool>,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) allow_encoded_slashes: Option<bool>,
 }
 
 /// `route[N].auth`: who a route's requests are forwarded for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AuthMode {
+pub(crate) enum AuthMode {
     /// A session is needed; its access token is forwarded (default).
     Required,
     /// A session's access token is forwarded when there is one.
@@ -272,7 +272,7 @@ pub enum AuthMode {
 /// `route[N].csrf`: which requests must carry the CSRF header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum CsrfMode {
+pub(crate) enum CsrfMode {
     /// Every request needs the CSRF header (default).
     All,
     /// `GET`, `HEAD` and `OPTIONS` are exempt from the header (the `Origin` and `Sec-Fetch-Site`
@@ -287,7 +287,7 @@ pub enum CsrfMode {
 /// problem, with the values `T` accepts. Anything but a string is a parse error, as for any string
 /// key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Choice<T> {
+pub(crate) enum Choice<T> {
     /// One of `T`'s values.
     Known(T),
     /// Not one of them.

@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::config::Cidr;
 
 /// `X-Request-Id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -46,7 +46,7 @@ fn is_fixed_hop_by_hop(name: &str) -> bool {
 /// Whether the request asks for a WebSocket upgrade in HTTP/1.1 terms: `Connection: upgrade` and
 /// an `Upgrade` that names `websocket` and nothing else. Any other upgrade (`h2c`, `TLS/1.0`…) is
 /// not one: its `Upgrade` header is removed as hop-by-hop and no tunnel can open.
-pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
     let mut values = headers.get_all(header::UPGRADE).iter();
     let websocket = match (values.next(), values.next()) {
         (Some(v), None) => v
@@ -357,7 +357,7 @@ fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &str, alone:
 }
 
 /// The request id: the client's `X-Request-Id` when it is short and printable, else a new random one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID)
         && !v.is_empty()
         && v.len() <= 128

@@ -106,7 +106,7 @@ impl Claims {
     }
 
     /// The roles they grant (`roles`: an array of strings, or space-separated names).
-    pub fn roles(&self) -> Roles<'_> {
+    pub(crate) fn roles(&self) -> Roles<'_> {
         Roles {
             bytes: &self.bytes,
             table: self.table().0,
@@ -114,21 +114,21 @@ impl Claims {
     }
 
     /// The claims as a JSON object.
-    pub fn to_map(&self) -> Map<String, Value> {
+    pub(crate) fn to_map(&self) -> Map<String, Value> {
         Reader::new(CLAIMS_V1, self.object())
             .and_then(|mut r| r.object())
             .unwrap_or_default()
     }
 
     /// One claim.
-    pub fn get(&self, name: &str) -> Option<Value> {
+    pub(crate) fn get(&self, name: &str) -> Option<Value> {
         self.to_map().remove(name)
     }
 }
 
 /// The roles of [`Claims`], each the UTF-8 bytes of one role name.
 #[derive(Clone, Copy)]
-pub struct Roles<'a> {
+pub(crate) struct Roles<'a> {
     bytes: &'a [u8],
     /// What is left of the table.
     table: &'a [u8],

@@ -61,16 +61,16 @@ pub struct Record {
 
 impl Record {
     /// When the record stops being valid (Unix seconds).
-    pub fn expires_at(&self) -> u64 {
+    pub(crate) fn expires_at(&self) -> u64 {
         self.idle_expires_at.min(self.absolute_expires_at)
     }
 
     /// Whether the record is expired at `now` (Unix seconds).
-    pub fn is_expired(&self, now: u64) -> bool {
+    pub(crate) fn is_expired(&self, now: u64) -> bool {
         now >= self.expires_at()
     }
 
-    /// The record's stored form: [`RECORD_V1`], then `handle`, `subject` (length-prefixed),
+    /// The record's stored form: `RECORD_V1`, then `handle`, `subject` (length-prefixed),
     /// `version`, `created_at`, `last_seen`, `idle_expires_at`, `absolute_expires_at` (varints),
     /// `user_agent`, `idp_sid` (a presence byte, then the string), `sealed` (length-prefixed raw
     /// bytes). See [`binary`].
@@ -100,7 +100,7 @@ impl Record {
 
     /// A record from its stored form: [`Record::encode`]'s, or the JSON that versions before the
     /// binary format wrote (its first byte is `{`). `None` if the bytes are neither.
-    pub fn decode(bytes: &[u8]) -> Option<Record> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
         if bytes.first() == Some(&b'{') {
             return serde_json::from_slice(bytes).ok();
         }
@@ -123,7 +123,7 @@ impl Record {
 }
 
 /// The first byte of a [`Record::encode`]d record (JSON records start with `{`).
-pub const RECORD_V1: u8 = 1;
+pub(crate) const RECORD_V1: u8 = 1;
 
 /// `sealed` in the JSON form of a record (the stored form before [`RECORD_V1`], still read):
 /// unpadded standard base64.
@@ -132,11 +132,11 @@ mod b64 {
     use base64::engine::general_purpose::STANDARD_NO_PAD;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&STANDARD_NO_PAD.encode(v))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         STANDARD_NO_PAD
             .decode(s.as_bytes())
@@ -286,7 +286,7 @@ pub trait Events: Send + Sync {
 }
 
 /// The configured store (static dispatch; no boxing on the load path).
-pub enum AnyStore {
+pub(crate) enum AnyStore {
     Memory(memory::MemoryStore),
     Embedded(embedded::EmbeddedStore),
     Redis(redis::RedisStore),
@@ -369,19 +369,20 @@ impl Events for AnyStore {
 
 /// The configured store as coatcheck uses it: every call timed and its failures counted
 /// (`coatcheck_store_call_duration_seconds{op}`, `coatcheck_store_errors_total`).
-pub struct Backend {
+pub(crate) struct Backend {
     store: AnyStore,
     metrics: Arc<Metrics>,
 }
 
 impl Backend {
     /// Wraps `store`; its calls are recorded in `metrics`.
-    pub fn new(store: AnyStore, metrics: Arc<Metrics>) -> Backend {
+    pub(crate) fn new(store: AnyStore, metrics: Arc<Metrics>) -> Backend {
         Backend { store, metrics }
     }
 
     /// The store itself, untimed.
-    pub fn inner(&self) -> &AnyStore {
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> &AnyStore {
         &self.store
     }
 

@@ -17,9 +17,9 @@ use crate::secret::{self, Secret};
 const ID_LEN: usize = 16;
 const SECRET_LEN: usize = 16;
 const MAC_LEN: usize = 32;
-pub const TICKET_LEN: usize = ID_LEN + SECRET_LEN + MAC_LEN;
+pub(crate) const TICKET_LEN: usize = ID_LEN + SECRET_LEN + MAC_LEN;
 /// Encoded length of a ticket (base64url of 64 bytes, no padding).
-pub const ENCODED_LEN: usize = 86;
+pub(crate) const ENCODED_LEN: usize = 86;
 
 /// Keys derived from each configured `session.keys` entry; the first is current.
 pub struct Keys {
@@ -61,13 +61,13 @@ impl Keys {
     }
 
     /// Every key that may still decrypt a login cookie.
-    pub fn login_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+    pub(crate) fn login_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
         self.keys.iter().map(|k| &k.login_aead)
     }
 }
 
 /// The cookie value of a signed ticket's bytes ([`Ticket::signed`]).
-pub fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
+pub(crate) fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
     Secret::new(URL_SAFE_NO_PAD.encode(signed))
 }
 
@@ -96,7 +96,7 @@ fn handle_of(id: &[u8; ID_LEN]) -> [u8; 16] {
 
 /// The ticket of bytes already verified (a cached session keeps them, not the record key as
 /// well: that is derived when a write or a reload needs it).
-pub fn of_verified(verified: &[u8; TICKET_LEN]) -> Ticket {
+pub(crate) fn of_verified(verified: &[u8; TICKET_LEN]) -> Ticket {
     Presented(Secret::new(*verified)).ticket()
 }
 
@@ -148,17 +148,17 @@ fn decode_ticket(value: &[u8; ENCODED_LEN]) -> Option<[u8; TICKET_LEN]> {
 }
 
 /// The bytes of a cookie value as presented, decoded but not yet verified.
-pub struct Presented(Secret<[u8; TICKET_LEN]>);
+pub(crate) struct Presented(Secret<[u8; TICKET_LEN]>);
 
 impl Presented {
     /// Decodes a cookie value; `None` for anything of the wrong length or alphabet.
-    pub fn decode(value: &str) -> Option<Presented> {
+    pub(crate) fn decode(value: &str) -> Option<Presented> {
         let value: &[u8; ENCODED_LEN] = value.as_bytes().try_into().ok()?;
         decode_ticket(value).map(|raw| Presented(Secret::new(raw)))
     }
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine.
-    pub fn handle_bytes(&self) -> [u8; 16] {
+    pub(crate) fn handle_bytes(&self) -> [u8; 16] {
         let (id, _) = self
             .0
             .expose()
@@ -168,7 +168,7 @@ impl Presented {
     }
 
     /// The ticket, if its MAC verifies under one of `keys`.
-    pub fn verify(&self, keys: &Keys) -> Option<Ticket> {
+    pub(crate) fn verify(&self, keys: &Keys) -> Option<Ticket> {
         let (body, mac) = self.0.expose().split_at(ID_LEN + SECRET_LEN);
         let ok = keys
             .keys
@@ -179,18 +179,18 @@ impl Presented {
 
     /// Whether these are exactly the bytes of `verified` (constant time): bytes equal to a ticket
     /// that verified need no second MAC.
-    pub fn is(&self, verified: &[u8; TICKET_LEN]) -> bool {
+    pub(crate) fn is(&self, verified: &[u8; TICKET_LEN]) -> bool {
         secret::constant_time_eq(self.0.expose(), verified)
     }
 
     /// The bytes, to remember once verified.
-    pub fn bytes(&self) -> [u8; TICKET_LEN] {
+    pub(crate) fn bytes(&self) -> [u8; TICKET_LEN] {
         *self.0.expose()
     }
 
     /// The ticket these bytes hold; only for bytes already verified ([`Presented::verify`], or
     /// [`Presented::is`] a verified ticket's bytes).
-    pub fn ticket(&self) -> Ticket {
+    pub(crate) fn ticket(&self) -> Ticket {
         let raw = self.0.expose();
         let mut id = [0u8; ID_LEN];
         let mut s = [0u8; SECRET_LEN];
@@ -233,7 +233,7 @@ impl Ticket {
     }
 
     /// The cookie's bytes (`id ‖ secret ‖ mac`) under the current key.
-    pub fn signed(&self, keys: &Keys) -> [u8; TICKET_LEN] {
+    pub(crate) fn signed(&self, keys: &Keys) -> [u8; TICKET_LEN] {
         let mut raw = [0u8; TICKET_LEN];
         raw[..ID_LEN].copy_from_slice(&self.id);
         raw[ID_LEN..ID_LEN + SECRET_LEN].copy_from_slice(self.secret.expose());
@@ -248,7 +248,7 @@ impl Ticket {
     }
 
     /// [`Ticket::handle`] as bytes: the cache key, computed without allocating.
-    pub fn handle_bytes(&self) -> [u8; 16] {
+    pub(crate) fn handle_bytes(&self) -> [u8; 16] {
         handle_of(&self.id)
     }
 
@@ -291,7 +291,7 @@ impl Ticket {
 
     /// Decrypts a record's payload sealed by [`Ticket::seal_record`], or by a version before it
     /// (under [`Ticket::hkdf_record_key`]); `None` if it was altered or is not this ticket's.
-    pub fn open_record(&self, handle: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn open_record(&self, handle: &str, sealed: &[u8]) -> Option<Vec<u8>> {
         if let Some(v2) = sealed.strip_prefix(SEALED_V2)
             && let Some(plain) = secret::open(&self.record_key(), handle.as_bytes(), v2)
         {
@@ -303,16 +303,16 @@ impl Ticket {
 
 /// Cookie attributes shared by the session cookie's `Set-Cookie` headers.
 #[derive(Clone)]
-pub struct CookieSpec {
-    pub name: String,
-    pub same_site: SameSite,
+pub(crate) struct CookieSpec {
+    pub(crate) name: String,
+    pub(crate) same_site: SameSite,
     /// `Max-Age` in seconds, when the cookie is configured persistent.
-    pub max_age: Option<u64>,
+    pub(crate) max_age: Option<u64>,
 }
 
 impl CookieSpec {
     /// `Set-Cookie` for a new session ticket (DESIGN §4).
-    pub fn set(&self, value: &Secret) -> HeaderValue {
+    pub(crate) fn set(&self, value: &Secret) -> HeaderValue {
         let same_site = match self.same_site {
             SameSite::Strict => "Strict",
             SameSite::Lax => "Lax",
@@ -331,7 +331,7 @@ impl CookieSpec {
     }
 
     /// `Set-Cookie` that removes the session cookie.
-    pub fn clear(&self) -> HeaderValue {
+    pub(crate) fn clear(&self) -> HeaderValue {
         let same_site = match self.same_site {
             SameSite::Strict => "Strict",
             SameSite::Lax => "Lax",

@@ -4,7 +4,7 @@
 //!
 //! Older versions wrote JSON, which always starts with `{` (0x7B); a version byte is never that,
 //! so a reader decides by the first byte and both kinds keep loading ([`super::Record::decode`],
-//! [`crate::session::SessionData::decode`]).
+//! `crate::session::SessionData::decode_parts`).
 //!
 //! Reading never panics: every length is checked against what is left, a varint longer than ten
 //! bytes or overflowing 64 bits is refused, and a record must end exactly where its last field
@@ -67,15 +67,15 @@ impl Writer {
 /// `7` an array (varint count, values), `8` an object (varint count, key string and value pairs).
 /// Decoding builds the same `serde_json` values without tokenizing, unescaping or parsing numbers.
 mod tag {
-    pub const NULL: u8 = 0;
-    pub const FALSE: u8 = 1;
-    pub const TRUE: u8 = 2;
-    pub const UINT: u8 = 3;
-    pub const NEG: u8 = 4;
-    pub const FLOAT: u8 = 5;
-    pub const STRING: u8 = 6;
-    pub const ARRAY: u8 = 7;
-    pub const OBJECT: u8 = 8;
+    pub(crate) const NULL: u8 = 0;
+    pub(crate) const FALSE: u8 = 1;
+    pub(crate) const TRUE: u8 = 2;
+    pub(crate) const UINT: u8 = 3;
+    pub(crate) const NEG: u8 = 4;
+    pub(crate) const FLOAT: u8 = 5;
+    pub(crate) const STRING: u8 = 6;
+    pub(crate) const ARRAY: u8 = 7;
+    pub(crate) const OBJECT: u8 = 8;
 }
 
 /// Nesting deeper than this is refused when reading (serde_json's own recursion limit).

@@ -24,7 +24,7 @@ const BY_IDP_SID: MultimapTableDefinition<&str, &str> =
 
 /// A redb-backed store. Once-only state, leases and events stay in this process: the file
 /// belongs to one process (redb locks it).
-pub struct EmbeddedStore {
+pub(crate) struct EmbeddedStore {
     db: Arc<Database>,
     local: Local,
 }
@@ -48,7 +48,7 @@ fn decode(handle: &str, bytes: &[u8]) -> Option<Record> {
 
 impl EmbeddedStore {
     /// Opens (or creates) the database file, creating its directory if needed.
-    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Unavailable(format!("creating {}: {e}", dir.display()).into())

@@ -16,7 +16,7 @@ const EVENT_BUFFER: usize = 4096;
 const PURGE_ABOVE: usize = 10_000;
 
 /// In-process once-set, leases and event channel.
-pub struct Local {
+pub(crate) struct Local {
     once: Mutex<HashMap<String, Instant>>,
     leases: Mutex<HashMap<String, (String, Instant)>>,
     events: broadcast::Sender<Event>,

@@ -8,7 +8,7 @@ use super::{Record, Store, StoreError};
 
 /// A store in a `HashMap` (one lock; it is only reached on cache misses).
 #[derive(Default)]
-pub struct MemoryStore {
+pub(crate) struct MemoryStore {
     inner: Mutex<Inner>,
     local: Local,
 }
