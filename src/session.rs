@@ -1,8 +1,10 @@
 //! Sessions: the server-side half of the cloakroom.
 //!
 //! A request's cookie is verified ([`ticket`]) before anything else; then the decrypted session is
-//! looked up in the moka cache (a hit touches no store and takes no global lock), and only on a miss
-//! is the record loaded from the [`store`] and opened with the key derived from the ticket's secret.
+//! looked up in the moka cache (a hit touches no store and never waits for a lock: moka records the
+//! read in a lock-free buffer, and applies a batch of them to its eviction policy only when its
+//! housekeeping lock is free, `try_lock`), and only on a miss is the record loaded from the
+//! [`store`] and opened with the key derived from the ticket's secret.
 //!
 //! Caches are told, not left to expire: every change is published on the store's event channel
 //! ([`store::Events`]) and every instance drops its copy. An instance whose subscription dropped
