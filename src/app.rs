@@ -3,7 +3,7 @@
 //! `check` validates what can be validated offline (for `check-config`); [`start`] binds the
 //! listeners and returns a [`Running`] handle that tests and `main` use alike.
 //!
-//! - [`reload`]: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
+//! - `reload`: `SIGHUP` re-reads the configuration and the certificate ([`ReloadHandle::reload`]).
 //!
 //! Requests are served on one current-thread runtime per core (thread per core, as nginx runs one
 //! worker process per core), each accepting on its own `SO_REUSEPORT` socket: a connection, its
@@ -98,7 +98,7 @@ pub struct ReloadHandle(Arc<Reloader>);
 
 impl ReloadHandle {
     /// Re-reads the configuration file and the TLS certificate and key, and applies what may
-    /// change at run time (see [`reload`]); a file that does not validate changes nothing.
+    /// change at run time (see `reload`); a file that does not validate changes nothing.
     /// Blocks on file reads: a server calls it from `spawn_blocking` (as the `SIGHUP` handler does).
     pub fn reload(&self) -> ReloadOutcome {
         self.0.reload()

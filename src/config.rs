@@ -1,6 +1,6 @@
 //! The program's configuration: validated, typed, with every default named.
 //!
-//! [`Config::load`] reads `config.toml` (shape in [`file`]), resolves `env:`/`file:` secrets and checks
+//! [`Config::load`] reads `config.toml` (shape in [`file`](mod@file)), resolves `env:`/`file:` secrets and checks
 //! everything that can be checked without the network, collecting **every** problem as
 //! `key.path: reason` so an operator fixes them in one pass. Nothing is bound or fetched here.
 

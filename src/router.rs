@@ -3,7 +3,7 @@
 //! route (longest prefix), applies the route's policy through `auth`, hands the request to
 //! `proxy`, and is the one place that turns an [`Error`] into a response.
 //!
-//! - [`ratelimit`]: per-client-address token buckets for `/bff/login` and `/bff/callback`.
+//! - `ratelimit`: per-client-address token buckets for `/bff/login` and `/bff/callback`.
 
 pub(crate) mod ratelimit;
 

@@ -78,7 +78,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// The listener's certificate and key: one swap point read at every TLS handshake, so a reload
-/// ([`ServerCert::reload`]) applies to new connections while open ones keep the certificate they
+/// (`ServerCert::replace_with`) applies to new connections while open ones keep the certificate they
 /// were made with.
 #[derive(Debug)]
 pub struct ServerCert {

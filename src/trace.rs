@@ -7,11 +7,11 @@
 //! flags kept and `tracestate` unchanged. Identity-provider calls made while serving the request
 //! carry a child span of the same trace; background calls (discovery, JWKS) start their own.
 //!
-//! The hop travels with the request's task ([`scope`]), so the modules to the right (`auth`,
+//! The hop travels with the request's task (`scope`), so the modules to the right (`auth`,
 //! `proxy`) reach it without new parameters. Without export the cost is one hand-rolled parse,
 //! two draws from a thread-local generator and the one outgoing header value.
 //!
-//! With export on ([`init`]), spans go through the OpenTelemetry SDK to an OTLP/HTTP (protobuf)
+//! With export on (`init`), spans go through the OpenTelemetry SDK to an OTLP/HTTP (protobuf)
 //! collector: one server span per request named after the route (never the raw path), and
 //! children `session.lookup`, `session.refresh`, `upstream` and `idp.<endpoint>`. No attribute
 //! ever holds a header value, a query string, a token, a cookie or a secret: only the fixed

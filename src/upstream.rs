@@ -1,7 +1,7 @@
 //! Upstreams: where a route's requests go, and the connections that carry them.
 //!
 //! HTTP/1.1 keep-alive to every upstream through a pool of hyper connections of its own
-//! ([`pool`]); HTTP/2 to an https upstream that offers `h2` by ALPN and upgrades (WebSocket cannot
+//! (`pool`); HTTP/2 to an https upstream that offers `h2` by ALPN and upgrades (WebSocket cannot
 //! ride HTTP/2 here) through hyper-util's pooled clients.
 //!
 //! Each serving runtime (one per core, see `app`) has its own pools: a pooled connection's task

@@ -2,7 +2,7 @@
 //!
 //! A cached session held its claims as a `serde_json::Map` — a tree of small allocations, the
 //! largest part of a cached session beyond its tokens. They are kept encoded instead (the object
-//! encoding of [`super::store::binary`], the very bytes of the sealed record), with the `roles` a
+//! encoding of `super::store::binary`, the very bytes of the sealed record), with the `roles` a
 //! route policy reads on every request picked out once, as positions in those bytes: the claims
 //! and their roles are one allocation, and opening a session walks the encoded object instead of
 //! decoding it. `/bff/user` and a refresh's audience check decode them when they need them.

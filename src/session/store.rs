@@ -13,7 +13,7 @@
 //!
 //! `memory` and `embedded` coordinate within one process ([`local`]); `redis` across processes.
 //!
-//! Stored bytes are the compact binary encoding of [`binary`]: the embedded store keeps each
+//! Stored bytes are the compact binary encoding of `binary`: the embedded store keeps each
 //! [`Record`] as [`Record::encode`]; Redis keeps the fields in a hash (its scripts read the numbers,
 //! subject and sid as text) with `sealed` as raw bytes. Either way the sealed payload is
 //! `SessionData::encode`d. JSON written by earlier versions still loads.
@@ -73,7 +73,7 @@ impl Record {
     /// The record's stored form: `RECORD_V1`, then `handle`, `subject` (length-prefixed),
     /// `version`, `created_at`, `last_seen`, `idle_expires_at`, `absolute_expires_at` (varints),
     /// `user_agent`, `idp_sid` (a presence byte, then the string), `sealed` (length-prefixed raw
-    /// bytes). See [`binary`].
+    /// bytes). See `binary`.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = binary::Writer::new(
             RECORD_V1,
