@@ -42,16 +42,15 @@ impl Check<'_> {
         {
             return Err(Error::Csrf("cross-site requests are refused".into()));
         }
-        let origin = headers.get(header::ORIGIN);
-        if headers
-            .get_all(header::ORIGIN)
+        let origins = headers.get_all(header::ORIGIN);
+        if origins
             .iter()
             .any(|o| o.as_bytes() != self.public_origin.as_bytes())
         {
             return Err(Error::Csrf("the request's Origin is not this site".into()));
         }
         if upgrade {
-            return match origin {
+            return match origins.iter().next() {
                 Some(_) => Ok(()),
                 None => Err(Error::Csrf(
                     "a WebSocket upgrade needs an Origin header".into(),

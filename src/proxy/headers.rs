@@ -336,13 +336,17 @@ fn is_token_like(h: &str) -> bool {
 /// Appends `item` to the list header `name` (a chain a trusted proxy sent), or sets it to `alone`
 /// (`item` as a value) when there is nothing to append to.
 fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &str, alone: &HeaderValue) {
-    let mut existing = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .peekable();
+    // One lookup: nearly always the name is absent (a client's own values were just removed).
+    let mut entry = match headers.entry(name.clone()) {
+        http::header::Entry::Vacant(e) => {
+            e.insert(alone.clone());
+            return;
+        }
+        http::header::Entry::Occupied(e) => e,
+    };
+    let mut existing = entry.iter().filter_map(|v| v.to_str().ok()).peekable();
     if existing.peek().is_none() {
-        headers.insert(name.clone(), alone.clone());
+        entry.insert(alone.clone());
         return;
     }
     let mut joined = String::with_capacity(128);
@@ -352,7 +356,7 @@ fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &str, alone:
     }
     joined.push_str(item);
     if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name.clone(), v);
+        entry.insert(v);
     }
 }
 
