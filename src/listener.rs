@@ -449,9 +449,11 @@ struct IdleIo<T> {
     blocked: Option<(Instant, Pin<Box<Sleep>>)>,
     /// HTTP/1.1 only: holds each request head back until it is complete or over the limit.
     head: Option<HeadWatch>,
-    /// After an oversized head: the write side is shut and the rest of the client's bytes are
-    /// read and dropped for a while (a lingering close, as nginx does), so the client receives
-    /// the 431 instead of a reset for the bytes it is still sending.
+    /// When coatcheck closes an HTTP/1.1 connection (an oversized head, a request body refused or
+    /// left unread, `Connection: close`, shutdown): the write side is shut and the rest of the
+    /// client's bytes are read and dropped for a while (a lingering close, as nginx does), so the
+    /// client receives the answer (431, 413, …) instead of a reset for the bytes it is still
+    /// sending. Not after a protocol switch: a tunnel's bytes are the upstream's, never dropped.
     linger: Option<(Pin<Box<Sleep>>, usize)>,
 }
 
@@ -514,6 +516,13 @@ impl HeadWatch {
 }
 
 impl<T> IdleIo<T> {
+    /// Whether closing this connection lingers ([`IdleIo::linger`]): HTTP/1.1 (which counts
+    /// bytes) before any protocol switch, or after an oversized head.
+    fn lingers(&self) -> bool {
+        self.activity.oversized.load(Ordering::Acquire)
+            || (self.count_bytes && !self.activity.upgraded.load(Ordering::Acquire))
+    }
+
     fn new(
         inner: T,
         timeout: Duration,
@@ -846,7 +855,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.activity.oversized.load(Ordering::Acquire) {
+        if !this.lingers() {
             return Pin::new(&mut this.inner).poll_shutdown(cx);
         }
         if this.linger.is_none() {
