@@ -517,10 +517,9 @@ impl HeadWatch {
 
 impl<T> IdleIo<T> {
     /// Whether closing this connection lingers ([`IdleIo::linger`]): HTTP/1.1 (which counts
-    /// bytes) before any protocol switch, or after an oversized head.
+    /// bytes; an oversized head is HTTP/1.1 too) before any protocol switch.
     fn lingers(&self) -> bool {
-        self.activity.oversized.load(Ordering::Acquire)
-            || (self.count_bytes && !self.activity.upgraded.load(Ordering::Acquire))
+        self.count_bytes && !self.activity.upgraded.load(Ordering::Acquire)
     }
 
     fn new(
