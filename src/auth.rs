@@ -276,7 +276,7 @@ impl Auth {
         upstream: &Upstream,
         route: &Route,
         req: Request<Incoming>,
-        mut fwd: Forward<'_>,
+        fwd: &mut Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         // The other route kinds are boxed: awaited inline, their futures would be part of (and
         // moved with) every session-carrying request's future.
@@ -342,7 +342,7 @@ impl Auth {
         upstream: &Upstream,
         route: &Route,
         req: Request<Incoming>,
-        mut fwd: Forward<'_>,
+        fwd: &mut Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         let upgrade = headers::is_upgrade_request(req.headers());
         self.csrf()
@@ -362,7 +362,7 @@ impl Auth {
         upstream: &Upstream,
         route: &Route,
         req: Request<Incoming>,
-        fwd: Forward<'_>,
+        fwd: &Forward<'_>,
         ended: bool,
     ) -> Result<Response<Body>, Error> {
         let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
@@ -381,7 +381,7 @@ impl Auth {
         upstream: &Upstream,
         route: &Route,
         mut req: Request<Incoming>,
-        fwd: Forward<'_>,
+        fwd: &Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         let capture = self.capture().ok_or(Error::NotFound)?;
         self.csrf()
@@ -408,7 +408,7 @@ impl Auth {
         upstream: &Upstream,
         route: &Route,
         req: Request<Incoming>,
-        mut fwd: Forward<'_>,
+        fwd: &mut Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         let unauth = || Error::Unauthenticated {
             login_url: LOGIN_PATH.into(),

@@ -91,54 +91,77 @@ pub(crate) struct Plain;
 impl Phases for Plain {}
 
 /// Forwards `req` to `upstream` for `route`, streaming the body under the route's size limit.
-pub(crate) async fn forward(
-    upstream: &Upstream,
-    route: &Route,
+///
+/// The request is split and rewritten when this is called; the future holds the outbound parts
+/// once (an `async fn` holds its arguments twice, and this future is part of every proxied
+/// request's, moved with it at each level above).
+pub(crate) fn forward<'a>(
+    upstream: &'a Upstream,
+    route: &'a Route,
     req: Request<Incoming>,
-    fwd: Forward<'_>,
-    phases: &impl Phases,
-) -> Result<Response<Body>, Error> {
-    let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
-    let retry = phases.keep_for_retry()
-        && client_upgrade.is_none()
-        && replayable(route, &parts, body.inner());
-    rewrite(upstream, route, &mut parts, &fwd, client_upgrade.is_some())?;
-    if retry {
-        let body = keep_body(route, body).await?;
-        let kept = ReplayHead::keep(&parts);
-        // Neither send carries the client request's extensions.
-        parts.extensions = http::Extensions::new();
-        let first = Request::from_parts(parts, Either::Right(Full::new(body.clone())));
-        let res = send(upstream, route, first, None, &fwd).await?;
-        let res = match phases.retry_with(&res).await? {
-            Some(authorization) => {
-                send(
-                    upstream,
-                    route,
-                    kept.request(authorization, body)?,
-                    None,
-                    &fwd,
-                )
-                .await?
+    fwd: &'a Forward<'_>,
+    phases: &'a impl Phases,
+) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
+    let mut out = match Outbound::prepare(upstream, route, req, fwd, phases.keep_for_retry()) {
+        Ok(out) => out,
+        Err(e) => return tokio_util::either::Either::Left(std::future::ready(Err(e))),
+    };
+    tokio_util::either::Either::Right(async move {
+        let res = if out.retry {
+            let body = keep_body(route, out.body).await?;
+            let kept = ReplayHead::keep(&out.parts);
+            // Neither send carries the client request's extensions.
+            out.parts.extensions = http::Extensions::new();
+            let first = Request::from_parts(out.parts, Either::Right(Full::new(body.clone())));
+            let res = send(upstream, route, first, None, fwd).await?;
+            match phases.retry_with(&res).await? {
+                Some(authorization) => {
+                    let again = kept.request(authorization, body)?;
+                    send(upstream, route, again, None, fwd).await?
+                }
+                None => res,
             }
-            None => res,
+        } else {
+            let limit = route.max_body_bytes as usize;
+            let body = Primed::prime(out.body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
+                .await
+                .map_err(|e| client_body_error(&e))?;
+            let body = Either::Left(Limited::new(body, limit));
+            let req = Request::from_parts(out.parts, body);
+            send(upstream, route, req, out.client_upgrade, fwd).await?
         };
-        return phases.response_filter(res).await;
+        phases.response_filter(res).await
+    })
+}
+
+/// A client request split and rewritten for the upstream: the synchronous part of [`forward`].
+struct Outbound {
+    parts: http::request::Parts,
+    body: Stalling<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Whether the body is kept (and the head with it) for one replay.
+    retry: bool,
+}
+
+impl Outbound {
+    fn prepare(
+        upstream: &Upstream,
+        route: &Route,
+        req: Request<Incoming>,
+        fwd: &Forward<'_>,
+        keep_for_retry: bool,
+    ) -> Result<Outbound, Error> {
+        let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
+        let retry =
+            keep_for_retry && client_upgrade.is_none() && replayable(route, &parts, body.inner());
+        rewrite(upstream, route, &mut parts, fwd, client_upgrade.is_some())?;
+        Ok(Outbound {
+            parts,
+            body,
+            client_upgrade,
+            retry,
+        })
     }
-    let limit = route.max_body_bytes as usize;
-    let body = Primed::prime(body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
-        .await
-        .map_err(|e| client_body_error(&e))?;
-    let body = Either::Left(Limited::new(body, limit));
-    let res = send(
-        upstream,
-        route,
-        Request::from_parts(parts, body),
-        client_upgrade,
-        &fwd,
-    )
-    .await?;
-    phases.response_filter(res).await
 }
 
 /// Whether a request may be buffered for one replay: a body that is absent or declared no larger
@@ -400,17 +423,58 @@ pub(crate) fn rewrite(
 }
 
 /// Sends a prepared request and turns the upstream's answer (or failure) into ours.
-pub(crate) async fn send(
-    upstream: &Upstream,
-    route: &Route,
+///
+/// The request is handed to the upstream connection when this is called, not when the future is
+/// first polled: the future then holds only what the answer needs. As an `async fn` it would hold
+/// the request twice (an argument and its local copy, about 350 bytes each) for its whole life,
+/// and every future above it on the request path would carry and move those bytes.
+pub(crate) fn send<'a>(
+    upstream: &'a Upstream,
+    route: &'a Route,
     mut req: Request<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    fwd: &'a Forward<'_>,
+) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
+    let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let span = crate::trace::upstream(req.headers_mut(), &upstream.host);
+    let (response, progress) = upstream.send(req, client_upgrade.is_some());
+    let sent = Sent {
+        response,
+        progress,
+        span,
+        client_upgrade,
+        request_id,
+    };
+    answer(upstream, route, sent, fwd)
+}
+
+/// A request handed to the upstream connection, and what its answer needs.
+struct Sent<'a> {
+    response: crate::upstream::Boxed<'a, Response<Incoming>>,
+    /// When the request body last moved (the deadline counts from there).
+    progress: Progress,
+    span: crate::trace::ChildSpan,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The `X-Request-Id` sent upstream, echoed back on the answer.
+    request_id: Option<HeaderValue>,
+}
+
+/// The second half of [`send`]: waits for the upstream's answer (within the route's deadline) and
+/// turns it, or the failure, into ours.
+async fn answer(
+    upstream: &Upstream,
+    route: &Route,
+    sent: Sent<'_>,
     fwd: &Forward<'_>,
 ) -> Result<Response<Body>, Error> {
-    let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let Sent {
+        response,
+        progress,
+        mut span,
+        client_upgrade,
+        request_id,
+    } = sent;
     let slot = fwd.slot;
-    let mut span = crate::trace::upstream(req.headers_mut(), &upstream.host);
-    let (response, progress) = upstream.send(req, client_upgrade.is_some());
     let mut res = tokio::select! {
         r = response => r.map_err(|e| {
             let e = classify(e, route);

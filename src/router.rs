@@ -295,7 +295,7 @@ impl Router {
             return self.serve_bff(auth, req, &path, client, record).await;
         }
         let entry = self.select_route(&req, &path, record)?;
-        let fwd = proxy::Forward {
+        let mut fwd = proxy::Forward {
             path: entry.forward_path(&path),
             client: peer,
             peer_trusted: self.is_trusted_proxy(peer),
@@ -306,7 +306,7 @@ impl Router {
             own_cookie: self.auth.as_ref().map(|a| a.cookie_name()),
             slot,
         };
-        self.upstream_phase(entry, req, &path, fwd).await
+        self.upstream_phase(entry, req, &path, &mut fwd).await
     }
 
     /// The request filter ([`Router::screen`]), the header block's size, and the normalized path
@@ -324,12 +324,15 @@ impl Router {
         }
         self.screen(req)?;
         let path = NormalizedPath::parse(uri.path())?;
-        let own = matches!(path.matched.as_ref(), "/healthz" | "/readyz")
-            || (self.auth.is_some() && auth::is_bff_path(&path.matched));
-        if path.separator && own {
+        if path.separator && self.is_own_path(&path.matched) {
             return Err(encoded_separator());
         }
         Ok(path)
+    }
+
+    /// Whether coatcheck answers `path` itself: `/healthz`, `/readyz`, and `/bff/*` with `[oidc]`.
+    fn is_own_path(&self, path: &str) -> bool {
+        matches!(path, "/healthz" | "/readyz") || (self.auth.is_some() && auth::is_bff_path(path))
     }
 
     /// `/healthz` and `/readyz`, answered by coatcheck itself.
@@ -410,7 +413,7 @@ impl Router {
         entry: &RouteEntry,
         req: Request<Incoming>,
         path: &NormalizedPath<'_>,
-        fwd: proxy::Forward<'_>,
+        fwd: &mut proxy::Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         let route = &entry.config;
         if let Some(auth) = &self.auth

@@ -81,7 +81,7 @@ pub(crate) enum UpstreamError {
 }
 
 /// A boxed future of an exchange with the upstream.
-type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
+pub(crate) type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
 
 /// A new connection: HTTP/1.1, or an upstream that chose HTTP/2 by ALPN.
 enum Connected {
