@@ -1302,6 +1302,43 @@ async fn a_chunked_body_over_the_limit_gets_413() {
     proxy.stop().await;
 }
 
+/// An early answer reaches a client that is still sending (RFC 9112 §9.6): coatcheck answers 413
+/// in the middle of a chunked upload and closes the connection, but it keeps reading and dropping
+/// what the client sends for a while (a lingering close). Closed at once, its socket would meet
+/// the client's next bytes with a reset, which fails the client's writes and throws away the
+/// answer the client has not read yet.
+#[tokio::test]
+async fn an_early_413_reaches_a_client_that_keeps_sending() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&route("/api/", &up.url(), "max_body_bytes = 1000")).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(
+        b"POST /api/upload HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await;
+    let chunk = format!("1000\r\n{}\r\n", "a".repeat(0x1000));
+    // 4 KiB is over the limit: coatcheck answers 413 and closes its side.
+    conn.send(chunk.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client has read nothing yet and goes on sending. Each write succeeds (`send` panics on
+    // a broken pipe or a reset), and so does the read of the answer afterwards.
+    for _ in 0..16 {
+        conn.send(chunk.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let res = conn.read_response().await;
+    assert_eq!(res.status, 413, "{:?}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.json()["error"], "payload_too_large");
+    assert!(
+        res.headers
+            .iter()
+            .any(|(n, v)| n == "connection" && v == "close"),
+        "{:?}",
+        res.headers
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_request_headers_get_431() {
     let up = Upstream::start().await;
