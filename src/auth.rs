@@ -289,7 +289,8 @@ impl Auth {
             }
             _ => {}
         }
-        let upgrade = headers::is_upgrade_request(req.headers());
+        let upgrade =
+            fwd.scan.has(headers::FieldScan::UPGRADE) && headers::is_upgrade_request(req.headers());
         let lookup = match self
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)
@@ -344,7 +345,8 @@ impl Auth {
         req: Request<Incoming>,
         fwd: &mut Forward<'_>,
     ) -> Result<Response<Body>, Error> {
-        let upgrade = headers::is_upgrade_request(req.headers());
+        let upgrade =
+            fwd.scan.has(headers::FieldScan::UPGRADE) && headers::is_upgrade_request(req.headers());
         self.csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)?;
         let tokens = self

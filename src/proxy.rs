@@ -56,6 +56,8 @@ pub(crate) struct Forward<'a> {
     pub(crate) own_cookie: Option<&'a str>,
     /// The HTTP/1.1 client connection the request came on (`None` on HTTP/2).
     pub(crate) slot: Option<&'a ConnectionSlot>,
+    /// The fields the client's head held (taken before any was removed).
+    pub(crate) scan: headers::FieldScan,
 }
 
 /// What a caller adds to the forwarding of one request. Every method has a default that does
@@ -151,9 +153,10 @@ impl Outbound {
         fwd: &Forward<'_>,
         keep_for_retry: bool,
     ) -> Result<Outbound, Error> {
-        let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle)?;
-        let retry =
-            keep_for_retry && client_upgrade.is_none() && replayable(route, &parts, body.inner());
+        let (mut parts, body, client_upgrade) = split(route, req, fwd.body_idle, fwd.scan)?;
+        let retry = keep_for_retry
+            && client_upgrade.is_none()
+            && replayable(route, &parts, body.inner(), fwd.scan);
         rewrite(upstream, route, &mut parts, fwd, client_upgrade.is_some())?;
         Ok(Outbound {
             parts,
@@ -166,11 +169,19 @@ impl Outbound {
 
 /// Whether a request may be buffered for one replay: a body that is absent or declared no larger
 /// than the route's `retry_body_bytes`.
-fn replayable(route: &Route, parts: &http::request::Parts, body: &Incoming) -> bool {
-    if route.retry_body_bytes == 0 || parts.headers.contains_key(header::TRANSFER_ENCODING) {
+fn replayable(
+    route: &Route,
+    parts: &http::request::Parts,
+    body: &Incoming,
+    scan: headers::FieldScan,
+) -> bool {
+    if route.retry_body_bytes == 0
+        || (scan.has(headers::FieldScan::TRANSFER_ENCODING)
+            && parts.headers.contains_key(header::TRANSFER_ENCODING))
+    {
         return false;
     }
-    match content_length(&parts.headers) {
+    match content_length(&parts.headers, scan) {
         Some(n) => n <= route.retry_body_bytes,
         // No Content-Length and no Transfer-Encoding: HTTP/1.1 has no body; HTTP/2 may stream one.
         None => parts.version != Version::HTTP_2 || http_body::Body::is_end_stream(body),
@@ -331,6 +342,7 @@ pub(crate) fn split(
     route: &Route,
     mut req: Request<Incoming>,
     body_idle: Duration,
+    scan: headers::FieldScan,
 ) -> Result<
     (
         http::request::Parts,
@@ -339,14 +351,16 @@ pub(crate) fn split(
     ),
     Error,
 > {
-    if let Some(len) = content_length(req.headers())
+    if let Some(len) = content_length(req.headers(), scan)
         && len > route.max_body_bytes
     {
         return Err(Error::PayloadTooLarge {
             limit: route.max_body_bytes,
         });
     }
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    let upgrade = req.version() == Version::HTTP_11
+        && scan.has(headers::FieldScan::UPGRADE)
+        && headers::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     Ok((
@@ -357,7 +371,10 @@ pub(crate) fn split(
 }
 
 /// The declared `Content-Length`, if any.
-pub(crate) fn content_length(h: &http::HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(h: &http::HeaderMap, scan: headers::FieldScan) -> Option<u64> {
+    if !scan.has(headers::FieldScan::CONTENT_LENGTH) {
+        return None;
+    }
     h.get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
@@ -387,7 +404,10 @@ pub(crate) fn rewrite(
     // refused on an HTTP/1.1 connection (see ../shared/CRATES.md).
     parts.version = Version::HTTP_11;
     let h = &mut parts.headers;
-    headers::strip_hop_by_hop(h, upgrade);
+    // Without any hop-by-hop field there is nothing to strip (and no upgrade to keep).
+    if fwd.scan.has(headers::FieldScan::HOP_BY_HOP) {
+        headers::strip_hop_by_hop(h, upgrade);
+    }
     headers::add_forwarding(
         h,
         fwd.client,
@@ -436,7 +456,8 @@ pub(crate) fn send<'a>(
     fwd: &'a Forward<'_>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
-    let span = crate::trace::upstream(req.headers_mut(), &upstream.host);
+    let tracestate = fwd.scan.has(headers::FieldScan::TRACESTATE);
+    let span = crate::trace::upstream(req.headers_mut(), &upstream.host, tracestate);
     let (response, progress) = upstream.send(req, client_upgrade.is_some());
     let sent = Sent {
         response,
@@ -510,8 +531,13 @@ async fn answer(
         let upstream_upgrade = hyper::upgrade::on(&mut res);
         tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot.cloned()));
     }
-    headers::strip_hop_by_hop(res.headers_mut(), upgraded);
-    if let Some(base) = fwd.own_cookie {
+    let scan = headers::FieldScan::of(res.headers());
+    if scan.has(headers::FieldScan::HOP_BY_HOP) {
+        headers::strip_hop_by_hop(res.headers_mut(), upgraded);
+    }
+    if let Some(base) = fwd.own_cookie
+        && scan.has(headers::FieldScan::SET_COOKIE)
+    {
         let removed = headers::strip_own_set_cookies(res.headers_mut(), base);
         if !removed.is_empty() {
             tracing::warn!(upstream = %upstream.name, cookies = ?removed, "dropped upstream Set-Cookie naming coatcheck's own cookies");

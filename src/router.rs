@@ -156,8 +156,9 @@ impl Router {
         peer: IpAddr,
         slot: Option<Arc<ConnectionSlot>>,
     ) -> Response<Logged<Body>> {
+        let scan = headers::FieldScan::of(req.headers());
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
-        let request_id = headers::request_id(req.headers());
+        let request_id = headers::request_id(req.headers(), scan);
         let http1 = req.version() <= Version::HTTP_11;
         let (hop, span) = trace::start(
             req.headers(),
@@ -166,6 +167,7 @@ impl Router {
                 version: req.version(),
                 uri: req.uri(),
                 request_id: &request_id,
+                traceparent: scan.has(headers::FieldScan::TRACEPARENT),
             },
         );
         let mut record = Box::new(AccessRecord {
@@ -181,7 +183,13 @@ impl Router {
             error: None,
             span,
         });
-        let inner = self.handle_inner(req, peer, client, &request_id, slot.as_deref(), &mut record);
+        let inner = self.handle_inner(
+            req,
+            Arrival { peer, client, scan },
+            &request_id,
+            slot.as_deref(),
+            &mut record,
+        );
         let res = match trace::scope(hop, inner).await {
             Ok(res) => res,
             Err(e) => self.fail(&e, &mut record),
@@ -193,7 +201,7 @@ impl Router {
     /// parsed (the listener stopped reading it): the same JSON 431 the router gives below hyper's
     /// ceiling, so every size gets one answer.
     pub(crate) fn refuse_oversized_head(&self, peer: IpAddr) -> Response<Logged<Body>> {
-        let request_id = headers::request_id(&http::HeaderMap::new());
+        let request_id = headers::request_id(&http::HeaderMap::new(), headers::FieldScan::UNKNOWN);
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),
             method: Method::GET,
@@ -277,15 +285,15 @@ impl Router {
     async fn handle_inner(
         &self,
         mut req: Request<Incoming>,
-        peer: IpAddr,
-        client: IpAddr,
+        arrival: Arrival,
         request_id: &HeaderValue,
         slot: Option<&ConnectionSlot>,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, Error> {
+        let Arrival { peer, client, scan } = arrival;
         // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
         let uri = req.uri().clone();
-        let path = self.request_filter(&mut req, &uri)?;
+        let path = self.request_filter(&mut req, &uri, scan)?;
         if let Some(res) = self.own_endpoint(&path).await {
             return Ok(res);
         }
@@ -305,6 +313,7 @@ impl Router {
             authorization: None,
             own_cookie: self.auth.as_ref().map(|a| a.cookie_name()),
             slot,
+            scan,
         };
         self.upstream_phase(entry, req, &path, &mut fwd).await
     }
@@ -315,14 +324,15 @@ impl Router {
         &self,
         req: &mut Request<Incoming>,
         uri: &'u http::Uri,
+        scan: headers::FieldScan,
     ) -> Result<NormalizedPath<'u>, Error> {
-        let size = header_bytes(req);
+        let size = head_bytes(req, scan);
         if size > self.max_header_bytes {
             return Err(Error::HeadersTooLarge {
                 limit: self.max_header_bytes,
             });
         }
-        self.screen(req)?;
+        self.screen(req, scan)?;
         let path = NormalizedPath::parse(uri.path())?;
         if path.separator && self.is_own_path(&path.matched) {
             return Err(encoded_separator());
@@ -445,7 +455,7 @@ impl Router {
     /// The request filter every request passes before routing (RFC 9110/9112/9113 field rules):
     /// one valid `Host` without userinfo, no `TRACE`/`TRACK`/`CONNECT`, no method-override
     /// headers, no header names with `_` (dropped, or refused with `underscore_headers = "refuse"`).
-    fn screen(&self, req: &mut Request<Incoming>) -> Result<(), Error> {
+    fn screen(&self, req: &mut Request<Incoming>, scan: headers::FieldScan) -> Result<(), Error> {
         check_host(req)?;
         if REFUSED_METHODS.contains(&req.method().as_str()) {
             return Err(Error::MethodNotAllowed {
@@ -453,8 +463,10 @@ impl Router {
             });
         }
         let h = req.headers_mut();
-        headers::strip_method_overrides(h);
-        if headers::has_underscore_names(h) {
+        if scan.has(headers::FieldScan::METHOD_OVERRIDE) {
+            headers::strip_method_overrides(h);
+        }
+        if scan.has(headers::FieldScan::UNDERSCORE) {
             match self.underscore_headers {
                 UnderscoreHeaders::Drop => headers::strip_underscore_names(h),
                 UnderscoreHeaders::Refuse => {
@@ -471,6 +483,16 @@ impl Router {
     fn route_for(&self, path: &str) -> Option<&RouteEntry> {
         self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
     }
+}
+
+/// Who sent a request, and what its head holds.
+#[derive(Clone, Copy)]
+struct Arrival {
+    /// The connection's peer.
+    peer: IpAddr,
+    /// The client: the peer, or the address a trusted proxy forwarded for.
+    client: IpAddr,
+    scan: headers::FieldScan,
 }
 
 /// `coatcheck.auth` of a request's span: the route's auth mode as configured.
@@ -579,15 +601,11 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Size of the request line and headers as they would be on an HTTP/1.1 wire.
-fn header_bytes<B>(req: &Request<B>) -> usize {
+fn head_bytes<B>(req: &Request<B>, scan: headers::FieldScan) -> usize {
     let line = req.method().as_str().len()
         + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
         + 12;
-    line + req
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>()
+    line + scan.bytes
 }
 
 /// Turns an error into coatcheck's JSON answer (DESIGN §5); the admin listener's too.

@@ -242,11 +242,17 @@ pub(crate) struct RequestInfo<'a> {
     /// For the `:authority` of an HTTP/2 request without `Host`.
     pub(crate) uri: &'a http::Uri,
     pub(crate) request_id: &'a HeaderValue,
+    /// Whether the head holds a `traceparent` (when it does not, none is looked for).
+    pub(crate) traceparent: bool,
 }
 
 /// Starts the hop of a request: continues the client's trace or starts one.
 pub(crate) fn start(headers: &HeaderMap, info: &RequestInfo<'_>) -> (Hop, ServerSpan) {
-    let parent = TraceParent::from_headers(headers);
+    let parent = if info.traceparent {
+        TraceParent::from_headers(headers)
+    } else {
+        None
+    };
     let Some(tracer) = tracer() else {
         let own = TraceParent {
             trace_id: parent.map_or_else(new_trace_id, |p| p.trace_id),
@@ -454,8 +460,13 @@ impl Drop for RefreshSpan {
 
 /// The `upstream` client span and the `traceparent`/`tracestate` the upstream request carries:
 /// the hop's (or this span's) trace, `tracestate` dropped when the client's trace was not valid.
-/// Outside a request the headers are left as they are.
-pub(crate) fn upstream(headers: &mut HeaderMap, authority: &HeaderValue) -> ChildSpan {
+/// Outside a request the headers are left as they are. `tracestate`: whether the headers may hold a
+/// `tracestate` (when they do not, there is nothing to drop and none is looked for).
+pub(crate) fn upstream(
+    headers: &mut HeaderMap,
+    authority: &HeaderValue,
+    tracestate: bool,
+) -> ChildSpan {
     let mut attrs = Vec::new();
     if tracer().is_some()
         && let Ok(a) = authority.to_str()
@@ -471,7 +482,7 @@ pub(crate) fn upstream(headers: &mut HeaderMap, authority: &HeaderValue) -> Chil
     if let (Some(span), Ok((own, continued))) = (span, hop) {
         let value = span.traceparent.clone().unwrap_or_else(|| own.to_header());
         headers.insert(TRACEPARENT.clone(), value);
-        if !continued {
+        if !continued && tracestate {
             headers.remove(&TRACESTATE);
         }
         return span;
@@ -701,12 +712,13 @@ mod tests {
             version: http::Version::HTTP_11,
             uri: &http::Uri::from_static("/"),
             request_id: &id,
+            traceparent: true,
         };
         let (hop, _span) = start(&incoming, &info);
         let out = scope(hop, async {
             let mut h = incoming.clone();
             h.insert(&TRACESTATE, HeaderValue::from_static("a=b"));
-            let _s = upstream(&mut h, &HeaderValue::from_static("x:1"));
+            let _s = upstream(&mut h, &HeaderValue::from_static("x:1"), true);
             h
         })
         .await;

@@ -18,29 +18,95 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 /// Method-override headers some frameworks honour: a `POST` would run as `DELETE` behind the
-/// CSRF and method checks, so none of them is ever forwarded.
+/// CSRF and method checks, so none of them is ever forwarded (the list: [`FieldScan::flags_of`]).
 fn is_method_override(name: &str) -> bool {
-    matches!(
-        name,
-        "x-http-method-override" | "x-http-method" | "x-method-override"
-    )
+    FieldScan::flags_of(name) & FieldScan::METHOD_OVERRIDE != 0
 }
 
-/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`.
-/// A `match` on the name's text: one switch on its length, then one comparison.
+/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`
+/// (the list: [`FieldScan::flags_of`]).
 fn is_fixed_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
+    FieldScan::flags_of(name) & FieldScan::HOP_BY_HOP != 0
+}
+
+/// Which of the fields the request path asks about a header block holds, and the block's size:
+/// found in one walk over the map, so that each field that is absent (nearly all of them, nearly
+/// always) costs no hash lookup. nginx does the same while it parses a head (`headers_in`).
+///
+/// A scan describes the map it was taken of. Removing fields afterwards leaves it true for every
+/// field still there; a field added afterwards is not in it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FieldScan {
+    flags: u16,
+    /// The block's size as `max_header_bytes` counts it: `name: value\r\n` per field.
+    pub(crate) bytes: usize,
+}
+
+impl FieldScan {
+    pub(crate) const CONNECTION: u16 = 1;
+    pub(crate) const TE: u16 = 1 << 1;
+    pub(crate) const UPGRADE: u16 = 1 << 2;
+    pub(crate) const TRANSFER_ENCODING: u16 = 1 << 3;
+    pub(crate) const CONTENT_LENGTH: u16 = 1 << 4;
+    pub(crate) const TRACEPARENT: u16 = 1 << 5;
+    pub(crate) const TRACESTATE: u16 = 1 << 6;
+    pub(crate) const X_REQUEST_ID: u16 = 1 << 7;
+    pub(crate) const SET_COOKIE: u16 = 1 << 8;
+    /// Any field of the fixed hop-by-hop list (`Connection`, `TE` and `Upgrade` included).
+    pub(crate) const HOP_BY_HOP: u16 = 1 << 9;
+    pub(crate) const METHOD_OVERRIDE: u16 = 1 << 10;
+    /// A field name with `_` (nginx and Envoy treat these as invalid by default: some stacks read
+    /// `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
+    pub(crate) const UNDERSCORE: u16 = 1 << 11;
+
+    /// A scan that knows nothing: every field may be there (each check looks).
+    pub(crate) const UNKNOWN: FieldScan = FieldScan {
+        flags: u16::MAX,
+        bytes: 0,
+    };
+
+    pub(crate) fn of(headers: &HeaderMap) -> FieldScan {
+        let mut flags = 0;
+        let mut bytes = 0;
+        for (name, value) in headers {
+            bytes += name.as_str().len() + value.len() + 4;
+            flags |= Self::flags_of(name.as_str());
+        }
+        FieldScan { flags, bytes }
+    }
+
+    /// The flags of one field name: a `match` on its text (one switch on the length, then one
+    /// comparison). This is where the hop-by-hop and method-override lists are spelled.
+    fn flags_of(name: &str) -> u16 {
+        const HOP: u16 = FieldScan::HOP_BY_HOP;
+        match name {
+            "connection" => Self::CONNECTION | HOP,
+            "te" => Self::TE | HOP,
+            "upgrade" => Self::UPGRADE | HOP,
+            "transfer-encoding" => Self::TRANSFER_ENCODING | HOP,
+            "keep-alive"
             | "proxy-connection"
-            | "te"
             | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
             | "proxy-authenticate"
-            | "proxy-authorization"
-    )
+            | "proxy-authorization" => HOP,
+            "content-length" => Self::CONTENT_LENGTH,
+            "traceparent" => Self::TRACEPARENT,
+            "tracestate" => Self::TRACESTATE,
+            "x-request-id" => Self::X_REQUEST_ID,
+            "set-cookie" => Self::SET_COOKIE,
+            "x-http-method-override" | "x-http-method" | "x-method-override" => {
+                Self::METHOD_OVERRIDE
+            }
+            // No name above has a `_`.
+            _ if name.contains('_') => Self::UNDERSCORE,
+            _ => 0,
+        }
+    }
+
+    /// Whether the block may hold any of `flags`' fields.
+    pub(crate) fn has(self, flags: u16) -> bool {
+        self.flags & flags != 0
+    }
 }
 
 /// Whether the request asks for a WebSocket upgrade in HTTP/1.1 terms: `Connection: upgrade` and
@@ -66,12 +132,6 @@ pub(crate) fn is_websocket_switch(headers: &HeaderMap) -> bool {
 /// `X-Method-Override`).
 pub(crate) fn strip_method_overrides(headers: &mut HeaderMap) {
     remove_where(headers, is_method_override);
-}
-
-/// Whether any header name contains `_` (nginx and Envoy treat these as invalid by default: some
-/// stacks read `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
-pub(crate) fn has_underscore_names(headers: &HeaderMap) -> bool {
-    headers.keys().any(|n| n.as_str().contains('_'))
 }
 
 /// Removes every header whose name contains `_`.
@@ -361,8 +421,9 @@ fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &str, alone:
 }
 
 /// The request id: the client's `X-Request-Id` when it is short and printable, else a new random one.
-pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID)
+pub(crate) fn request_id(headers: &HeaderMap, scan: FieldScan) -> HeaderValue {
+    if scan.has(FieldScan::X_REQUEST_ID)
+        && let Some(v) = headers.get(&X_REQUEST_ID)
         && !v.is_empty()
         && v.len() <= 128
         && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
@@ -658,10 +719,48 @@ mod tests {
             ("x_auth_user", "admin"),
             ("x-ok", "1"),
         ]);
+        assert!(FieldScan::of(&h).has(FieldScan::METHOD_OVERRIDE));
         strip_method_overrides(&mut h);
-        assert!(has_underscore_names(&h));
+        assert!(FieldScan::of(&h).has(FieldScan::UNDERSCORE));
         strip_underscore_names(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
+        let left = FieldScan::of(&h);
+        assert!(!left.has(FieldScan::UNDERSCORE | FieldScan::METHOD_OVERRIDE));
+    }
+
+    #[test]
+    fn a_scan_finds_each_field_it_names_and_sizes_the_block() {
+        let cases: [(&str, u16); 13] = [
+            ("connection", FieldScan::CONNECTION | FieldScan::HOP_BY_HOP),
+            ("te", FieldScan::TE | FieldScan::HOP_BY_HOP),
+            ("upgrade", FieldScan::UPGRADE | FieldScan::HOP_BY_HOP),
+            (
+                "transfer-encoding",
+                FieldScan::TRANSFER_ENCODING | FieldScan::HOP_BY_HOP,
+            ),
+            ("keep-alive", FieldScan::HOP_BY_HOP),
+            ("proxy-authorization", FieldScan::HOP_BY_HOP),
+            ("content-length", FieldScan::CONTENT_LENGTH),
+            ("traceparent", FieldScan::TRACEPARENT),
+            ("tracestate", FieldScan::TRACESTATE),
+            ("x-request-id", FieldScan::X_REQUEST_ID),
+            ("set-cookie", FieldScan::SET_COOKIE),
+            ("x-http-method-override", FieldScan::METHOD_OVERRIDE),
+            ("x_auth_user", FieldScan::UNDERSCORE),
+        ];
+        let all = cases.iter().fold(0, |a, (_, f)| a | f);
+        for (name, flags) in cases {
+            // Among ordinary fields, and with a second value of the same name.
+            let h = map(&[("host", "a"), (name, "1"), ("accept", "*/*"), (name, "2")]);
+            let scan = FieldScan::of(&h);
+            assert!(scan.has(flags), "{name}");
+            assert!(!scan.has(all & !flags), "{name}: {scan:?}");
+            let bytes = 4 + 1 + 4 + 6 + 3 + 4 + 2 * (name.len() + 1 + 4);
+            assert_eq!(scan.bytes, bytes, "{name}");
+        }
+        let plain = FieldScan::of(&map(&[("host", "a"), ("cookie", "b=c"), ("x-csrf", "1")]));
+        assert!(!plain.has(all), "{plain:?}");
+        assert!(FieldScan::UNKNOWN.has(all));
     }
 
     #[test]
@@ -688,10 +787,13 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_when_sane_and_generated_otherwise() {
-        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
-        let generated = request_id(&map(&[("x-request-id", "has space")]));
+        assert_eq!(
+            request_id(&map(&[("x-request-id", "abc-123")]), FieldScan::UNKNOWN),
+            "abc-123"
+        );
+        let generated = request_id(&map(&[("x-request-id", "has space")]), FieldScan::UNKNOWN);
         assert_eq!(generated.len(), 32);
-        assert_ne!(generated, request_id(&HeaderMap::new()));
+        assert_ne!(generated, request_id(&HeaderMap::new(), FieldScan::UNKNOWN));
     }
 
     #[test]
