@@ -34,7 +34,7 @@ use crate::body::Body;
 use crate::config::{AuthMode, Config, CsrfMode, Route};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::proxy::{self, Forward, headers};
+use crate::proxy::{self, Forward};
 use crate::secret::Secret;
 use crate::session::store::{EndReason, Record};
 use crate::session::{Lookup, Session, Sessions, store};
@@ -289,8 +289,7 @@ impl Auth {
             }
             _ => {}
         }
-        let upgrade =
-            fwd.scan.has(headers::FieldScan::UPGRADE) && headers::is_upgrade_request(req.headers());
+        let upgrade = fwd.scan.asks_upgrade(req.headers());
         let lookup = match self
             .csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)
@@ -345,8 +344,7 @@ impl Auth {
         req: Request<Incoming>,
         fwd: &mut Forward<'_>,
     ) -> Result<Response<Body>, Error> {
-        let upgrade =
-            fwd.scan.has(headers::FieldScan::UPGRADE) && headers::is_upgrade_request(req.headers());
+        let upgrade = fwd.scan.asks_upgrade(req.headers());
         self.csrf()
             .check(req.headers(), req.method(), route.csrf, upgrade)?;
         let tokens = self

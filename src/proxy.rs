@@ -358,9 +358,7 @@ pub(crate) fn split(
             limit: route.max_body_bytes,
         });
     }
-    let upgrade = req.version() == Version::HTTP_11
-        && scan.has(headers::FieldScan::UPGRADE)
-        && headers::is_upgrade_request(req.headers());
+    let upgrade = req.version() == Version::HTTP_11 && scan.asks_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     Ok((
@@ -455,7 +453,6 @@ pub(crate) fn send<'a>(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     fwd: &'a Forward<'_>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
-    let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
     let tracestate = fwd.scan.has(headers::FieldScan::TRACESTATE);
     let span = crate::trace::upstream(req.headers_mut(), &upstream.host, tracestate);
     let (response, progress) = upstream.send(req, client_upgrade.is_some());
@@ -464,7 +461,6 @@ pub(crate) fn send<'a>(
         progress,
         span,
         client_upgrade,
-        request_id,
     };
     answer(upstream, route, sent, fwd)
 }
@@ -476,8 +472,6 @@ struct Sent<'a> {
     progress: Progress,
     span: crate::trace::ChildSpan,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    /// The `X-Request-Id` sent upstream, echoed back on the answer.
-    request_id: Option<HeaderValue>,
 }
 
 /// The second half of [`send`]: waits for the upstream's answer (within the route's deadline) and
@@ -493,7 +487,6 @@ async fn answer(
         progress,
         mut span,
         client_upgrade,
-        request_id,
     } = sent;
     let slot = fwd.slot;
     let mut res = tokio::select! {
@@ -543,9 +536,7 @@ async fn answer(
             tracing::warn!(upstream = %upstream.name, cookies = ?removed, "dropped upstream Set-Cookie naming coatcheck's own cookies");
         }
     }
-    if let Some(id) = request_id {
-        res.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
-    }
+    // The answer's `X-Request-Id` is the router's to set (`Router::finish`), on every answer.
     Ok(res.map(|b| Either::Left(Stalling::new(b, Side::Upstream, fwd.body_idle))))
 }
 

@@ -107,6 +107,11 @@ impl FieldScan {
     pub(crate) fn has(self, flags: u16) -> bool {
         self.flags & flags != 0
     }
+
+    /// [`is_upgrade_request`] for the head this scan was taken of: without `Upgrade`, no lookup.
+    pub(crate) fn asks_upgrade(self, headers: &HeaderMap) -> bool {
+        self.has(Self::UPGRADE) && is_upgrade_request(headers)
+    }
 }
 
 /// Whether the request asks for a WebSocket upgrade in HTTP/1.1 terms: `Connection: upgrade` and
