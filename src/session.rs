@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
-use ticket::{CookieSpec, Keys, Presented, TICKET_LEN, Ticket};
+use ticket::{CookieSpec, Keys, Presented, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
 const MAX_USER_AGENT: usize = 256;
@@ -206,10 +206,10 @@ pub struct Session {
     /// When this copy was read from (or written to) the store: a cached copy is served without
     /// asking the store for `session.cache.ttl` after it.
     read_at: Instant,
-    /// The cookie's bytes this copy was verified for: the same cookie again needs no second MAC.
-    /// The record key is derived from them when a write needs it ([`Session::ticket`]), not
-    /// kept beside them.
-    ticket: Secret<[u8; TICKET_LEN]>,
+    /// The cookie's characters this copy was verified for: the same cookie again needs no second
+    /// MAC and no decoding. The record key is derived from them when a write needs it
+    /// ([`Session::ticket`]), not kept beside them.
+    ticket: Secret<ticket::Encoded>,
 }
 
 /// The strings of [`Session::strings`], by position.
@@ -476,19 +476,25 @@ impl Sessions {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Ok(Lookup::None);
         };
-        let Some(presented) = Presented::decode(value) else {
+        let Some(presented) = Presented::of(value) else {
             return Ok(Lookup::None);
         };
-        let key = presented.handle_bytes();
+        let Some(key) = presented.handle_bytes() else {
+            return Ok(Lookup::None);
+        };
         let cached = self.cache.get(&key);
         // A cached copy was verified for exactly these bytes, or the MAC decides (before any
         // store lookup).
         let verified = cached
             .as_ref()
             .is_some_and(|s| presented.is(s.ticket.expose()));
-        if !verified && presented.verify(&self.keys.load()).is_none() {
-            return Ok(Lookup::None);
-        }
+        let ticket = match verified {
+            true => None,
+            false => match presented.verify(&self.keys.load()) {
+                Some(ticket) => Some(ticket),
+                None => return Ok(Lookup::None),
+            },
+        };
         let now = now();
         let cached = match cached {
             Some(s) if now >= s.idle_expires_at(self.idle) => {
@@ -508,7 +514,7 @@ impl Sessions {
         crate::trace::note_cache(false);
         // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger than
         // everything else in a request; inline, every cache hit's future would carry and move it.
-        match Box::pin(self.load(&presented, key, now)).await {
+        match Box::pin(self.load(&presented, ticket, key, now)).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
@@ -522,10 +528,12 @@ impl Sessions {
         }
     }
 
-    /// A cache miss: the record from the store, opened with the ticket's key.
+    /// A cache miss: the record from the store, opened with the ticket's key (`ticket`: the one
+    /// the MAC check made, `None` when the value is a cached copy's own).
     async fn load(
         &self,
-        presented: &Presented,
+        presented: &Presented<'_>,
+        ticket: Option<Ticket>,
         key: [u8; 16],
         now: u64,
     ) -> Result<Lookup, StoreError> {
@@ -534,14 +542,15 @@ impl Sessions {
             self.cache.invalidate(&key);
             return Ok(Lookup::Ended);
         };
-        let Some((data, bearer)) = open_record(&presented.ticket(), &record) else {
+        let ticket = ticket.unwrap_or_else(|| ticket::of_verified(&presented.encoded()));
+        let Some((data, bearer)) = open_record(&ticket, &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket or did not decode; treating it as ended");
             return Ok(Lookup::Ended);
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
         let Some(session) =
-            Session::from_parts(record, data, bearer, Secret::new(presented.bytes()))
+            Session::from_parts(record, data, bearer, Secret::new(presented.encoded()))
         else {
             tracing::warn!(session = %handle, "a session record names no valid subject; treating it as ended");
             return Ok(Lookup::Ended);
@@ -733,7 +742,7 @@ impl Sessions {
         self.store.create(record.clone()).await?;
         let signed = ticket.signed(&self.keys.load());
         let bearer = bearer(data.access_token.expose().as_bytes());
-        let session = Session::from_parts(record, data, bearer, Secret::new(signed))
+        let session = Session::from_parts(record, data, bearer, Secret::new(ticket::encode(&signed)))
             .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
         let session = self
             .remember(session)
@@ -972,7 +981,7 @@ impl Session {
         record: Record,
         data: SessionData,
         bearer: HeaderValue,
-        ticket: Secret<[u8; TICKET_LEN]>,
+        ticket: Secret<ticket::Encoded>,
     ) -> Option<Session> {
         let handle = handle_bytes(&record.handle)?;
         let subject = handle_bytes(&record.subject)?;
@@ -1270,9 +1279,11 @@ mod tests {
     #[test]
     fn a_cached_session_is_small() {
         // The struct of every cached session (its strings, claims and bearer are apart): it was
-        // 432 bytes while handle and subject were hex strings and the tokens three `String`s.
+        // 432 bytes while handle and subject were hex strings and the tokens three `String`s; 272
+        // while it kept the cookie's 64 decoded bytes instead of its 86 characters (which spare
+        // every cache hit the decoding).
         assert!(
-            std::mem::size_of::<Session>() <= 272,
+            std::mem::size_of::<Session>() <= 288,
             "{}",
             std::mem::size_of::<Session>()
         );
@@ -1536,7 +1547,12 @@ mod tests {
         let stored = record_of(&s, &updated.handle()).await;
         assert!(!stored.sealed.starts_with(ticket::SEALED_V2));
         // What a version before the one-step key does: HKDF-SHA256 of the secret, the id as salt.
-        let signed = created.ticket.expose();
+        let signed = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(created.ticket.expose())
+                .unwrap()
+        };
         let key = secret::derive_key(
             &signed[16..32],
             &signed[..16],

@@ -3,8 +3,8 @@
 //! `base64url(id ‖ secret ‖ mac)`: a random 128-bit id, a random 128-bit per-session secret, and
 //! HMAC-SHA256 over both under the current key (older keys in `session.keys` still verify). A forged
 //! or altered ticket fails the MAC before any store lookup. A cached session remembers the exact
-//! bytes of the ticket it was verified for, so the same cookie again needs no second MAC. The store never sees the id or
-//! the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
+//! characters of the cookie it was verified for, so the same cookie again needs no second MAC and
+//! no decoding beyond the id's characters. The store never sees the id or the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
 //! under a key derived from the secret ([`Ticket::seal_record`]).
 
 use base64::Engine as _;
@@ -66,6 +66,19 @@ impl Keys {
     }
 }
 
+/// A cookie value's 86 characters, as presented or as encoded from a signed ticket.
+pub(crate) type Encoded = [u8; ENCODED_LEN];
+
+/// The cookie's characters of a signed ticket's bytes ([`Ticket::signed`]).
+pub(crate) fn encode(signed: &[u8; TICKET_LEN]) -> Encoded {
+    let mut out = [0u8; ENCODED_LEN];
+    let written = URL_SAFE_NO_PAD
+        .encode_slice(signed, &mut out)
+        .expect("64 bytes are 86 characters");
+    debug_assert_eq!(written, ENCODED_LEN);
+    out
+}
+
 /// The cookie value of a signed ticket's bytes ([`Ticket::signed`]).
 pub(crate) fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
     Secret::new(URL_SAFE_NO_PAD.encode(signed))
@@ -94,10 +107,23 @@ fn handle_of(id: &[u8; ID_LEN]) -> [u8; 16] {
     out
 }
 
-/// The ticket of bytes already verified (a cached session keeps them, not the record key as
-/// well: that is derived when a write or a reload needs it).
-pub(crate) fn of_verified(verified: &[u8; TICKET_LEN]) -> Ticket {
-    Presented(Secret::new(*verified)).ticket()
+/// The ticket of a cookie value already verified (a cached session keeps its characters, not the
+/// record key as well: that is derived when a write or a reload needs it).
+pub(crate) fn of_verified(verified: &Encoded) -> Ticket {
+    let raw = decode_ticket(verified).expect("a verified cookie value decodes");
+    ticket_of(&raw)
+}
+
+/// The id and secret of a ticket's bytes (its MAC not looked at).
+fn ticket_of(raw: &[u8; TICKET_LEN]) -> Ticket {
+    let mut id = [0u8; ID_LEN];
+    let mut s = [0u8; SECRET_LEN];
+    id.copy_from_slice(&raw[..ID_LEN]);
+    s.copy_from_slice(&raw[ID_LEN..ID_LEN + SECRET_LEN]);
+    Ticket {
+        id,
+        secret: Secret::new(s),
+    }
 }
 
 /// The label of [`Ticket::record_key`]'s derivation.
@@ -121,85 +147,93 @@ const BASE64URL: [u8; 256] = {
 };
 const INVALID: u8 = 0xff;
 
+/// The 6-bit values of `chars` as one number, each character's table value ORed into `seen` (its
+/// top bit set by any character outside the alphabet).
+fn digits(chars: &[u8], seen: &mut u8) -> u64 {
+    chars.iter().fold(0u64, |n, &c| {
+        let d = BASE64URL[usize::from(c)];
+        *seen |= d;
+        n << 6 | u64::from(d)
+    })
+}
+
+/// Decodes the first `groups` groups of eight characters of `value` (48 bits, six bytes each)
+/// into `out`.
+fn decode_groups(value: &Encoded, groups: usize, out: &mut [u8], seen: &mut u8) {
+    for g in 0..groups {
+        let n = digits(&value[8 * g..8 * g + 8], seen);
+        out[6 * g..6 * g + 6].copy_from_slice(&n.to_be_bytes()[2..]);
+    }
+}
+
 /// A cookie value's 86 base64url characters (no padding) as the ticket's 64 bytes: exactly what
 /// `URL_SAFE_NO_PAD` accepts (its alphabet, and zero in the last character's 4 unused bits), and
-/// `None` for anything else. Every request with a cookie decodes one; a fixed-size table walk costs
-/// about 70% of the base64 crate's general decoder (574 instead of 814 instructions, callgrind).
-fn decode_ticket(value: &[u8; ENCODED_LEN]) -> Option<[u8; TICKET_LEN]> {
+/// `None` for anything else. A fixed-size table walk costs about 70% of the base64 crate's
+/// general decoder (574 instead of 814 instructions, callgrind); a request whose session is
+/// cached needs only the id's characters ([`id_of`]).
+fn decode_ticket(value: &Encoded) -> Option<[u8; TICKET_LEN]> {
     let mut out = [0u8; TICKET_LEN];
     // A valid digit is below 64 and `INVALID` has the top bit set: one OR over all digits tells.
     let mut seen = 0u8;
-    let mut bits = |range: std::ops::Range<usize>| {
-        range.fold(0u64, |n, i| {
-            let d = BASE64URL[value[i] as usize];
-            seen |= d;
-            n << 6 | u64::from(d)
-        })
-    };
     // Eight characters (48 bits) at a time: ten groups make the first 60 bytes.
-    for g in 0..10 {
-        let n = bits(8 * g..8 * g + 8);
-        out[6 * g..6 * g + 6].copy_from_slice(&n.to_be_bytes()[2..]);
-    }
+    decode_groups(value, 10, &mut out, &mut seen);
     // The last six characters: 36 bits, the last 4 bytes and 4 bits that must be zero.
-    let n = bits(80..ENCODED_LEN);
+    let n = digits(&value[80..], &mut seen);
     out[60..].copy_from_slice(&((n >> 4) as u32).to_be_bytes());
     (seen & 0x80 == 0 && n & 0x0f == 0).then_some(out)
 }
 
-/// The bytes of a cookie value as presented, decoded but not yet verified.
-pub(crate) struct Presented(Secret<[u8; TICKET_LEN]>);
+/// The ticket id a cookie value names, from its first 24 characters only (three groups: 18
+/// bytes, the id's 16 first); `None` if one of them is outside the alphabet.
+fn id_of(value: &Encoded) -> Option<[u8; ID_LEN]> {
+    let mut out = [0u8; 18];
+    let mut seen = 0u8;
+    decode_groups(value, 3, &mut out, &mut seen);
+    let mut id = [0u8; ID_LEN];
+    id.copy_from_slice(&out[..ID_LEN]);
+    (seen & 0x80 == 0).then_some(id)
+}
 
-impl Presented {
-    /// Decodes a cookie value; `None` for anything of the wrong length or alphabet.
-    pub(crate) fn decode(value: &str) -> Option<Presented> {
-        let value: &[u8; ENCODED_LEN] = value.as_bytes().try_into().ok()?;
-        decode_ticket(value).map(|raw| Presented(Secret::new(raw)))
+/// A cookie value as presented, of the right length but neither decoded nor verified.
+///
+/// A session in the cache remembers the characters of the cookie it was verified for: the same
+/// characters again are that session's with no decoding and no MAC (only the id's characters are
+/// decoded, for the cache key). Each 64-byte ticket has exactly one encoding the decoder accepts,
+/// so comparing characters is comparing tickets.
+pub(crate) struct Presented<'a>(&'a Encoded);
+
+impl<'a> Presented<'a> {
+    /// A cookie value of the ticket's length; `None` for any other.
+    pub(crate) fn of(value: &'a str) -> Option<Presented<'a>> {
+        value.as_bytes().try_into().ok().map(Presented)
     }
 
-    /// The handle its id names (the cache key), whether or not the ticket is genuine.
-    pub(crate) fn handle_bytes(&self) -> [u8; 16] {
-        let (id, _) = self
-            .0
-            .expose()
-            .split_first_chunk::<ID_LEN>()
-            .expect("a ticket starts with its id");
-        handle_of(id)
+    /// The handle its id names (the cache key), whether or not the ticket is genuine; `None` if
+    /// the id's characters are not base64url.
+    pub(crate) fn handle_bytes(&self) -> Option<[u8; 16]> {
+        id_of(self.0).map(|id| handle_of(&id))
     }
 
-    /// The ticket, if its MAC verifies under one of `keys`.
+    /// The ticket, if the value decodes and its MAC verifies under one of `keys`.
     pub(crate) fn verify(&self, keys: &Keys) -> Option<Ticket> {
-        let (body, mac) = self.0.expose().split_at(ID_LEN + SECRET_LEN);
+        let raw = Secret::new(decode_ticket(self.0)?);
+        let (body, mac) = raw.expose().split_at(ID_LEN + SECRET_LEN);
         let ok = keys
             .keys
             .iter()
             .any(|k| secret::constant_time_eq(self::mac(&k.ticket_mac, body).as_ref(), mac));
-        ok.then(|| self.ticket())
+        ok.then(|| ticket_of(raw.expose()))
     }
 
-    /// Whether these are exactly the bytes of `verified` (constant time): bytes equal to a ticket
-    /// that verified need no second MAC.
-    pub(crate) fn is(&self, verified: &[u8; TICKET_LEN]) -> bool {
-        secret::constant_time_eq(self.0.expose(), verified)
+    /// Whether these are exactly the characters of `verified` (constant time): a value equal to
+    /// one that verified needs no second MAC.
+    pub(crate) fn is(&self, verified: &Encoded) -> bool {
+        secret::constant_time_eq(self.0, verified)
     }
 
-    /// The bytes, to remember once verified.
-    pub(crate) fn bytes(&self) -> [u8; TICKET_LEN] {
-        *self.0.expose()
-    }
-
-    /// The ticket these bytes hold; only for bytes already verified ([`Presented::verify`], or
-    /// [`Presented::is`] a verified ticket's bytes).
-    pub(crate) fn ticket(&self) -> Ticket {
-        let raw = self.0.expose();
-        let mut id = [0u8; ID_LEN];
-        let mut s = [0u8; SECRET_LEN];
-        id.copy_from_slice(&raw[..ID_LEN]);
-        s.copy_from_slice(&raw[ID_LEN..ID_LEN + SECRET_LEN]);
-        Ticket {
-            id,
-            secret: Secret::new(s),
-        }
+    /// The characters, to remember once verified.
+    pub(crate) fn encoded(&self) -> Encoded {
+        *self.0
     }
 }
 
@@ -224,7 +258,7 @@ impl Ticket {
 
     /// Verifies a cookie value; `None` for anything malformed, forged or altered.
     pub fn verify(value: &str, keys: &Keys) -> Option<Ticket> {
-        Presented::decode(value)?.verify(keys)
+        Presented::of(value)?.verify(keys)
     }
 
     /// The cookie value, authenticated with the current key.
@@ -378,12 +412,45 @@ mod tests {
                 }
             }
         }
-        assert!(Presented::decode(&text[1..]).is_none(), "too short");
-        assert!(Presented::decode(&format!("{text}A")).is_none(), "too long");
-        assert!(
-            Presented::decode(&format!("é{}", &text[2..])).is_none(),
-            "not ASCII"
-        );
+        assert!(Presented::of(&text[1..]).is_none(), "too short");
+        assert!(Presented::of(&format!("{text}A")).is_none(), "too long");
+        let not_ascii = format!("é{}", &text[2..]);
+        let presented = Presented::of(&not_ascii).expect("86 bytes");
+        assert!(presented.handle_bytes().is_none(), "not ASCII");
+        assert!(presented.verify(&keys(1)).is_none(), "not ASCII");
+    }
+
+    #[test]
+    fn the_id_is_read_from_its_own_characters_only() {
+        let k = keys(2);
+        let t = Ticket::generate();
+        let value: Encoded = t.encode(&k).expose().as_bytes().try_into().unwrap();
+        assert_eq!(id_of(&value), Some(t.id));
+        // A character outside the alphabet among the id's 24 makes no id; one after them still
+        // names the id (the cache lookup), and the value never verifies.
+        for pos in [0, 10, 23, 24, 60, 85] {
+            let mut bad = value;
+            bad[pos] = b'.';
+            assert_eq!(id_of(&bad).is_some(), pos >= 24, "position {pos}");
+            assert!(decode_ticket(&bad).is_none(), "position {pos}");
+            let text = std::str::from_utf8(&bad).unwrap();
+            assert!(Presented::of(text).unwrap().verify(&k).is_none());
+        }
+    }
+
+    #[test]
+    fn a_presented_value_is_a_verified_one_only_character_for_character() {
+        let k = keys(4);
+        let t = Ticket::generate();
+        let value = t.encode(&k);
+        let verified = encode(&t.signed(&k));
+        assert_eq!(value.expose().as_bytes(), verified);
+        let presented = Presented::of(value.expose()).unwrap();
+        assert!(presented.is(&verified));
+        assert_eq!(presented.encoded(), verified);
+        let mut other = verified;
+        other[85] = if other[85] == b'A' { b'Q' } else { b'A' };
+        assert!(!presented.is(&other));
     }
 
     #[test]
@@ -397,8 +464,9 @@ mod tests {
         let expected = ctx.finish();
         assert_eq!(t.handle_bytes(), expected.as_ref()[..16]);
         let k = keys(3);
-        let presented = Presented::decode(t.encode(&k).expose()).unwrap();
-        assert_eq!(presented.handle_bytes(), expected.as_ref()[..16]);
+        let value = t.encode(&k);
+        let presented = Presented::of(value.expose()).unwrap();
+        assert_eq!(presented.handle_bytes().unwrap(), expected.as_ref()[..16]);
     }
 
     #[test]
@@ -416,9 +484,10 @@ mod tests {
     fn the_record_key_of_a_ticket_s_verified_bytes_is_the_ticket_s() {
         let k = keys(1);
         let t = Ticket::generate();
-        let signed = t.signed(&k);
+        let signed = encode(&t.signed(&k));
         assert_eq!(of_verified(&signed).record_key(), t.record_key());
-        let verified = Presented::decode(t.encode(&k).expose())
+        let value = t.encode(&k);
+        let verified = Presented::of(value.expose())
             .unwrap()
             .verify(&k)
             .unwrap();
