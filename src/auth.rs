@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Forward};
 use crate::secret::Secret;
 use crate::session::store::{EndReason, Record};
-use crate::session::{Lookup, Session, Sessions, store};
+use crate::session::{Lookup, Probe, Session, Sessions, store};
 use crate::upstream::Upstream;
 
 /// Expired sessions are swept from the store this often (stores with their own expiry skip it).
@@ -271,39 +271,86 @@ impl Auth {
     }
 
     /// Forwards a request to a route whose `auth` is `required`, `optional`, `bearer` or `client`.
-    pub(crate) async fn forward(
+    ///
+    /// The hot path (a live cached session, the CSRF check passed, roles allowed, a token fit to
+    /// forward) is decided when this is called, and its future is [`proxy::forward`]'s alone.
+    /// Everything that waits or answers otherwise (a store read, a refresh, a login, a machine
+    /// token) is one boxed future: inline, its state would be part of, and moved with, every
+    /// request's future.
+    pub(crate) fn forward<'a>(
+        &'a self,
+        upstream: &'a Upstream,
+        route: &'a Route,
+        req: Request<Incoming>,
+        fwd: &'a mut Forward<'_>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
+        use tokio_util::either::Either;
+        match self.start(route, &req, fwd) {
+            Start::Ready(session) => {
+                fwd.authorization = Some(session.bearer.clone());
+                let phases = SessionPhases {
+                    auth: self,
+                    session,
+                };
+                Either::Left(proxy::forward(upstream, route, req, fwd, phases))
+            }
+            start => Either::Right(Box::pin(self.forward_slow(upstream, route, req, fwd, start))),
+        }
+    }
+
+    /// How a request begins, decided without waiting.
+    fn start(&self, route: &Route, req: &Request<Incoming>, fwd: &Forward<'_>) -> Start {
+        if !matches!(route.auth, AuthMode::Required | AuthMode::Optional) {
+            return Start::NoSession;
+        }
+        let upgrade = fwd.scan.asks_upgrade(req.headers());
+        if let Err(e) = self
+            .csrf()
+            .check(req.headers(), req.method(), route.csrf, upgrade)
+        {
+            return Start::Refused(e);
+        }
+        // The span ends with the lookup: here on the hot path, after the store read on a miss.
+        let span = crate::trace::session_lookup();
+        match self.sessions.probe(req.headers(), self.cache_ttl) {
+            Probe::Found(Lookup::Live(s))
+                if policy::check_roles(route, s.claims().roles()).is_ok()
+                    && !self.refresher.due(&s) =>
+            {
+                Start::Ready(s)
+            }
+            probe => Start::Probed(probe, span),
+        }
+    }
+
+    /// The rest of [`Auth::forward`]: whatever is not the hot path.
+    async fn forward_slow(
         &self,
         upstream: &Upstream,
         route: &Route,
         req: Request<Incoming>,
         fwd: &mut Forward<'_>,
+        start: Start,
     ) -> Result<Response<Body>, Error> {
-        // The other route kinds are boxed: awaited inline, their futures would be part of (and
-        // moved with) every session-carrying request's future.
-        match route.auth {
-            AuthMode::Bearer => {
-                return Box::pin(self.forward_bearer(upstream, route, req, fwd)).await;
+        let lookup = match start {
+            Start::NoSession if route.auth == AuthMode::Bearer => {
+                return self.forward_bearer(upstream, route, req, fwd).await;
             }
-            AuthMode::Client => {
-                return Box::pin(self.forward_client(upstream, route, req, fwd)).await;
+            Start::NoSession => return self.forward_client(upstream, route, req, fwd).await,
+            Start::Ready(s) => Lookup::Live(s),
+            Start::Probed(Probe::Found(found), _span) => found,
+            Start::Probed(Probe::Miss(miss), _span) => {
+                self.sessions.resolve(miss, self.cache_ttl).await?
             }
-            _ => {}
-        }
-        let upgrade = fwd.scan.asks_upgrade(req.headers());
-        let lookup = match self
-            .csrf()
-            .check(req.headers(), req.method(), route.csrf, upgrade)
-        {
-            Ok(()) => self.lookup(req.headers()).await?,
             // A navigation cannot carry the CSRF header. Without a session it is sent to log in
             // all the same: nothing is forwarded, so there is nothing to forge.
-            Err(e) if route.login_redirect && policy::is_navigation(req.headers()) => {
+            Start::Refused(e) if route.login_redirect && policy::is_navigation(req.headers()) => {
                 match self.lookup(req.headers()).await? {
                     Lookup::Live(_) => return Err(e),
                     other => other,
                 }
             }
-            Err(e) => return Err(e),
+            Start::Refused(e) => return Err(e),
         };
         let session = match lookup {
             Lookup::Live(s) => s,
@@ -316,23 +363,17 @@ impl Auth {
             // `optional`: forwarded without a token; an ended session's cookie is cleared.
             other => {
                 let ended = matches!(other, Lookup::Ended);
-                return Box::pin(self.forward_anonymous(upstream, route, req, fwd, ended)).await;
+                return self.forward_anonymous(upstream, route, req, fwd, ended).await;
             }
         };
         policy::check_roles(route, session.claims().roles())?;
         let session = self.refresher.fresh(session).await?;
         fwd.authorization = Some(session.bearer.clone());
-        proxy::forward(
-            upstream,
-            route,
-            req,
-            fwd,
-            &SessionPhases {
-                auth: self,
-                session,
-            },
-        )
-        .await
+        let phases = SessionPhases {
+            auth: self,
+            session,
+        };
+        proxy::forward(upstream, route, req, fwd, phases).await
     }
 
     /// `auth = "client"`: no user, so no session is looked up; coatcheck's own token replaces
@@ -352,7 +393,7 @@ impl Auth {
             .as_ref()
             .ok_or_else(|| Error::Internal("auth = \"client\" needs [oidc]".into()))?;
         fwd.authorization = Some(tokens.bearer(route).await?);
-        proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
+        proxy::forward(upstream, route, req, fwd, proxy::Plain).await
     }
 
     /// `auth = "optional"` without a live session: forwarded without a token; the cookie of an
@@ -365,7 +406,7 @@ impl Auth {
         fwd: &Forward<'_>,
         ended: bool,
     ) -> Result<Response<Body>, Error> {
-        let mut res = proxy::forward(upstream, route, req, fwd, &proxy::Plain).await?;
+        let mut res = proxy::forward(upstream, route, req, fwd, proxy::Plain).await?;
         if ended {
             res.headers_mut()
                 .append(header::SET_COOKIE, self.clear_session_cookie());
@@ -399,7 +440,7 @@ impl Auth {
             user_agent: Sessions::user_agent(req.headers()).cloned(),
             timeout: route.timeout,
         };
-        proxy::forward(upstream, route, req, fwd, &phases).await
+        proxy::forward(upstream, route, req, fwd, phases).await
     }
 
     /// `auth = "bearer"`: a non-browser client's own JWT, validated like the provider's tokens.
@@ -439,7 +480,7 @@ impl Auth {
             };
         policy::check_roles(route, &policy::roles(&claims))?;
         fwd.authorization = Some(value);
-        proxy::forward(upstream, route, req, fwd, &proxy::Plain).await
+        proxy::forward(upstream, route, req, fwd, proxy::Plain).await
     }
 
     /// 401 (`unauthenticated` or `session_expired`) — or, for a top-level navigation to a route
@@ -505,6 +546,19 @@ impl Auth {
             }),
         }
     }
+}
+
+/// How [`Auth::forward`] begins a request, decided without waiting.
+enum Start {
+    /// The hot path: a live cached session, allowed on the route, with a token fit to forward.
+    Ready(Arc<Session>),
+    /// The CSRF check passed; the lookup waits for the store, or the session is missing, ended,
+    /// not allowed, or due for a refresh. The lookup's span is open until the lookup ends.
+    Probed(Probe, crate::trace::LookupSpan),
+    /// The CSRF check failed.
+    Refused(Error),
+    /// `auth = "bearer"` or `"client"`: no session is looked up.
+    NoSession,
 }
 
 /// The forwarding phases of a request that carries a session's access token: the request is kept

@@ -102,7 +102,7 @@ pub(crate) fn forward<'a>(
     route: &'a Route,
     req: Request<Incoming>,
     fwd: &'a Forward<'_>,
-    phases: &'a impl Phases,
+    phases: impl Phases + 'a,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
     let mut out = match Outbound::prepare(upstream, route, req, fwd, phases.keep_for_retry()) {
         Ok(out) => out,

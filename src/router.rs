@@ -442,7 +442,7 @@ impl Router {
         }
         match (route.auth, &self.auth) {
             (AuthMode::None, _) => {
-                proxy::forward(&entry.upstream, route, req, fwd, &proxy::Plain).await
+                proxy::forward(&entry.upstream, route, req, fwd, proxy::Plain).await
             }
             (_, Some(auth)) => auth.forward(&entry.upstream, route, req, fwd).await,
             // Config validation makes this unreachable; fail closed all the same.

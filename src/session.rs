@@ -291,6 +291,26 @@ pub enum Lookup {
     Live(Arc<Session>),
 }
 
+/// What [`Sessions::probe`] finds without waiting.
+pub(crate) enum Probe {
+    /// The answer: no session, an ended one, or a live cached copy.
+    Found(Lookup),
+    /// A genuine ticket whose session the cache cannot answer for: [`Sessions::resolve`].
+    Miss(Miss),
+}
+
+/// A cache miss (or a cached copy too old to serve alone), to complete from the store.
+pub(crate) struct Miss {
+    /// The cookie's characters, verified (by the MAC, or equal to the cached copy's).
+    value: Secret<ticket::Encoded>,
+    /// The ticket the MAC check made; `None` when the value is the cached copy's own.
+    ticket: Option<Ticket>,
+    key: [u8; 16],
+    /// The copy too old to serve alone: it still serves while the store is down.
+    cached: Option<Arc<Session>>,
+    now: u64,
+}
+
 /// The session manager: ticket, cache and store.
 pub struct Sessions {
     /// Swapped whole when a reload adds or retires a key (`session.keys`).
@@ -473,18 +493,29 @@ impl Sessions {
     /// Looks up the session named by the request's cookie; a cached copy read from the store less
     /// than `cache_ttl` ago (`session.cache.ttl`, reloadable, so passed in) is served as it is.
     pub async fn lookup(&self, headers: &HeaderMap, cache_ttl: Duration) -> Result<Lookup, Error> {
+        match self.probe(headers, cache_ttl) {
+            Probe::Found(found) => Ok(found),
+            // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger
+            // than everything else in a request; inline, every cache hit's future would carry it.
+            Probe::Miss(miss) => Box::pin(self.resolve(miss, cache_ttl)).await,
+        }
+    }
+
+    /// The part of [`Sessions::lookup`] that never waits: the cookie checked, and the cached copy
+    /// served if it may be; a [`Miss`] for [`Sessions::resolve`] to read from the store otherwise.
+    pub(crate) fn probe(&self, headers: &HeaderMap, cache_ttl: Duration) -> Probe {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
-            return Ok(Lookup::None);
+            return Probe::Found(Lookup::None);
         };
         let Some(presented) = Presented::of(value) else {
-            return Ok(Lookup::None);
+            return Probe::Found(Lookup::None);
         };
         let Some(key) = presented.handle_bytes() else {
-            return Ok(Lookup::None);
+            return Probe::Found(Lookup::None);
         };
         let cached = self.cache.get(&key);
-        // A cached copy was verified for exactly these bytes, or the MAC decides (before any
-        // store lookup).
+        // A cached copy was verified for exactly these characters, or the MAC decides (before
+        // any store lookup).
         let verified = cached
             .as_ref()
             .is_some_and(|s| presented.is(s.ticket.expose()));
@@ -492,29 +523,46 @@ impl Sessions {
             true => None,
             false => match presented.verify(&self.keys.load()) {
                 Some(ticket) => Some(ticket),
-                None => return Ok(Lookup::None),
+                None => return Probe::Found(Lookup::None),
             },
         };
         let now = now();
         let cached = match cached {
             Some(s) if now >= s.idle_expires_at(self.idle) => {
                 self.cache.invalidate(&key);
-                return Ok(Lookup::Ended);
+                return Probe::Found(Lookup::Ended);
             }
             // The hot path: a fresh copy on an instance that hears every event.
             Some(s) if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < cache_ttl => {
                 s.last_seen.fetch_max(now, Ordering::Relaxed);
                 self.metrics.cache_hits.inc();
                 crate::trace::note_cache(true);
-                return Ok(Lookup::Live(s));
+                return Probe::Found(Lookup::Live(s));
             }
             other => other,
         };
         self.metrics.cache_misses.inc();
         crate::trace::note_cache(false);
-        // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger than
-        // everything else in a request; inline, every cache hit's future would carry and move it.
-        match Box::pin(self.load(&presented, ticket, key, now)).await {
+        Probe::Miss(Miss {
+            value: Secret::new(presented.encoded()),
+            ticket,
+            key,
+            cached,
+            now,
+        })
+    }
+
+    /// The rest of a lookup the cache could not answer: the record from the store; while the store
+    /// is down, a copy read recently enough.
+    pub(crate) async fn resolve(&self, miss: Miss, cache_ttl: Duration) -> Result<Lookup, Error> {
+        let Miss {
+            value,
+            ticket,
+            key,
+            cached,
+            now,
+        } = miss;
+        match self.load(&value, ticket, key, now).await {
             Ok(found) => Ok(found),
             // Nobody is logged out because the store is down: a copy read recently enough serves.
             Err(e) => match cached {
@@ -532,7 +580,7 @@ impl Sessions {
     /// the MAC check made, `None` when the value is a cached copy's own).
     async fn load(
         &self,
-        presented: &Presented<'_>,
+        value: &Secret<ticket::Encoded>,
         ticket: Option<Ticket>,
         key: [u8; 16],
         now: u64,
@@ -542,7 +590,7 @@ impl Sessions {
             self.cache.invalidate(&key);
             return Ok(Lookup::Ended);
         };
-        let ticket = ticket.unwrap_or_else(|| ticket::of_verified(&presented.encoded()));
+        let ticket = ticket.unwrap_or_else(|| ticket::of_verified(value.expose()));
         let Some((data, bearer)) = open_record(&ticket, &record) else {
             tracing::warn!(session = %handle, "a session record did not decrypt with its ticket or did not decode; treating it as ended");
             return Ok(Lookup::Ended);
@@ -550,7 +598,7 @@ impl Sessions {
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
         let Some(session) =
-            Session::from_parts(record, data, bearer, Secret::new(presented.encoded()))
+            Session::from_parts(record, data, bearer, value.clone())
         else {
             tracing::warn!(session = %handle, "a session record names no valid subject; treating it as ended");
             return Ok(Lookup::Ended);

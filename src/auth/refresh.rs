@@ -88,7 +88,7 @@ impl Refresher {
 
     /// Whether the access token should be refreshed now: judged on the monotonic clock
     /// ([`Session::access_deadline`]), so a wall-clock jump neither forces nor skips a refresh.
-    fn due(&self, s: &Session) -> bool {
+    pub(crate) fn due(&self, s: &Session) -> bool {
         let lifetime = s.access_expires_at.saturating_sub(s.access_issued_at);
         let margin = self
             .issuers
