@@ -282,40 +282,45 @@ impl Router {
     /// The phases of one request, in order: the request filter, coatcheck's own endpoints, route
     /// selection, then the upstream phase (the route's policy through `auth`, the forward through
     /// `proxy`).
-    async fn handle_inner(
-        &self,
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` keeps each argument twice (the
+    /// argument and the local it is moved into), and this future is moved with the request's.
+    fn handle_inner<'a>(
+        &'a self,
         mut req: Request<Incoming>,
         arrival: Arrival,
-        request_id: &HeaderValue,
-        slot: Option<&ConnectionSlot>,
-        record: &mut AccessRecord,
-    ) -> Result<Response<Body>, Error> {
-        let Arrival { peer, client, scan } = arrival;
-        // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
-        let uri = req.uri().clone();
-        let path = self.request_filter(&mut req, &uri, scan)?;
-        if let Some(res) = self.own_endpoint(&path).await {
-            return Ok(res);
+        request_id: &'a HeaderValue,
+        slot: Option<&'a ConnectionSlot>,
+        record: &'a mut AccessRecord,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
+        async move {
+            let Arrival { peer, client, scan } = arrival;
+            // A Uri clone shares its bytes; it lets the path outlive the request handed on below.
+            let uri = req.uri().clone();
+            let path = self.request_filter(&mut req, &uri, scan)?;
+            if let Some(res) = self.own_endpoint(&path).await {
+                return Ok(res);
+            }
+            if let Some(auth) = &self.auth
+                && auth::is_bff_path(&path.matched)
+            {
+                return self.serve_bff(auth, req, &path, client, record).await;
+            }
+            let entry = self.select_route(&req, &path, record)?;
+            let mut fwd = proxy::Forward {
+                path: entry.forward_path(&path),
+                client: peer,
+                peer_trusted: self.is_trusted_proxy(peer),
+                prefix: entry.config.strip_prefix.then_some(entry.prefix.as_str()),
+                body_idle: self.body_idle,
+                request_id,
+                authorization: None,
+                own_cookie: self.auth.as_ref().map(|a| a.cookie_name()),
+                slot,
+                scan,
+            };
+            self.upstream_phase(entry, req, &path, &mut fwd).await
         }
-        if let Some(auth) = &self.auth
-            && auth::is_bff_path(&path.matched)
-        {
-            return self.serve_bff(auth, req, &path, client, record).await;
-        }
-        let entry = self.select_route(&req, &path, record)?;
-        let mut fwd = proxy::Forward {
-            path: entry.forward_path(&path),
-            client: peer,
-            peer_trusted: self.is_trusted_proxy(peer),
-            prefix: entry.config.strip_prefix.then_some(entry.prefix.as_str()),
-            body_idle: self.body_idle,
-            request_id,
-            authorization: None,
-            own_cookie: self.auth.as_ref().map(|a| a.cookie_name()),
-            slot,
-            scan,
-        };
-        self.upstream_phase(entry, req, &path, &mut fwd).await
     }
 
     /// The request filter ([`Router::screen`]), the header block's size, and the normalized path
@@ -349,7 +354,8 @@ impl Router {
     async fn own_endpoint(&self, path: &NormalizedPath<'_>) -> Option<Response<Body>> {
         match path.matched.as_ref() {
             "/healthz" => Some(body::json(StatusCode::OK, &json!({"status": "ok"}))),
-            "/readyz" => Some(self.readiness().await),
+            // Boxed: a rare answer whose future would otherwise be part of every request's.
+            "/readyz" => Some(Box::pin(self.readiness()).await),
             _ => None,
         }
     }
@@ -418,35 +424,50 @@ impl Router {
 
     /// The route's policy, then the forward: a public route goes straight to `proxy`; the others
     /// through `auth` (session or machine token, and the capture of an API's own login).
-    async fn upstream_phase(
-        &self,
-        entry: &RouteEntry,
+    ///
+    /// Decided when called, like the phases below it: the future is the forward's own, not one
+    /// that holds the request a second time around it.
+    fn upstream_phase<'a>(
+        &'a self,
+        entry: &'a RouteEntry,
         req: Request<Incoming>,
         path: &NormalizedPath<'_>,
-        fwd: &mut proxy::Forward<'_>,
-    ) -> Result<Response<Body>, Error> {
+        fwd: &'a mut proxy::Forward<'_>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
+        use tokio_util::either::Either;
+        let refuse = |e| Either::Left(Either::Left(std::future::ready(Err(e))));
         let route = &entry.config;
         if let Some(auth) = &self.auth
             && let Some(capture) = auth.capture()
         {
             // The API's refresh endpoint is coatcheck's alone: its answers hold tokens.
             if capture.is_refresh_endpoint(route, fwd.path) {
-                return Err(Error::Forbidden(
+                return refuse(Error::Forbidden(
                     "coatcheck refreshes this session's tokens itself".into(),
                 ));
             }
             if req.method() == Method::POST && path.matched.as_ref() == capture.login_path() {
                 // Boxed: the login's future is large and rare; inline, every request would carry it.
-                return Box::pin(auth.capture_login(&entry.upstream, route, req, fwd)).await;
+                let login = auth.capture_login(&entry.upstream, route, req, fwd);
+                return Either::Left(Either::Right(Box::pin(login)));
             }
         }
         match (route.auth, &self.auth) {
-            (AuthMode::None, _) => {
-                proxy::forward(&entry.upstream, route, req, fwd, proxy::Plain).await
-            }
-            (_, Some(auth)) => auth.forward(&entry.upstream, route, req, fwd).await,
+            (AuthMode::None, _) => Either::Right(Either::Left(proxy::forward(
+                &entry.upstream,
+                route,
+                req,
+                fwd,
+                proxy::Plain,
+            ))),
+            (_, Some(auth)) => Either::Right(Either::Right(auth.forward(
+                &entry.upstream,
+                route,
+                req,
+                fwd,
+            ))),
             // Config validation makes this unreachable; fail closed all the same.
-            (_, None) => Err(Error::Internal(
+            (_, None) => refuse(Error::Internal(
                 "route needs authentication but no [oidc] is configured".into(),
             )),
         }
