@@ -467,7 +467,7 @@ pub(crate) fn send<'a>(
 
 /// A request handed to the upstream connection, and what its answer needs.
 struct Sent<'a> {
-    response: crate::upstream::Boxed<'a, Response<Incoming>>,
+    response: crate::upstream::Sending<'a>,
     /// When the request body last moved (the deadline counts from there).
     progress: Progress,
     span: crate::trace::ChildSpan,
