@@ -160,9 +160,11 @@ fn digits(chars: &[u8], seen: &mut u8) -> u64 {
 /// Decodes the first `groups` groups of eight characters of `value` (48 bits, six bytes each)
 /// into `out`.
 fn decode_groups(value: &Encoded, groups: usize, out: &mut [u8], seen: &mut u8) {
-    for g in 0..groups {
-        let n = digits(&value[8 * g..8 * g + 8], seen);
-        out[6 * g..6 * g + 6].copy_from_slice(&n.to_be_bytes()[2..]);
+    let (chars, _) = value.as_chunks::<8>();
+    let (bytes, _) = out.as_chunks_mut::<6>();
+    for (group, to) in chars.iter().zip(bytes).take(groups) {
+        let n = digits(group, seen);
+        to.copy_from_slice(&n.to_be_bytes()[2..]);
     }
 }
 
