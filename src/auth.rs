@@ -294,7 +294,9 @@ impl Auth {
                 };
                 Either::Left(proxy::forward(upstream, route, req, fwd, phases))
             }
-            start => Either::Right(Box::pin(self.forward_slow(upstream, route, req, fwd, start))),
+            start => Either::Right(Box::pin(
+                self.forward_slow(upstream, route, req, fwd, start),
+            )),
         }
     }
 
@@ -363,7 +365,9 @@ impl Auth {
             // `optional`: forwarded without a token; an ended session's cookie is cleared.
             other => {
                 let ended = matches!(other, Lookup::Ended);
-                return self.forward_anonymous(upstream, route, req, fwd, ended).await;
+                return self
+                    .forward_anonymous(upstream, route, req, fwd, ended)
+                    .await;
             }
         };
         policy::check_roles(route, session.claims().roles())?;

@@ -285,6 +285,10 @@ impl Router {
     ///
     /// An `async` block rather than an `async fn`: an `async fn` keeps each argument twice (the
     /// argument and the local it is moved into), and this future is moved with the request's.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep the request twice (see above)"
+    )]
     fn handle_inner<'a>(
         &'a self,
         mut req: Request<Incoming>,

@@ -597,9 +597,7 @@ impl Sessions {
         };
         let last_seen = record.last_seen;
         let absolute_expires_at = record.absolute_expires_at;
-        let Some(session) =
-            Session::from_parts(record, data, bearer, value.clone())
-        else {
+        let Some(session) = Session::from_parts(record, data, bearer, value.clone()) else {
             tracing::warn!(session = %handle, "a session record names no valid subject; treating it as ended");
             return Ok(Lookup::Ended);
         };
@@ -790,8 +788,9 @@ impl Sessions {
         self.store.create(record.clone()).await?;
         let signed = ticket.signed(&self.keys.load());
         let bearer = bearer(data.access_token.expose().as_bytes());
-        let session = Session::from_parts(record, data, bearer, Secret::new(ticket::encode(&signed)))
-            .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
+        let session =
+            Session::from_parts(record, data, bearer, Secret::new(ticket::encode(&signed)))
+                .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
         let session = self
             .remember(session)
             .await

@@ -489,10 +489,7 @@ mod tests {
         let signed = encode(&t.signed(&k));
         assert_eq!(of_verified(&signed).record_key(), t.record_key());
         let value = t.encode(&k);
-        let verified = Presented::of(value.expose())
-            .unwrap()
-            .verify(&k)
-            .unwrap();
+        let verified = Presented::of(value.expose()).unwrap().verify(&k).unwrap();
         assert_eq!(of_verified(&signed).record_key(), verified.record_key());
         assert_ne!(
             of_verified(&signed).record_key(),
