@@ -519,12 +519,13 @@ impl Sessions {
         let verified = cached
             .as_ref()
             .is_some_and(|s| presented.is(s.ticket.expose()));
-        let ticket = match verified {
-            true => None,
-            false => match presented.verify(&self.keys.load()) {
+        let ticket = if verified {
+            None
+        } else {
+            match presented.verify(&self.keys.load()) {
                 Some(ticket) => Some(ticket),
                 None => return Probe::Found(Lookup::None),
-            },
+            }
         };
         let now = now();
         let cached = match cached {
@@ -786,16 +787,15 @@ impl Sessions {
             sealed,
         };
         self.store.create(record.clone()).await?;
-        let signed = ticket.signed(&self.keys.load());
+        let encoded = ticket::encode(&ticket.signed(&self.keys.load()));
         let bearer = bearer(data.access_token.expose().as_bytes());
-        let session =
-            Session::from_parts(record, data, bearer, Secret::new(ticket::encode(&signed)))
-                .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
+        let session = Session::from_parts(record, data, bearer, Secret::new(encoded))
+            .ok_or_else(|| Error::internal("a new session's record names no valid subject"))?;
         let session = self
             .remember(session)
             .await
             .ok_or_else(|| Error::internal("a new session was ended before it was created"))?;
-        Ok((ticket::cookie_value(&signed), session))
+        Ok((ticket::cookie_value(&encoded), session))
     }
 
     /// Replaces a session's data if nobody else changed it since `current` was read

@@ -81,7 +81,7 @@ pub(crate) enum UpstreamError {
 }
 
 /// A boxed future of an exchange with the upstream.
-pub(crate) type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send + 'a>>;
 
 /// hyper's answer to a request sent on a pooled HTTP/1.1 connection (the request comes back if
 /// the connection turned out closed before it was written).

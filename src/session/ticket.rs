@@ -4,8 +4,9 @@
 //! HMAC-SHA256 over both under the current key (older keys in `session.keys` still verify). A forged
 //! or altered ticket fails the MAC before any store lookup. A cached session remembers the exact
 //! characters of the cookie it was verified for, so the same cookie again needs no second MAC and
-//! no decoding beyond the id's characters. The store never sees the id or the secret: it is keyed by a hash of the id ([`Ticket::handle`]) and holds the session encrypted
-//! under a key derived from the secret ([`Ticket::seal_record`]).
+//! no decoding beyond the id's characters. The store never sees the id or the secret: it is keyed
+//! by a hash of the id ([`Ticket::handle`]) and holds the session encrypted under a key derived
+//! from the secret ([`Ticket::seal_record`]).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -79,9 +80,13 @@ pub(crate) fn encode(signed: &[u8; TICKET_LEN]) -> Encoded {
     out
 }
 
-/// The cookie value of a signed ticket's bytes ([`Ticket::signed`]).
-pub(crate) fn cookie_value(signed: &[u8; TICKET_LEN]) -> Secret {
-    Secret::new(URL_SAFE_NO_PAD.encode(signed))
+/// The cookie value of a signed ticket's characters ([`encode`]).
+pub(crate) fn cookie_value(encoded: &Encoded) -> Secret {
+    Secret::new(
+        std::str::from_utf8(encoded)
+            .expect("base64url is ASCII")
+            .to_owned(),
+    )
 }
 
 /// SHA-256 of the concatenation of `parts`, gathered in a stack buffer of `N` bytes (their total
@@ -265,7 +270,7 @@ impl Ticket {
 
     /// The cookie value, authenticated with the current key.
     pub fn encode(&self, keys: &Keys) -> Secret {
-        cookie_value(&self.signed(keys))
+        cookie_value(&encode(&self.signed(keys)))
     }
 
     /// The cookie's bytes (`id ‖ secret ‖ mac`) under the current key.
