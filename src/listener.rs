@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -125,6 +125,7 @@ impl TlsServer {
                 closing: self.closing.clone(),
                 tunnels_open: self.metrics.upgrades_open.clone(),
                 deadline: None,
+                handles: crate::session::HandleMemo::default(),
             };
             tokio::spawn(
                 self.clone()
@@ -193,8 +194,9 @@ impl TlsServer {
             let router = routers.load_full();
             let guard = InFlight::new(activity.clone());
             // Only an HTTP/1.1 request can become a tunnel (`proxy::split`; HTTP/2 has no protocol
-            // switch, RFC 9113 §8.6) or share the connection's deadline timer.
-            let slot = (req.version() == Version::HTTP_11).then(|| slot.clone());
+            // switch, RFC 9113 §8.6) or share the connection's deadline timer (an HTTP/2
+            // connection has none); every request shares the connection's handle memo.
+            let slot = Some(slot.clone());
             let activity = activity.clone();
             async move {
                 if activity.oversized.load(Ordering::Acquire) {

@@ -54,7 +54,7 @@ pub(crate) struct Forward<'a> {
     pub(crate) authorization: Option<HeaderValue>,
     /// Name of coatcheck's session cookie: it and its login cookies never reach the upstream.
     pub(crate) own_cookie: Option<&'a str>,
-    /// The HTTP/1.1 client connection the request came on (`None` on HTTP/2).
+    /// The client connection the request came on (`None` for a request not read from one).
     pub(crate) slot: Option<&'a ConnectionSlot>,
     /// The fields the client's head held (taken before any was removed).
     pub(crate) scan: headers::FieldScan,
@@ -298,6 +298,8 @@ pub(crate) struct ConnectionSlot {
     /// The route-deadline timer of an HTTP/1.1 connection's requests (`None` on HTTP/2, whose
     /// concurrent requests each arm their own).
     pub(crate) deadline: Option<Arc<ConnectionDeadline>>,
+    /// The handle of the session cookie the connection presented last.
+    pub(crate) handles: crate::session::HandleMemo,
 }
 
 /// One route-deadline timer shared by the requests of an HTTP/1.1 connection, which come one at a

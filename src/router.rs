@@ -148,8 +148,8 @@ impl Router {
     }
 
     /// Handles one request from `peer`. Never fails: errors become JSON answers (DESIGN §5).
-    /// `slot` is the HTTP/1.1 connection's ([`ConnectionSlot`]: its deadline timer, and what an
-    /// upgraded tunnel holds); `None` on HTTP/2.
+    /// `slot` is the client connection's ([`ConnectionSlot`]: its deadline timer on HTTP/1.1,
+    /// what an upgraded tunnel holds, the handle memo).
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,

@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
+pub(crate) use ticket::HandleMemo;
 use ticket::{CookieSpec, Keys, Presented, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
@@ -493,7 +494,7 @@ impl Sessions {
     /// Looks up the session named by the request's cookie; a cached copy read from the store less
     /// than `cache_ttl` ago (`session.cache.ttl`, reloadable, so passed in) is served as it is.
     pub async fn lookup(&self, headers: &HeaderMap, cache_ttl: Duration) -> Result<Lookup, Error> {
-        match self.probe(headers, cache_ttl) {
+        match self.probe(headers, cache_ttl, None) {
             Probe::Found(found) => Ok(found),
             // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger
             // than everything else in a request; inline, every cache hit's future would carry it.
@@ -503,14 +504,20 @@ impl Sessions {
 
     /// The part of [`Sessions::lookup`] that never waits: the cookie checked, and the cached copy
     /// served if it may be; a [`Miss`] for [`Sessions::resolve`] to read from the store otherwise.
-    pub(crate) fn probe(&self, headers: &HeaderMap, cache_ttl: Duration) -> Probe {
+    /// `memo` is the client connection's ([`HandleMemo`]), where there is one.
+    pub(crate) fn probe(
+        &self,
+        headers: &HeaderMap,
+        cache_ttl: Duration,
+        memo: Option<&HandleMemo>,
+    ) -> Probe {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Probe::Found(Lookup::None);
         };
         let Some(presented) = Presented::of(value) else {
             return Probe::Found(Lookup::None);
         };
-        let Some(key) = presented.handle_bytes() else {
+        let Some(key) = presented.handle_bytes(memo) else {
             return Probe::Found(Lookup::None);
         };
         let cached = self.cache.get(&key);
@@ -1237,6 +1244,46 @@ mod tests {
             s.lookup(&cookie_headers(&value), TTL).await.unwrap(),
             Lookup::None
         ));
+    }
+
+    /// A lookup as a request on a client connection makes it (`memo`: the connection's).
+    async fn lookup_on(s: &Sessions, value: &Secret, memo: &HandleMemo) -> Lookup {
+        match s.probe(&cookie_headers(value), TTL, Some(memo)) {
+            Probe::Found(found) => found,
+            Probe::Miss(miss) => s.resolve(miss, TTL).await.unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_connections_handle_memo_finds_each_cookies_own_session_and_vouches_for_none() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (a, created_a) = s.create(data(), None, None).await.unwrap();
+        let (b, created_b) = s.create(data(), None, None).await.unwrap();
+        // A trusted proxy's connection carries several users' cookies, in any order.
+        let memo = HandleMemo::default();
+        for (value, created) in [
+            (&a, &created_a),
+            (&b, &created_b),
+            (&b, &created_b),
+            (&a, &created_a),
+        ] {
+            let Lookup::Live(found) = lookup_on(&s, value, &memo).await else {
+                panic!("not found")
+            };
+            assert_eq!(found.handle().as_str(), created.handle().as_str());
+        }
+        // The memo holds `a`'s id characters: a value sharing them with another secret or MAC
+        // gets `a`'s handle from it, and is still refused.
+        for at in [24, 40, 85] {
+            let mut altered = a.expose().clone().into_bytes();
+            altered[at] = if altered[at] == b'A' { b'B' } else { b'A' };
+            let altered = Secret::new(String::from_utf8(altered).unwrap());
+            assert!(
+                matches!(lookup_on(&s, &altered, &memo).await, Lookup::None),
+                "byte {at} altered"
+            );
+        }
+        assert!(matches!(lookup_on(&s, &a, &memo).await, Lookup::Live(_)));
     }
 
     #[tokio::test]

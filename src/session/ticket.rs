@@ -201,6 +201,41 @@ fn id_of(value: &Encoded) -> Option<[u8; ID_LEN]> {
     (seen & 0x80 == 0).then_some(id)
 }
 
+/// The characters of a cookie value [`id_of`] decodes: the id's 16 bytes and two of the secret's.
+const ID_CHARS: usize = 24;
+
+/// The handle of the ticket id a client connection presented last. A browser sends the same
+/// cookie on every request of a keep-alive connection, so the handle's SHA-256 is computed once per
+/// connection instead of once per request. It memoizes a function (equal characters are the same
+/// id, whose handle never changes), so no entry can be wrong or stale; a value that matches it is
+/// still compared in full with a cached session's or verified by its MAC before it names a session.
+/// Compared in constant time: a connection from a trusted proxy may carry several users' cookies.
+#[derive(Default)]
+pub(crate) struct HandleMemo(std::sync::Mutex<Option<([u8; ID_CHARS], [u8; 16])>>);
+
+/// A memo: a copy (a tunnel's connection slot, which never looks at cookies) starts empty.
+impl Clone for HandleMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl HandleMemo {
+    /// The handle remembered for these characters. Never waits: a memo another of the
+    /// connection's HTTP/2 streams holds at this instant is passed over.
+    fn get(&self, chars: &[u8; ID_CHARS]) -> Option<[u8; 16]> {
+        let memo = self.0.try_lock().ok()?;
+        let (seen, handle) = memo.as_ref()?;
+        secret::constant_time_eq(seen, chars).then_some(*handle)
+    }
+
+    fn put(&self, chars: &[u8; ID_CHARS], handle: [u8; 16]) {
+        if let Ok(mut memo) = self.0.try_lock() {
+            *memo = Some((*chars, handle));
+        }
+    }
+}
+
 /// A cookie value as presented, of the right length but neither decoded nor verified.
 ///
 /// A session in the cache remembers the characters of the cookie it was verified for: the same
@@ -216,9 +251,18 @@ impl<'a> Presented<'a> {
     }
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine; `None` if
-    /// the id's characters are not base64url.
-    pub(crate) fn handle_bytes(&self) -> Option<[u8; 16]> {
-        id_of(self.0).map(|id| handle_of(&id))
+    /// the id's characters are not base64url. With the client connection's `memo`, the same id's
+    /// characters again are answered from it (no decoding, no SHA-256).
+    pub(crate) fn handle_bytes(&self, memo: Option<&HandleMemo>) -> Option<[u8; 16]> {
+        let chars: &[u8; ID_CHARS] = self.0.first_chunk().expect("86 characters hold 24");
+        if let Some(handle) = memo.and_then(|m| m.get(chars)) {
+            return Some(handle);
+        }
+        let handle = handle_of(&id_of(self.0)?);
+        if let Some(m) = memo {
+            m.put(chars, handle);
+        }
+        Some(handle)
     }
 
     /// The ticket, if the value decodes and its MAC verifies under one of `keys`.
@@ -423,7 +467,7 @@ mod tests {
         assert!(Presented::of(&format!("{text}A")).is_none(), "too long");
         let not_ascii = format!("é{}", &text[2..]);
         let presented = Presented::of(&not_ascii).expect("86 bytes");
-        assert!(presented.handle_bytes().is_none(), "not ASCII");
+        assert!(presented.handle_bytes(None).is_none(), "not ASCII");
         assert!(presented.verify(&keys(1)).is_none(), "not ASCII");
     }
 
@@ -473,7 +517,38 @@ mod tests {
         let k = keys(3);
         let value = t.encode(&k);
         let presented = Presented::of(value.expose()).unwrap();
-        assert_eq!(presented.handle_bytes().unwrap(), expected.as_ref()[..16]);
+        assert_eq!(
+            presented.handle_bytes(None).unwrap(),
+            expected.as_ref()[..16]
+        );
+    }
+
+    #[test]
+    fn a_connections_memo_answers_for_the_id_characters_it_last_saw() {
+        let k = keys(1);
+        let (t, u) = (Ticket::generate(), Ticket::generate());
+        let (tv, uv) = (t.encode(&k), u.encode(&k));
+        let (pt, pu) = (
+            Presented::of(tv.expose()).unwrap(),
+            Presented::of(uv.expose()).unwrap(),
+        );
+        let memo = HandleMemo::default();
+        assert_eq!(pt.handle_bytes(Some(&memo)), Some(t.handle_bytes()));
+        // What the memo answers is what it holds: the same characters again are not hashed.
+        let chars: &[u8; ID_CHARS] = tv.expose().as_bytes().first_chunk().unwrap();
+        assert_eq!(memo.get(chars), Some(t.handle_bytes()));
+        memo.put(chars, [9; 16]);
+        assert_eq!(pt.handle_bytes(Some(&memo)), Some([9; 16]));
+        // Other characters are hashed, and replace the entry.
+        assert_eq!(pu.handle_bytes(Some(&memo)), Some(u.handle_bytes()));
+        assert_eq!(pt.handle_bytes(Some(&memo)), Some(t.handle_bytes()));
+        // A value whose id characters are not base64url has no handle and leaves no entry.
+        let mut bad = tv.expose().as_bytes().to_vec();
+        bad[3] = b'.';
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(Presented::of(&bad).unwrap().handle_bytes(Some(&memo)), None);
+        assert_eq!(memo.get(chars), Some(t.handle_bytes()));
+        assert_eq!(memo.clone().get(chars), None, "a copy starts empty");
     }
 
     #[test]
