@@ -365,6 +365,54 @@ async fn an_upstream_that_closes_its_idle_connection_fails_no_request() {
 }
 
 #[tokio::test]
+async fn one_upstream_connection_carries_answers_of_every_shape_in_turn() {
+    // A pooled connection is ready for the next request once its answer has been read to the
+    // end, whatever the answer's shape: empty, streamed, chunked, refused, redirected, a HEAD, a
+    // request with an upload.
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let client = proxy.http1();
+    let big = 1 << 20;
+    for round in 0..2 {
+        for (path, want) in [
+            ("/api/echo", None),
+            ("/api/status/204", Some(0)),
+            (&*format!("/api/download?bytes={big}"), Some(big)),
+            ("/api/download?bytes=100000&chunked=1", Some(100_000)),
+            ("/api/status/404", None),
+            ("/api/redirect", Some(0)),
+        ] {
+            let res = client.get(proxy.url(path)).send().await.unwrap();
+            assert!(res.status().as_u16() < 500, "{path}: {}", res.status());
+            let body = res.bytes().await.unwrap();
+            if let Some(n) = want {
+                assert_eq!(body.len(), n, "{path}");
+            }
+        }
+        let res = client
+            .head(proxy.url("/api/download?bytes=5000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let res = client
+            .post(proxy.url("/api/upload"))
+            .body(vec![7u8; 300_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(!res.bytes().await.unwrap().is_empty());
+        assert_eq!(
+            up.connections(),
+            1,
+            "round {round}: a connection was not reused"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn concurrent_requests_open_connections_that_are_then_reused() {
     let up = Upstream::start().await;
     let proxy = proxy_to(&up).await;
