@@ -314,7 +314,7 @@ impl Auth {
         }
         // The span ends with the lookup: here on the hot path, after the store read on a miss.
         let span = crate::trace::session_lookup();
-        let memo = fwd.slot.map(|s| &s.handles);
+        let memo = Some(&fwd.slot.handles);
         match self.sessions.probe(req.headers(), self.cache_ttl, memo) {
             Probe::Found(Lookup::Live(s))
                 if policy::check_roles(route, s.claims().roles()).is_ok()

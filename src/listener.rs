@@ -193,10 +193,10 @@ impl TlsServer {
         let svc = service_fn(move |req: Request<Incoming>| {
             let router = routers.load_full();
             let guard = InFlight::new(activity.clone());
-            // Only an HTTP/1.1 request can become a tunnel (`proxy::split`; HTTP/2 has no protocol
-            // switch, RFC 9113 §8.6) or share the connection's deadline timer (an HTTP/2
-            // connection has none); every request shares the connection's handle memo.
-            let slot = Some(slot.clone());
+            // Every request shares the connection's handle memo; only an HTTP/1.1 request can
+            // become a tunnel (`proxy::split`; HTTP/2 has no protocol switch, RFC 9113 §8.6) or
+            // share the connection's deadline timer (an HTTP/2 connection has none).
+            let slot = slot.clone();
             let activity = activity.clone();
             async move {
                 if activity.oversized.load(Ordering::Acquire) {

@@ -54,8 +54,8 @@ pub(crate) struct Forward<'a> {
     pub(crate) authorization: Option<HeaderValue>,
     /// Name of coatcheck's session cookie: it and its login cookies never reach the upstream.
     pub(crate) own_cookie: Option<&'a str>,
-    /// The client connection the request came on (`None` for a request not read from one).
-    pub(crate) slot: Option<&'a ConnectionSlot>,
+    /// The client connection the request came on.
+    pub(crate) slot: &'a ConnectionSlot,
     /// The fields the client's head held (taken before any was removed).
     pub(crate) scan: headers::FieldScan,
 }
@@ -497,7 +497,7 @@ async fn answer(
             span.fail(e.code());
             e
         })?,
-        () = deadline(&progress, route.timeout, slot.and_then(|s| s.deadline.as_deref())) => {
+        () = deadline(&progress, route.timeout, slot.deadline.as_deref()) => {
             span.fail("gateway_timeout");
             return Err(Error::GatewayTimeout(route.timeout));
         }
@@ -524,7 +524,7 @@ async fn answer(
             ));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut res);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot.cloned()));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot.clone()));
     }
     let scan = headers::FieldScan::of(res.headers());
     if scan.has(headers::FieldScan::HOP_BY_HOP) {
@@ -547,16 +547,12 @@ async fn answer(
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    slot: Option<ConnectionSlot>,
+    slot: ConnectionSlot,
 ) {
-    let closing = slot
-        .as_ref()
-        .map_or_else(CancellationToken::new, |s| s.closing.clone());
+    let closing = slot.closing.clone();
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
-            let _open = slot
-                .as_ref()
-                .map(|s| crate::metrics::Open::new(&s.tunnels_open));
+            let _open = crate::metrics::Open::new(&slot.tunnels_open);
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
             tokio::select! {

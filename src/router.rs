@@ -154,7 +154,7 @@ impl Router {
         &self,
         req: Request<Incoming>,
         peer: IpAddr,
-        slot: Option<Arc<ConnectionSlot>>,
+        slot: Arc<ConnectionSlot>,
     ) -> Response<Logged<Body>> {
         let scan = headers::FieldScan::of(req.headers());
         let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
@@ -187,7 +187,7 @@ impl Router {
             req,
             Arrival { peer, client, scan },
             &request_id,
-            slot.as_deref(),
+            &slot,
             &mut record,
         );
         let res = match trace::scope(hop, inner).await {
@@ -294,7 +294,7 @@ impl Router {
         mut req: Request<Incoming>,
         arrival: Arrival,
         request_id: &'a HeaderValue,
-        slot: Option<&'a ConnectionSlot>,
+        slot: &'a ConnectionSlot,
         record: &'a mut AccessRecord,
     ) -> impl Future<Output = Result<Response<Body>, Error>> + 'a {
         async move {
