@@ -61,8 +61,12 @@ pub(crate) fn stream(buffer: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) 
 
 /// A request body on its way upstream: the client's stream (cut when it stalls, what had already
 /// arrived judged first) under the route's size limit, or a buffered copy (small bodies kept for
-/// one replay after a refresh).
-pub(crate) type UpstreamBody = Either<Limited<Primed<Stalling<Incoming>>>, Full<Bytes>>;
+/// one replay after a refresh, and every empty body).
+///
+/// The stream is boxed: hyper's client moves the request about ten times on its way to the
+/// connection (its channel's envelope, the dispatcher), and the stream's state (120 bytes) would
+/// be part of every move. An empty body (a `GET`) is an empty [`Full`] and allocates nothing.
+pub(crate) type UpstreamBody = Either<Box<Limited<Primed<Stalling<Incoming>>>>, Full<Bytes>>;
 
 /// Which peer a streamed body comes from: its failures are that peer's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -502,19 +502,23 @@ impl HeadWatch {
         }
     }
 
-    /// Whether `held` contains a complete head: an empty line after the first non-empty one
-    /// (leading empty lines are ignored, RFC 9112 §2.2).
+    /// Whether `held` contains a complete head.
     fn complete(&self) -> bool {
-        let start = self
-            .held
-            .iter()
-            .position(|&b| b != b'\r' && b != b'\n')
-            .unwrap_or(self.held.len());
-        let rest = &self.held[start..];
-        // Only the line ends are looked at (memchr: a vector scan), not every byte twice.
-        memchr::memchr_iter(b'\n', rest)
-            .any(|i| matches!(&rest[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+        head_complete(&self.held)
     }
+}
+
+/// Whether `bytes` contain a complete head: an empty line after the first non-empty one (leading
+/// empty lines are ignored, RFC 9112 §2.2).
+fn head_complete(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(bytes.len());
+    let rest = &bytes[start..];
+    // Only the line ends are looked at (memchr: a vector scan), not every byte twice.
+    memchr::memchr_iter(b'\n', rest)
+        .any(|i| matches!(&rest[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 impl<T> IdleIo<T> {
@@ -707,6 +711,26 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                 }
                 head.watching = true;
             }
+            if head.held.is_empty() {
+                // Nothing held: read straight into hyper's buffer. A head that comes whole in one
+                // read (nearly every one) is released where it lies, without being copied into
+                // `held` and out again; anything else is taken back into `held` below.
+                let before = buf.filled().len();
+                match self.read_inner(cx, buf) {
+                    Poll::Pending => return head.poll_deadline(cx),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) if buf.filled().len() == before => head.end_of_stream(),
+                    Poll::Ready(Ok(())) if head_complete(&buf.filled()[before..]) => {
+                        head.released_in_place(&buf.filled()[before..], &self.activity);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Ok(())) => {
+                        head.take_read(&buf.filled()[before..], &self.activity);
+                        buf.set_filled(before);
+                    }
+                }
+                continue;
+            }
             // Not zeroed: the TLS stream only copies into it (8 KiB of memset per read otherwise).
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ];
             let mut rb = ReadBuf::uninit(&mut chunk);
@@ -784,6 +808,19 @@ impl HeadWatch {
         } else {
             self.refuse_oversized(activity);
         }
+    }
+
+    /// A complete head that was read straight into hyper's buffer: stop watching until its
+    /// response has ended.
+    #[inline]
+    fn released_in_place(&mut self, head: &[u8], activity: &Activity) {
+        self.deadline = None;
+        // HTTP/2 with prior knowledge (no ALPN): not HTTP/1.1 heads from here on.
+        if head.starts_with(b"PRI * HTTP/2.0") {
+            activity.upgraded.store(true, Ordering::Release);
+        }
+        self.released += 1;
+        self.watching = false;
     }
 
     /// A complete head: hand it to hyper and stop watching until its response has ended.

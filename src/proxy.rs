@@ -124,11 +124,15 @@ pub(crate) fn forward<'a>(
                 None => res,
             }
         } else {
-            let limit = route.max_body_bytes as usize;
-            let body = Primed::prime(out.body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
-                .await
-                .map_err(|e| client_body_error(&e))?;
-            let body = Either::Left(Limited::new(body, limit));
+            let body = if http_body::Body::is_end_stream(out.body.inner()) {
+                Either::Right(Full::new(Bytes::new()))
+            } else {
+                let limit = route.max_body_bytes as usize;
+                let body = Primed::prime(out.body, PRIME_BYTES.min(limit + 1), PRIME_GAP)
+                    .await
+                    .map_err(|e| client_body_error(&e))?;
+                Either::Left(Box::new(Limited::new(body, limit)))
+            };
             let req = Request::from_parts(out.parts, body);
             send(upstream, route, req, out.client_upgrade, fwd).await?
         };

@@ -150,51 +150,61 @@ impl Router {
     /// Handles one request from `peer`. Never fails: errors become JSON answers (DESIGN §5).
     /// `slot` is the client connection's ([`ConnectionSlot`]: its deadline timer on HTTP/1.1,
     /// what an upgraded tunnel holds, the handle memo).
-    pub(crate) async fn handle(
+    ///
+    /// An `async` block rather than an `async fn`, as [`Router::handle_inner`]: an `async fn` keeps
+    /// the request twice (the argument and the local it is moved into), and this future is the
+    /// whole request's, moved into the listener's box once per request.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep the request twice (see above)"
+    )]
+    pub(crate) fn handle(
         &self,
         req: Request<Incoming>,
         peer: IpAddr,
         slot: Arc<ConnectionSlot>,
-    ) -> Response<Logged<Body>> {
-        let scan = headers::FieldScan::of(req.headers());
-        let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
-        let request_id = headers::request_id(req.headers(), scan);
-        let http1 = req.version() <= Version::HTTP_11;
-        let (hop, span) = trace::start(
-            req.headers(),
-            &trace::RequestInfo {
-                method: req.method(),
-                version: req.version(),
-                uri: req.uri(),
-                request_id: &request_id,
-                traceparent: scan.has(headers::FieldScan::TRACEPARENT),
-            },
-        );
-        let mut record = Box::new(AccessRecord {
-            start: Instant::now(),
-            method: req.method().clone(),
-            path: truncate(req.uri().path(), 512).to_owned(),
-            status: 0,
-            route: None,
-            route_metric: self.no_route_metric,
-            upstream: None,
-            request_id: request_id.clone(),
-            client,
-            error: None,
-            span,
-        });
-        let inner = self.handle_inner(
-            req,
-            Arrival { peer, client, scan },
-            &request_id,
-            &slot,
-            &mut record,
-        );
-        let res = match trace::scope(hop, inner).await {
-            Ok(res) => res,
-            Err(e) => self.fail(&e, &mut record),
-        };
-        self.finish(res, record, http1)
+    ) -> impl Future<Output = Response<Logged<Body>>> + '_ {
+        async move {
+            let scan = headers::FieldScan::of(req.headers());
+            let client = headers::client_ip(req.headers(), peer, &self.trusted_proxies);
+            let request_id = headers::request_id(req.headers(), scan);
+            let http1 = req.version() <= Version::HTTP_11;
+            let (hop, span) = trace::start(
+                req.headers(),
+                &trace::RequestInfo {
+                    method: req.method(),
+                    version: req.version(),
+                    uri: req.uri(),
+                    request_id: &request_id,
+                    traceparent: scan.has(headers::FieldScan::TRACEPARENT),
+                },
+            );
+            let mut record = Box::new(AccessRecord {
+                start: Instant::now(),
+                method: req.method().clone(),
+                path: truncate(req.uri().path(), 512).to_owned(),
+                status: 0,
+                route: None,
+                route_metric: self.no_route_metric,
+                upstream: None,
+                request_id: request_id.clone(),
+                client,
+                error: None,
+                span,
+            });
+            let inner = self.handle_inner(
+                req,
+                Arrival { peer, client, scan },
+                &request_id,
+                &slot,
+                &mut record,
+            );
+            let res = match trace::scope(hop, inner).await {
+                Ok(res) => res,
+                Err(e) => self.fail(&e, &mut record),
+            };
+            self.finish(res, record, http1)
+        }
     }
 
     /// The answer to a request whose header block exceeded `max_header_bytes` before it could be

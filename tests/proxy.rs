@@ -1594,6 +1594,74 @@ async fn a_slow_upstream_gets_504_and_is_cancelled() {
     proxy.stop().await;
 }
 
+/// The listener holds each request head until it is whole (see `HeadWatch`); a head that comes
+/// whole in one read is handed to hyper where it was read. Every way a head can arrive on one
+/// connection must reach the upstream intact and in order.
+#[tokio::test]
+async fn request_heads_arriving_whole_in_pieces_or_pipelined_all_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&route("/api/", &up.url(), "")).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    // Whole, in one write.
+    conn.send(b"GET /api/echo?n=1 HTTP/1.1\r\nHost: localhost\r\nX-N: 1\r\n\r\n")
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    // In pieces: the first read is held, the rest joins it.
+    for piece in [
+        &b"GET /api/echo?n=2 HT"[..],
+        b"TP/1.1\r\nHost: localhost\r\nX-N",
+        b": 2\r\n",
+        b"\r\n",
+    ] {
+        conn.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(conn.read_response().await.status, 200);
+    // Empty lines before a head are ignored (RFC 9112 §2.2), also when they come alone.
+    conn.send(b"\r\n").await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    conn.send(b"GET /api/echo?n=3 HTTP/1.1\r\nHost: localhost\r\nX-N: 3\r\n\r\n")
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    // A head and its body in one write, then two pipelined heads in one write.
+    conn.send(
+        b"POST /api/echo?n=4 HTTP/1.1\r\nHost: localhost\r\nX-N: 4\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let res = conn.read_response().await;
+    assert_eq!(res.status, 200);
+    conn.send(
+        b"GET /api/echo?n=5 HTTP/1.1\r\nHost: localhost\r\nX-N: 5\r\n\r\n\
+          GET /api/echo?n=6 HTTP/1.1\r\nHost: localhost\r\nX-N: 6\r\n\r\n",
+    )
+    .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    assert_eq!(conn.read_response().await.status, 200);
+    let seen = up.seen();
+    let got: Vec<_> = seen
+        .iter()
+        .map(|s| {
+            (
+                s.method.as_str(),
+                s.uri.as_str(),
+                s.header("x-n").unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("GET", "/api/echo?n=1", "1"),
+            ("GET", "/api/echo?n=2", "2"),
+            ("GET", "/api/echo?n=3", "3"),
+            ("POST", "/api/echo?n=4", "4"),
+            ("GET", "/api/echo?n=5", "5"),
+            ("GET", "/api/echo?n=6", "6"),
+        ]
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off() {
     let up = Upstream::start().await;
