@@ -495,7 +495,10 @@ async fn answer(
         client_upgrade,
     } = sent;
     let slot = fwd.slot;
+    // Biased: the answer is polled first, and no random branch order is drawn on every poll (an
+    // answer and an expired deadline in the same poll are rare, and the answer may win).
     let mut res = tokio::select! {
+        biased;
         r = response => r.map_err(|e| {
             let e = classify(e, route);
             span.fail(e.code());
