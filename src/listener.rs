@@ -711,10 +711,12 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                 }
                 head.watching = true;
             }
-            if head.held.is_empty() {
+            if head.held.is_empty() && buf.remaining() > 0 {
                 // Nothing held: read straight into hyper's buffer. A head that comes whole in one
                 // read (nearly every one) is released where it lies, without being copied into
-                // `held` and out again; anything else is taken back into `held` below.
+                // `held` and out again; anything else is taken back into `held` below. (A read
+                // into no room at all would look like the end of the stream: that one takes the
+                // path below.)
                 let before = buf.filled().len();
                 match self.read_inner(cx, buf) {
                     Poll::Pending => return head.poll_deadline(cx),
