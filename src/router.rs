@@ -22,7 +22,7 @@ use crate::config::{AuthMode, Cidr, Config, Route, UnderscoreHeaders};
 use crate::error::Error;
 use crate::metrics::{BFF_ROUTE, Metrics, NO_ROUTE};
 use crate::proxy::{self, ConnectionSlot, headers};
-use crate::telemetry::{AccessLog, AccessRecord, Logged};
+use crate::telemetry::{AccessLog, AccessRecord, LogPath, Logged};
 use crate::tls::TlsError;
 use crate::trace;
 use crate::upstream::Upstream;
@@ -182,7 +182,7 @@ impl Router {
             let mut record = Box::new(AccessRecord {
                 start: Instant::now(),
                 method: req.method().clone(),
-                path: truncate(req.uri().path(), 512).to_owned(),
+                path: LogPath::new(req.uri().path()),
                 status: 0,
                 route: None,
                 route_metric: self.no_route_metric,
@@ -215,7 +215,7 @@ impl Router {
         let mut record = Box::new(AccessRecord {
             start: Instant::now(),
             method: Method::GET,
-            path: "(header block over the limit)".to_owned(),
+            path: LogPath::Note("(header block over the limit)"),
             status: 0,
             route: None,
             route_metric: self.no_route_metric,
@@ -622,17 +622,6 @@ fn strip_segments(path: &str, n: usize) -> &str {
         Some((i, _)) => &path[i..],
         None => "/",
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Size of the request line and headers as they would be on an HTTP/1.1 wire.

@@ -67,7 +67,7 @@ pub(crate) struct AccessRecord {
     pub(crate) start: Instant,
     pub(crate) method: Method,
     /// Path only, never the query string.
-    pub(crate) path: String,
+    pub(crate) path: LogPath,
     pub(crate) status: u16,
     pub(crate) route: Option<Arc<str>>,
     /// The route's index among the metrics' `route` labels ([`crate::metrics::Metrics::route_index`]).
@@ -79,6 +79,74 @@ pub(crate) struct AccessRecord {
     pub(crate) error: Option<&'static str>,
     /// The request's server span (a no-op without export): it ends with this line.
     pub(crate) span: crate::trace::ServerSpan,
+}
+
+/// The path of an access log line, cut to [`LOG_PATH_BYTES`] at a character boundary. Held in the
+/// record itself when it is short (nearly every path is), so a request's log line costs no
+/// allocation of its own; the record is boxed, so its size is moved only once.
+pub(crate) enum LogPath {
+    Inline {
+        len: u8,
+        bytes: [u8; LOG_PATH_INLINE],
+    },
+    Heap(Box<str>),
+    /// Where no request path exists (a head refused before it was parsed).
+    Note(&'static str),
+}
+
+/// Longest path an access log line shows.
+const LOG_PATH_BYTES: usize = 512;
+/// Longest path kept in the record itself.
+const LOG_PATH_INLINE: usize = 96;
+
+impl LogPath {
+    pub(crate) fn new(path: &str) -> LogPath {
+        let path = truncate(path, LOG_PATH_BYTES);
+        if path.len() > LOG_PATH_INLINE {
+            return LogPath::Heap(path.into());
+        }
+        let mut bytes = [0u8; LOG_PATH_INLINE];
+        bytes[..path.len()].copy_from_slice(path.as_bytes());
+        LogPath::Inline {
+            len: path.len() as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // The bytes were a `str` cut at a character boundary: always valid.
+            LogPath::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or("-")
+            }
+            LogPath::Heap(path) => path,
+            LogPath::Note(note) => note,
+        }
+    }
+}
+
+impl std::fmt::Debug for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl AccessRecord {
@@ -137,3 +205,28 @@ impl Drop for AccessLog {
 
 /// A response body with its access log line.
 pub(crate) type Logged<B> = Watched<B, AccessLog>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_path_is_kept_whole_up_to_its_limit_and_cut_at_a_character_boundary() {
+        for len in [0, 1, 95, 96, 97, 511, 512] {
+            let path = "a".repeat(len);
+            assert_eq!(LogPath::new(&path).to_string(), path, "{len}");
+        }
+        assert!(matches!(
+            LogPath::new(&"a".repeat(96)),
+            LogPath::Inline { .. }
+        ));
+        assert!(matches!(LogPath::new(&"a".repeat(97)), LogPath::Heap(_)));
+        assert_eq!(LogPath::new(&"a".repeat(600)).to_string().len(), 512);
+        // "é" is two bytes: a cut inside it moves back to the boundary.
+        let path = format!("{}é", "a".repeat(511));
+        assert_eq!(LogPath::new(&path).to_string(), "a".repeat(511));
+        let path = format!("/{}", "é".repeat(60));
+        assert_eq!(LogPath::new(&path).to_string(), path);
+        assert_eq!(LogPath::Note("(note)").to_string(), "(note)");
+    }
+}
