@@ -38,7 +38,8 @@ use crate::router::Router;
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Longest method token the head watch waits on; longer is not a request line.
 const MAX_METHOD: usize = 32;
-/// Bytes read from the socket at a time while a request head is being watched.
+/// The size of one read while a request head is being watched (hyper's read buffer offers 8 KiB
+/// at a time, and the watch reads into it).
 const HEAD_READ: usize = 8 * 1024;
 /// What hyper is given in place of an oversized head: a minimal request the service answers with
 /// coatcheck's JSON 431 (the `oversized` flag, which no client can set, says so); nothing follows.
@@ -711,36 +712,27 @@ impl<T: AsyncRead + Unpin> IdleIo<T> {
                 }
                 head.watching = true;
             }
-            if head.held.is_empty() && buf.remaining() > 0 {
-                // Nothing held: read straight into hyper's buffer. A head that comes whole in one
-                // read (nearly every one) is released where it lies, without being copied into
-                // `held` and out again; anything else is taken back into `held` below. (A read
-                // into no room at all would look like the end of the stream: that one takes the
-                // path below.)
-                let before = buf.filled().len();
-                match self.read_inner(cx, buf) {
-                    Poll::Pending => return head.poll_deadline(cx),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) if buf.filled().len() == before => head.end_of_stream(),
-                    Poll::Ready(Ok(())) if head_complete(&buf.filled()[before..]) => {
-                        head.released_in_place(&buf.filled()[before..], &self.activity);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Ready(Ok(())) => {
-                        head.take_read(&buf.filled()[before..], &self.activity);
-                        buf.set_filled(before);
-                    }
-                }
-                continue;
+            if buf.remaining() == 0 {
+                // No room: nothing can be handed over (what any read into an empty buffer says).
+                return Poll::Ready(Ok(()));
             }
-            // Not zeroed: the TLS stream only copies into it (8 KiB of memset per read otherwise).
-            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ];
-            let mut rb = ReadBuf::uninit(&mut chunk);
-            match self.read_inner(cx, &mut rb) {
+            // Read straight into hyper's buffer. A head that comes whole in one read with nothing
+            // held (nearly every one) is released where it lies; any other bytes are taken back
+            // out into `held` (a head in pieces, the rest of a body the service did not read).
+            let before = buf.filled().len();
+            match self.read_inner(cx, buf) {
                 Poll::Pending => return head.poll_deadline(cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => head.end_of_stream(),
-                Poll::Ready(Ok(())) => head.take_read(rb.filled(), &self.activity),
+                Poll::Ready(Ok(())) if buf.filled().len() == before => head.end_of_stream(),
+                Poll::Ready(Ok(())) => {
+                    let read = &buf.filled()[before..];
+                    if head.held.is_empty() && head_complete(read) {
+                        head.released_in_place(read, &self.activity);
+                        return Poll::Ready(Ok(()));
+                    }
+                    head.take_read(read, &self.activity);
+                    buf.set_filled(before);
+                }
             }
         }
     }
