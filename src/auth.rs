@@ -306,9 +306,9 @@ impl Auth {
             return Start::NoSession;
         }
         let upgrade = fwd.scan.asks_upgrade(req.headers());
-        if let Err(e) = self
-            .csrf()
-            .check(req.headers(), req.method(), route.csrf, upgrade)
+        if let Err(e) =
+            self.csrf()
+                .check(req.headers(), fwd.scan, req.method(), route.csrf, upgrade)
         {
             return Start::Refused(e);
         }
@@ -392,7 +392,7 @@ impl Auth {
     ) -> Result<Response<Body>, Error> {
         let upgrade = fwd.scan.asks_upgrade(req.headers());
         self.csrf()
-            .check(req.headers(), req.method(), route.csrf, upgrade)?;
+            .check(req.headers(), fwd.scan, req.method(), route.csrf, upgrade)?;
         let tokens = self
             .client_tokens
             .as_ref()
@@ -431,7 +431,7 @@ impl Auth {
     ) -> Result<Response<Body>, Error> {
         let capture = self.capture().ok_or(Error::NotFound)?;
         self.csrf()
-            .check(req.headers(), req.method(), CsrfMode::All, false)?;
+            .check(req.headers(), fwd.scan, req.method(), CsrfMode::All, false)?;
         let previous = match self.lookup(req.headers()).await {
             Ok(Lookup::Live(s)) => Some(s),
             _ => None,

@@ -512,6 +512,10 @@ impl HeadWatch {
 /// Whether `bytes` contain a complete head: an empty line after the first non-empty one (leading
 /// empty lines are ignored, RFC 9112 §2.2).
 fn head_complete(bytes: &[u8]) -> bool {
+    // A head that came whole with nothing after it (nearly every one) ends in its empty line.
+    if bytes.ends_with(b"\r\n\r\n") && bytes.len() > 4 && !matches!(bytes[0], b'\r' | b'\n') {
+        return true;
+    }
     let start = bytes
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
@@ -995,6 +999,12 @@ mod tests {
         assert!(!watch(b"GET / HTTP/1.1\r\nHost: x\r\n").complete());
         // Leading empty lines (RFC 9112 §2.2) do not end a head that has not started.
         assert!(!watch(b"\r\n\r\nGET / HTTP/1.1\r\n").complete());
+        assert!(!watch(b"\r\n\r\n").complete());
+        assert!(!watch(b"\r\n\r\n\r\n").complete());
+        assert!(watch(b"\r\nGET / HTTP/1.1\r\n\r\n").complete());
+        // A body in the same read: the empty line is not at the end.
+        assert!(watch(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi").complete());
+        assert!(!watch(b"POST / HTTP/1.1\r\nX: \r\r\n\r").complete());
     }
 
     #[test]

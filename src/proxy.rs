@@ -424,7 +424,9 @@ pub(crate) fn rewrite(
         Some(host) if route.preserve_host => h.insert(header::HOST, host),
         _ => h.insert(header::HOST, upstream.host.clone()),
     };
-    if let Some(base) = fwd.own_cookie {
+    if let Some(base) = fwd.own_cookie
+        && fwd.scan.has(headers::FieldScan::COOKIE)
+    {
         headers::remove_cookies(h, |name| headers::is_own_cookie(base, name));
     }
     // On a session or machine-token route the browser never chooses the upstream credential:

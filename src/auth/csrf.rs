@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderName, Method, header};
 
 use crate::config::CsrfMode;
 use crate::error::Error;
+use crate::proxy::headers::FieldScan;
 
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
@@ -23,10 +24,12 @@ pub(crate) struct Check<'a> {
 }
 
 impl Check<'_> {
-    /// Checks a request to a route (or `/bff/*` JSON endpoint) with the given mode.
+    /// Checks a request to a route (or `/bff/*` JSON endpoint) with the given mode. `scan` says
+    /// which of the fields looked at the head holds ([`FieldScan::UNKNOWN`]: look them all up).
     pub(crate) fn check(
         &self,
         headers: &HeaderMap,
+        scan: FieldScan,
         method: &Method,
         mode: CsrfMode,
         upgrade: bool,
@@ -35,24 +38,28 @@ impl Check<'_> {
             return Ok(());
         }
         // Every value counts: a duplicated header must not hide a refusal behind a first value.
-        if headers
-            .get_all(&SEC_FETCH_SITE)
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+        if scan.has(FieldScan::SEC_FETCH_SITE)
+            && headers
+                .get_all(&SEC_FETCH_SITE)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
         {
             return Err(Error::Csrf("cross-site requests are refused".into()));
         }
-        let origins = headers.get_all(header::ORIGIN);
-        if origins
-            .iter()
-            .any(|o| o.as_bytes() != self.public_origin.as_bytes())
-        {
-            return Err(Error::Csrf("the request's Origin is not this site".into()));
-        }
+        let has_origin = scan.has(FieldScan::ORIGIN) && {
+            let origins = headers.get_all(header::ORIGIN);
+            if origins
+                .iter()
+                .any(|o| o.as_bytes() != self.public_origin.as_bytes())
+            {
+                return Err(Error::Csrf("the request's Origin is not this site".into()));
+            }
+            origins.iter().next().is_some()
+        };
         if upgrade {
-            return match origins.iter().next() {
-                Some(_) => Ok(()),
-                None => Err(Error::Csrf(
+            return match has_origin {
+                true => Ok(()),
+                false => Err(Error::Csrf(
                     "a WebSocket upgrade needs an Origin header".into(),
                 )),
             };
@@ -93,12 +100,18 @@ mod tests {
         mode: CsrfMode,
         upgrade: bool,
     ) -> Result<(), u16> {
-        Check {
+        let rules = Check {
             header: &HDR,
             public_origin: "https://app.test",
-        }
-        .check(headers, &method, mode, upgrade)
-        .map_err(|e| e.status().as_u16())
+        };
+        // The scan of the head and no scan at all decide alike.
+        let scanned = rules.check(headers, FieldScan::of(headers), &method, mode, upgrade);
+        let looked_up = rules.check(headers, FieldScan::UNKNOWN, &method, mode, upgrade);
+        assert_eq!(
+            scanned.as_ref().map_err(|e| e.status()),
+            looked_up.as_ref().map_err(|e| e.status())
+        );
+        scanned.map_err(|e| e.status().as_u16())
     }
 
     #[test]

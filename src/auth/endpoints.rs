@@ -14,6 +14,7 @@ use crate::body::{self, Body};
 use crate::config::CsrfMode;
 use crate::error::Error;
 use crate::metrics::BackchannelResult;
+use crate::proxy::headers::FieldScan;
 use crate::secret::{self, Secret};
 use crate::session::store::{EndReason, OnceSet, Record};
 use crate::session::{self, Lookup, Session, subject_key};
@@ -60,8 +61,13 @@ pub(crate) async fn dispatch(
 
 /// JSON endpoints need the CSRF header and a same-site origin.
 fn csrf(auth: &Auth, req: &Request<Incoming>) -> Result<(), Error> {
-    auth.csrf()
-        .check(req.headers(), req.method(), CsrfMode::All, false)
+    auth.csrf().check(
+        req.headers(),
+        FieldScan::UNKNOWN,
+        req.method(),
+        CsrfMode::All,
+        false,
+    )
 }
 
 fn rfc3339(unix: u64) -> String {
@@ -245,8 +251,13 @@ async fn logout_all(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body
 /// the session ends on any instance, then closes; comment heartbeats meanwhile.
 async fn events(auth: &Auth, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     // EventSource cannot send the CSRF header: a GET judged by Origin and Fetch Metadata.
-    auth.csrf()
-        .check(req.headers(), req.method(), CsrfMode::UnsafeMethods, false)?;
+    auth.csrf().check(
+        req.headers(),
+        FieldScan::UNKNOWN,
+        req.method(),
+        CsrfMode::UnsafeMethods,
+        false,
+    )?;
     let s = auth.require_session(&req).await?;
     let watch = auth
         .sessions

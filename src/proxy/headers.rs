@@ -58,6 +58,10 @@ impl FieldScan {
     /// A field name with `_` (nginx and Envoy treat these as invalid by default: some stacks read
     /// `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
     pub(crate) const UNDERSCORE: u16 = 1 << 11;
+    /// `Origin` and `Sec-Fetch-Site`, which the CSRF check reads.
+    pub(crate) const ORIGIN: u16 = 1 << 12;
+    pub(crate) const SEC_FETCH_SITE: u16 = 1 << 13;
+    pub(crate) const COOKIE: u16 = 1 << 14;
 
     /// A scan that knows nothing: every field may be there (each check looks).
     pub(crate) const UNKNOWN: FieldScan = FieldScan {
@@ -94,6 +98,9 @@ impl FieldScan {
             "tracestate" => Self::TRACESTATE,
             "x-request-id" => Self::X_REQUEST_ID,
             "set-cookie" => Self::SET_COOKIE,
+            "origin" => Self::ORIGIN,
+            "sec-fetch-site" => Self::SEC_FETCH_SITE,
+            "cookie" => Self::COOKIE,
             "x-http-method-override" | "x-http-method" | "x-method-override" => {
                 Self::METHOD_OVERRIDE
             }
@@ -735,7 +742,7 @@ mod tests {
 
     #[test]
     fn a_scan_finds_each_field_it_names_and_sizes_the_block() {
-        let cases: [(&str, u16); 13] = [
+        let cases: [(&str, u16); 16] = [
             ("connection", FieldScan::CONNECTION | FieldScan::HOP_BY_HOP),
             ("te", FieldScan::TE | FieldScan::HOP_BY_HOP),
             ("upgrade", FieldScan::UPGRADE | FieldScan::HOP_BY_HOP),
@@ -752,6 +759,9 @@ mod tests {
             ("set-cookie", FieldScan::SET_COOKIE),
             ("x-http-method-override", FieldScan::METHOD_OVERRIDE),
             ("x_auth_user", FieldScan::UNDERSCORE),
+            ("origin", FieldScan::ORIGIN),
+            ("sec-fetch-site", FieldScan::SEC_FETCH_SITE),
+            ("cookie", FieldScan::COOKIE),
         ];
         let all = cases.iter().fold(0, |a, (_, f)| a | f);
         for (name, flags) in cases {
@@ -763,7 +773,7 @@ mod tests {
             let bytes = 4 + 1 + 4 + 6 + 3 + 4 + 2 * (name.len() + 1 + 4);
             assert_eq!(scan.bytes, bytes, "{name}");
         }
-        let plain = FieldScan::of(&map(&[("host", "a"), ("cookie", "b=c"), ("x-csrf", "1")]));
+        let plain = FieldScan::of(&map(&[("host", "a"), ("accept", "b=c"), ("x-csrf", "1")]));
         assert!(!plain.has(all), "{plain:?}");
         assert!(FieldScan::UNKNOWN.has(all));
     }
