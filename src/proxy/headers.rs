@@ -442,16 +442,21 @@ pub(crate) fn request_id(headers: &HeaderMap, scan: FieldScan) -> HeaderValue {
     {
         return v.clone();
     }
-    // A random per-process prefix and a counter: unique without a CSPRNG call per request
-    // (request ids identify, they do not authorize).
-    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        let mut b = [0u8; 8];
-        crate::secret::random_bytes(&mut b);
-        u64::from_le_bytes(b)
+    // A random per-thread prefix and a counter: unique without a CSPRNG call per request
+    // (request ids identify, they do not authorize), and without a counter that every serving
+    // thread writes (its cache line would move between cores on every request).
+    thread_local! {
+        static NEXT: std::cell::Cell<(u64, u64)> = std::cell::Cell::new({
+            let mut b = [0u8; 8];
+            crate::secret::random_bytes(&mut b);
+            (u64::from_le_bytes(b), 0)
+        });
+    }
+    let (prefix, n) = NEXT.with(|next| {
+        let (prefix, n) = next.get();
+        next.set((prefix, n.wrapping_add(1)));
+        (prefix, n)
     });
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut hex = [0u8; 32];
     let (high, low) = hex.split_at_mut(16);
     crate::secret::hex_into(&prefix.to_be_bytes(), high);
@@ -809,6 +814,21 @@ mod tests {
         let generated = request_id(&map(&[("x-request-id", "has space")]), FieldScan::UNKNOWN);
         assert_eq!(generated.len(), 32);
         assert_ne!(generated, request_id(&HeaderMap::new(), FieldScan::UNKNOWN));
+        // Each thread counts on its own, from its own random prefix: no id repeats across them.
+        let made: Vec<Vec<HeaderValue>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..1000)
+                            .map(|_| request_id(&HeaderMap::new(), FieldScan::UNKNOWN))
+                            .collect()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let all: std::collections::HashSet<&HeaderValue> = made.iter().flatten().collect();
+        assert_eq!(all.len(), 4000);
     }
 
     #[test]
