@@ -513,7 +513,7 @@ impl HeadWatch {
 /// empty lines are ignored, RFC 9112 §2.2).
 fn head_complete(bytes: &[u8]) -> bool {
     // A head that came whole with nothing after it (nearly every one) ends in its empty line.
-    if bytes.ends_with(b"\r\n\r\n") && bytes.len() > 4 && !matches!(bytes[0], b'\r' | b'\n') {
+    if bytes.ends_with(b"\r\n\r\n") && !matches!(bytes.first(), Some(b'\r' | b'\n')) {
         return true;
     }
     let start = bytes

@@ -750,7 +750,7 @@ impl<'a> NormalizedPath<'a> {
     }
 }
 
-/// Whether `path` (which starts with `/`) is normal already: nothing percent-encoded, no `\\` or
+/// Whether `path` (which starts with `/`) is normal already: nothing percent-encoded, no `\` or
 /// `;`, no empty segment but a final one (`//`), no `.` or `..` segment. One pass over the bytes
 /// (nearly every path a proxy sees), where three searches each walked it.
 fn already_normal(path: &[u8]) -> bool {

@@ -57,12 +57,12 @@ impl Check<'_> {
             origins.iter().next().is_some()
         };
         if upgrade {
-            return match has_origin {
-                true => Ok(()),
-                false => Err(Error::Csrf(
+            if !has_origin {
+                return Err(Error::Csrf(
                     "a WebSocket upgrade needs an Origin header".into(),
-                )),
-            };
+                ));
+            }
+            return Ok(());
         }
         if mode == CsrfMode::UnsafeMethods
             && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)

@@ -58,9 +58,11 @@ impl FieldScan {
     /// A field name with `_` (nginx and Envoy treat these as invalid by default: some stacks read
     /// `X_Auth_User` as `X-Auth-User`, CVE-2025-64484).
     pub(crate) const UNDERSCORE: u16 = 1 << 11;
-    /// `Origin` and `Sec-Fetch-Site`, which the CSRF check reads.
+    /// `Origin`, which the CSRF check reads.
     pub(crate) const ORIGIN: u16 = 1 << 12;
+    /// `Sec-Fetch-Site`, which the CSRF check reads.
     pub(crate) const SEC_FETCH_SITE: u16 = 1 << 13;
+    /// `Cookie`, from which coatcheck's own cookies are removed before forwarding.
     pub(crate) const COOKIE: u16 = 1 << 14;
 
     /// A scan that knows nothing: every field may be there (each check looks).
