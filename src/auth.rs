@@ -315,10 +315,12 @@ impl Auth {
         // The span ends with the lookup: here on the hot path, after the store read on a miss.
         let span = crate::trace::session_lookup();
         let memo = Some(&fwd.slot.handles);
-        match self.sessions.probe(req.headers(), self.cache_ttl, memo) {
+        // One reading of the clock for the cache's freshness and the token's.
+        let at = std::time::Instant::now();
+        match self.sessions.probe(req.headers(), self.cache_ttl, memo, at) {
             Probe::Found(Lookup::Live(s))
                 if policy::check_roles(route, s.claims().roles()).is_ok()
-                    && !self.refresher.due(&s) =>
+                    && !self.refresher.due_at(&s, at) =>
             {
                 Start::Ready(s)
             }

@@ -126,7 +126,7 @@ impl TlsServer {
                 closing: self.closing.clone(),
                 tunnels_open: self.metrics.upgrades_open.clone(),
                 deadline: None,
-                handles: crate::session::HandleMemo::default(),
+                handles: crate::session::ConnectionMemo::default(),
             };
             tokio::spawn(
                 self.clone()

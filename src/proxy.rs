@@ -303,7 +303,7 @@ pub(crate) struct ConnectionSlot {
     /// concurrent requests each arm their own).
     pub(crate) deadline: Option<Arc<ConnectionDeadline>>,
     /// The handle of the session cookie the connection presented last.
-    pub(crate) handles: crate::session::HandleMemo,
+    pub(crate) handles: crate::session::ConnectionMemo,
 }
 
 /// One route-deadline timer shared by the requests of an HTTP/1.1 connection, which come one at a

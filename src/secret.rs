@@ -51,9 +51,27 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Secret<T> {
     }
 }
 
-/// Compares two byte strings in constant time (with respect to their contents).
+/// Compares two byte strings in constant time (with respect to their contents; a difference in
+/// length answers at once, as aws-lc's comparison does).
+///
+/// Eight bytes at a time, every difference OR-ed into one word that is looked at only at the end;
+/// `black_box` keeps the optimizer from turning the fold into an early exit. A cached session's
+/// cookie is compared this way on every authenticated request: a byte-at-a-time comparison (aws-lc's
+/// `CRYPTO_memcmp`) cost about four times as many instructions.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, a_rest) = a.as_chunks::<8>();
+    let (b_words, b_rest) = b.as_chunks::<8>();
+    let mut diff = 0u64;
+    for (x, y) in a_words.iter().zip(b_words) {
+        diff = std::hint::black_box(diff | (u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y)));
+    }
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        diff = std::hint::black_box(diff | u64::from(x ^ y));
+    }
+    diff == 0
 }
 
 /// Resolves a configured secret: `env:NAME` reads the environment, `file:PATH` reads a file (trimmed),
@@ -250,5 +268,16 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+        // Each byte of a string longer than a word, in the words and in the rest.
+        let a: Vec<u8> = (0..86u8).collect();
+        assert!(constant_time_eq(&a, &a.clone()));
+        for at in 0..a.len() {
+            for bit in [0x01, 0x80] {
+                let mut b = a.clone();
+                b[at] ^= bit;
+                assert!(!constant_time_eq(&a, &b), "byte {at} bit {bit:#x}");
+            }
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! looked up in the moka cache (a hit touches no store and never waits for a lock: moka records the
 //! read in a lock-free buffer, and applies a batch of them to its eviction policy only when its
 //! housekeeping lock is free, `try_lock`), and only on a miss is the record loaded from the
-//! [`store`] and opened with the key derived from the ticket's secret.
+//! [`store`] and opened with the key derived from the ticket's secret. A client connection keeps
+//! the session its last request found in the cache, for as long as nothing in the cache changes
+//! ([`cache`]'s epoch): the next request on it skips the cache's lookup.
 //!
 //! Caches are told, not left to expire: every change is published on the store's event channel
 //! ([`store::Events`]) and every instance drops its copy. An instance whose subscription dropped
@@ -12,6 +14,7 @@
 //! the store is unreachable, cached sessions keep being served for `OUTAGE_GRACE` and nobody is
 //! logged out: a failed write is retried, never turned into a logout.
 
+mod cache;
 pub mod claims;
 pub mod store;
 pub mod ticket;
@@ -31,8 +34,14 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proxy::headers;
 use crate::secret::{self, Secret};
+use cache::SessionCache;
 use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
-pub(crate) use ticket::HandleMemo;
+use ticket::HandleMemo;
+
+/// What a client connection remembers of the session its requests present (see [`HandleMemo`]
+/// and [`cache`]): the handle of the cookie's id and, while the cache's epoch has not moved, the
+/// session the cache answered for it.
+pub(crate) type ConnectionMemo = HandleMemo<(Arc<Session>, u64)>;
 use ticket::{CookieSpec, Keys, Presented, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
@@ -319,7 +328,7 @@ pub struct Sessions {
     pub(crate) cookie: CookieSpec,
     store: Arc<Backend>,
     metrics: Arc<Metrics>,
-    cache: moka::sync::Cache<[u8; 16], Arc<Session>, HandleHash>,
+    cache: SessionCache,
     /// Sessions ended recently (here or on another instance): a load that raced the end must not
     /// put them back in the cache.
     ended: moka::sync::Cache<[u8; 16], (), HandleHash>,
@@ -449,10 +458,7 @@ impl Sessions {
             },
             store: Arc::new(Backend::new(store, metrics.clone())),
             metrics,
-            cache: moka::sync::Cache::builder()
-                .max_capacity(cfg.cache_capacity)
-                .time_to_live(keep)
-                .build_with_hasher(HandleHash),
+            cache: SessionCache::new(cfg.cache_capacity, keep),
             ended: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_capacity.max(1000))
                 .time_to_live(keep)
@@ -494,7 +500,7 @@ impl Sessions {
     /// Looks up the session named by the request's cookie; a cached copy read from the store less
     /// than `cache_ttl` ago (`session.cache.ttl`, reloadable, so passed in) is served as it is.
     pub async fn lookup(&self, headers: &HeaderMap, cache_ttl: Duration) -> Result<Lookup, Error> {
-        match self.probe(headers, cache_ttl, None) {
+        match self.probe(headers, cache_ttl, None, Instant::now()) {
             Probe::Found(found) => Ok(found),
             // Boxed: the miss path's future (store read, idle-clock write, cache insert) is larger
             // than everything else in a request; inline, every cache hit's future would carry it.
@@ -504,12 +510,14 @@ impl Sessions {
 
     /// The part of [`Sessions::lookup`] that never waits: the cookie checked, and the cached copy
     /// served if it may be; a [`Miss`] for [`Sessions::resolve`] to read from the store otherwise.
-    /// `memo` is the client connection's ([`HandleMemo`]), where there is one.
+    /// `memo` is the client connection's ([`ConnectionMemo`]), where there is one; `at` is the
+    /// caller's reading of the clock.
     pub(crate) fn probe(
         &self,
         headers: &HeaderMap,
         cache_ttl: Duration,
-        memo: Option<&HandleMemo>,
+        memo: Option<&ConnectionMemo>,
+        at: Instant,
     ) -> Probe {
         let Some(value) = headers::cookie(headers, &self.cookie.name) else {
             return Probe::Found(Lookup::None);
@@ -517,10 +525,21 @@ impl Sessions {
         let Some(presented) = Presented::of(value) else {
             return Probe::Found(Lookup::None);
         };
-        let Some(key) = presented.handle_bytes(memo) else {
+        let Some((key, kept)) = presented.lookup(memo) else {
             return Probe::Found(Lookup::None);
         };
-        let cached = self.cache.get(&key);
+        let epoch = self.cache.epoch();
+        let cached = match kept {
+            // Nothing in the cache changed since the connection kept it: what a get would answer.
+            Some((s, at_epoch)) if at_epoch == epoch => Some(s),
+            _ => {
+                let cached = self.cache.get(&key);
+                if let (Some(m), Some(s)) = (memo, &cached) {
+                    m.keep(&key, (s.clone(), epoch));
+                }
+                cached
+            }
+        };
         // A cached copy was verified for exactly these characters, or the MAC decides (before
         // any store lookup).
         let verified = cached
@@ -541,7 +560,10 @@ impl Sessions {
                 return Probe::Found(Lookup::Ended);
             }
             // The hot path: a fresh copy on an instance that hears every event.
-            Some(s) if self.told.load(Ordering::Acquire) && s.read_at.elapsed() < cache_ttl => {
+            Some(s)
+                if self.told.load(Ordering::Acquire)
+                    && at.saturating_duration_since(s.read_at) < cache_ttl =>
+            {
                 s.last_seen.fetch_max(now, Ordering::Relaxed);
                 self.metrics.cache_hits.inc();
                 crate::trace::note_cache(true);
@@ -630,7 +652,7 @@ impl Sessions {
     async fn remember(&self, session: Session) -> Option<Arc<Session>> {
         let session = Arc::new(session);
         let key = session.handle;
-        if self.cache.policy().max_capacity() != Some(0) {
+        if self.cache.is_enabled() {
             self.cache.insert(key, session.clone());
         }
         // Checked after the insert: an end announced in between is seen here, and one announced
@@ -1247,8 +1269,8 @@ mod tests {
     }
 
     /// A lookup as a request on a client connection makes it (`memo`: the connection's).
-    async fn lookup_on(s: &Sessions, value: &Secret, memo: &HandleMemo) -> Lookup {
-        match s.probe(&cookie_headers(value), TTL, Some(memo)) {
+    async fn lookup_on(s: &Sessions, value: &Secret, memo: &ConnectionMemo) -> Lookup {
+        match s.probe(&cookie_headers(value), TTL, Some(memo), Instant::now()) {
             Probe::Found(found) => found,
             Probe::Miss(miss) => s.resolve(miss, TTL).await.unwrap(),
         }
@@ -1260,7 +1282,7 @@ mod tests {
         let (a, created_a) = s.create(data(), None, None).await.unwrap();
         let (b, created_b) = s.create(data(), None, None).await.unwrap();
         // A trusted proxy's connection carries several users' cookies, in any order.
-        let memo = HandleMemo::default();
+        let memo = ConnectionMemo::default();
         for (value, created) in [
             (&a, &created_a),
             (&b, &created_b),
@@ -1284,6 +1306,67 @@ mod tests {
             );
         }
         assert!(matches!(lookup_on(&s, &a, &memo).await, Lookup::Live(_)));
+    }
+
+    #[tokio::test]
+    async fn a_session_a_connection_kept_is_given_up_when_the_cache_changes() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        let memo = ConnectionMemo::default();
+        // Found in the cache: the connection keeps it, at the cache's epoch.
+        let Lookup::Live(first) = lookup_on(&s, &value, &memo).await else {
+            panic!("not found")
+        };
+        let (kept, epoch) = memo.kept().expect("kept");
+        assert!(Arc::ptr_eq(&kept, &first) && epoch == s.cache.epoch());
+        // Gone from the store: only the cache or the connection can answer now, and they do.
+        s.store.delete(&created.handle()).await.unwrap();
+        assert!(matches!(
+            lookup_on(&s, &value, &memo).await,
+            Lookup::Live(_)
+        ));
+        // A change of the record elsewhere (a refresh) drops the cached copy and moves the epoch:
+        // the connection no longer answers with what it kept.
+        s.apply(Event::Changed {
+            handle: created.handle().to_string(),
+            version: first.version + 1,
+        })
+        .await;
+        assert_ne!(memo.kept().map(|(_, e)| e), Some(s.cache.epoch()));
+        assert!(matches!(lookup_on(&s, &value, &memo).await, Lookup::Ended));
+        // Ended on another instance while this connection holds a copy: refused on its next request.
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                lookup_on(&s, &value, &memo).await,
+                Lookup::Live(_)
+            ));
+        }
+        assert!(memo.kept().is_some_and(|(_, e)| e == s.cache.epoch()));
+        s.apply(Event::Ended {
+            handle: created.handle().to_string(),
+            reason: EndReason::Logout,
+        })
+        .await;
+        assert!(matches!(lookup_on(&s, &value, &memo).await, Lookup::Ended));
+    }
+
+    #[tokio::test]
+    async fn without_a_cache_a_connection_keeps_no_session() {
+        let s = Sessions::new(&config::Session {
+            cache_capacity: 0,
+            ..cfg()
+        })
+        .unwrap();
+        let (value, _) = s.create(data(), None, None).await.unwrap();
+        let memo = ConnectionMemo::default();
+        for _ in 0..2 {
+            assert!(matches!(
+                lookup_on(&s, &value, &memo).await,
+                Lookup::Live(_)
+            ));
+        }
+        assert!(memo.kept().is_none());
     }
 
     #[tokio::test]

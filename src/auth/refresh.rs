@@ -89,12 +89,17 @@ impl Refresher {
     /// Whether the access token should be refreshed now: judged on the monotonic clock
     /// ([`Session::access_deadline`]), so a wall-clock jump neither forces nor skips a refresh.
     pub(crate) fn due(&self, s: &Session) -> bool {
+        self.due_at(s, Instant::now())
+    }
+
+    /// [`Self::due`] at `now`, a reading of the clock the caller already has.
+    pub(crate) fn due_at(&self, s: &Session, now: Instant) -> bool {
         let lifetime = s.access_expires_at.saturating_sub(s.access_issued_at);
         let margin = self
             .issuers
             .refresh_before(s.issuer())
             .min(Duration::from_secs(lifetime / 2));
-        Instant::now() + margin >= s.access_deadline
+        now + margin >= s.access_deadline
     }
 
     /// The session with an access token fit to forward (refreshing first if it is due).

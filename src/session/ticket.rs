@@ -210,28 +210,63 @@ const ID_CHARS: usize = 24;
 /// id, whose handle never changes), so no entry can be wrong or stale; a value that matches it is
 /// still compared in full with a cached session's or verified by its MAC before it names a session.
 /// Compared in constant time: a connection from a trusted proxy may carry several users' cookies.
-#[derive(Default)]
-pub(crate) struct HandleMemo(std::sync::Mutex<Option<([u8; ID_CHARS], [u8; 16])>>);
+///
+/// Beside the handle it holds what the caller keeps for it (`T`: the session the cache answered
+/// for that handle, with the cache's epoch; see [`super::cache`]), dropped when other characters
+/// replace the entry.
+pub(crate) struct HandleMemo<T = ()>(std::sync::Mutex<Option<Memo<T>>>);
+
+struct Memo<T> {
+    chars: [u8; ID_CHARS],
+    handle: [u8; 16],
+    kept: Option<T>,
+}
+
+impl<T> Default for HandleMemo<T> {
+    fn default() -> Self {
+        HandleMemo(std::sync::Mutex::new(None))
+    }
+}
 
 /// A memo: a copy (a tunnel's connection slot, which never looks at cookies) starts empty.
-impl Clone for HandleMemo {
+impl<T> Clone for HandleMemo<T> {
     fn clone(&self) -> Self {
         Self::default()
     }
 }
 
-impl HandleMemo {
-    /// The handle remembered for these characters. Never waits: a memo another of the
-    /// connection's HTTP/2 streams holds at this instant is passed over.
-    fn get(&self, chars: &[u8; ID_CHARS]) -> Option<[u8; 16]> {
+impl<T: Clone> HandleMemo<T> {
+    /// The handle remembered for these characters, and what is kept with it. Never waits: a memo
+    /// another of the connection's HTTP/2 streams holds at this instant is passed over.
+    fn get(&self, chars: &[u8; ID_CHARS]) -> Option<([u8; 16], Option<T>)> {
         let memo = self.0.try_lock().ok()?;
-        let (seen, handle) = memo.as_ref()?;
-        secret::constant_time_eq(seen, chars).then_some(*handle)
+        let m = memo.as_ref()?;
+        secret::constant_time_eq(&m.chars, chars).then(|| (m.handle, m.kept.clone()))
     }
 
     fn put(&self, chars: &[u8; ID_CHARS], handle: [u8; 16]) {
         if let Ok(mut memo) = self.0.try_lock() {
-            *memo = Some((*chars, handle));
+            *memo = Some(Memo {
+                chars: *chars,
+                handle,
+                kept: None,
+            });
+        }
+    }
+
+    /// What is kept with the entry.
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> Option<T> {
+        self.0.lock().ok()?.as_ref()?.kept.clone()
+    }
+
+    /// Keeps `value` with the entry, if the entry is still `handle`'s.
+    pub(crate) fn keep(&self, handle: &[u8; 16], value: T) {
+        if let Ok(mut memo) = self.0.try_lock()
+            && let Some(m) = memo.as_mut()
+            && m.handle == *handle
+        {
+            m.kept = Some(value);
         }
     }
 }
@@ -252,17 +287,26 @@ impl<'a> Presented<'a> {
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine; `None` if
     /// the id's characters are not base64url. With the client connection's `memo`, the same id's
-    /// characters again are answered from it (no decoding, no SHA-256).
-    pub(crate) fn handle_bytes(&self, memo: Option<&HandleMemo>) -> Option<[u8; 16]> {
+    /// characters again are answered from it (no decoding, no SHA-256), with what it keeps for them.
+    pub(crate) fn lookup<T: Clone>(
+        &self,
+        memo: Option<&HandleMemo<T>>,
+    ) -> Option<([u8; 16], Option<T>)> {
         let chars: &[u8; ID_CHARS] = self.0.first_chunk().expect("86 characters hold 24");
-        if let Some(handle) = memo.and_then(|m| m.get(chars)) {
-            return Some(handle);
+        if let Some(found) = memo.and_then(|m| m.get(chars)) {
+            return Some(found);
         }
         let handle = handle_of(&id_of(self.0)?);
         if let Some(m) = memo {
             m.put(chars, handle);
         }
-        Some(handle)
+        Some((handle, None))
+    }
+
+    /// [`Self::lookup`]'s handle alone.
+    #[cfg(test)]
+    pub(crate) fn handle_bytes(&self, memo: Option<&HandleMemo>) -> Option<[u8; 16]> {
+        self.lookup(memo).map(|(handle, _)| handle)
     }
 
     /// The ticket, if the value decodes and its MAC verifies under one of `keys`.
@@ -536,7 +580,7 @@ mod tests {
         assert_eq!(pt.handle_bytes(Some(&memo)), Some(t.handle_bytes()));
         // What the memo answers is what it holds: the same characters again are not hashed.
         let chars: &[u8; ID_CHARS] = tv.expose().as_bytes().first_chunk().unwrap();
-        assert_eq!(memo.get(chars), Some(t.handle_bytes()));
+        assert_eq!(memo.get(chars).map(|(h, _)| h), Some(t.handle_bytes()));
         memo.put(chars, [9; 16]);
         assert_eq!(pt.handle_bytes(Some(&memo)), Some([9; 16]));
         // Other characters are hashed, and replace the entry.
@@ -547,8 +591,8 @@ mod tests {
         bad[3] = b'.';
         let bad = String::from_utf8(bad).unwrap();
         assert_eq!(Presented::of(&bad).unwrap().handle_bytes(Some(&memo)), None);
-        assert_eq!(memo.get(chars), Some(t.handle_bytes()));
-        assert_eq!(memo.clone().get(chars), None, "a copy starts empty");
+        assert_eq!(memo.get(chars).map(|(h, _)| h), Some(t.handle_bytes()));
+        assert!(memo.clone().get(chars).is_none(), "a copy starts empty");
     }
 
     #[test]
