@@ -486,6 +486,18 @@ pub fn is_own_cookie(base: &str, name: &[u8]) -> bool {
 /// order and byte for byte (as one header). One pass: the cookies kept are gathered in one buffer,
 /// allocated only if there are any.
 pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&[u8]) -> bool) {
+    // The usual case, one cookie in one field: dropped whole or left as it is, with no pass over
+    // pairs and no buffer.
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if let (Some(v), None) = (fields.next(), fields.next())
+        && memchr::memchr(b';', v.as_bytes()).is_none()
+    {
+        let pair = v.as_bytes().trim_ascii();
+        if !pair.is_empty() && is_own(split_pair(pair).0) {
+            headers.remove(header::COOKIE);
+        }
+        return;
+    }
     let mut kept = Vec::new();
     let mut changed = false;
     for v in headers.get_all(header::COOKIE) {
@@ -846,6 +858,13 @@ mod tests {
         remove_cookies(&mut h, own);
         assert_eq!(h["cookie"], "a=1; b=2; __Host-coatcheckx=keep");
         let mut h = map(&[("cookie", "__Host-coatcheck=secret")]);
+        remove_cookies(&mut h, own);
+        assert!(!h.contains_key("cookie"));
+        // One cookie alone: someone else's is forwarded byte for byte, ours (spaced) is dropped.
+        let mut h = map(&[("cookie", " theme=dark ")]);
+        remove_cookies(&mut h, own);
+        assert_eq!(h["cookie"], " theme=dark ");
+        let mut h = map(&[("cookie", " __Host-coatcheck-login-abc = x ")]);
         remove_cookies(&mut h, own);
         assert!(!h.contains_key("cookie"));
     }
