@@ -730,8 +730,10 @@ impl Sessions {
     pub(crate) async fn apply(&self, event: Event) {
         match event {
             Event::Changed { handle, version } => {
+                // Not in the cache (evicted for room) is treated as older: a client connection may
+                // still keep a copy, and the invalidation's epoch lets it go.
                 if let Some(k) = handle_bytes(&handle)
-                    && self.cache.get(&k).is_some_and(|s| s.version < version)
+                    && self.cache.get(&k).is_none_or(|s| s.version < version)
                 {
                     self.cache.invalidate(&k);
                 }
@@ -1346,6 +1348,30 @@ mod tests {
         s.apply(Event::Ended {
             handle: created.handle().to_string(),
             reason: EndReason::Logout,
+        })
+        .await;
+        assert!(matches!(lookup_on(&s, &value, &memo).await, Lookup::Ended));
+    }
+
+    #[tokio::test]
+    async fn a_change_to_a_session_evicted_for_room_still_reaches_the_connection_that_kept_it() {
+        let s = Sessions::new(&cfg()).unwrap();
+        let (value, created) = s.create(data(), None, None).await.unwrap();
+        let memo = ConnectionMemo::default();
+        let Lookup::Live(first) = lookup_on(&s, &value, &memo).await else {
+            panic!("not found")
+        };
+        // Evicted for room: the connection still answers with its copy (nothing changed)…
+        s.cache.evict_for_room(&first.handle);
+        let Lookup::Live(again) = lookup_on(&s, &value, &memo).await else {
+            panic!("not found")
+        };
+        assert!(Arc::ptr_eq(&again, &first));
+        // …until the record changes elsewhere: then the store's copy is read.
+        s.store.delete(&created.handle()).await.unwrap();
+        s.apply(Event::Changed {
+            handle: created.handle().to_string(),
+            version: first.version + 1,
         })
         .await;
         assert!(matches!(lookup_on(&s, &value, &memo).await, Lookup::Ended));
