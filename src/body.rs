@@ -105,13 +105,16 @@ impl BodyError {
 /// while the reader waits for one, so a peer sending a byte every half-minute cannot hold a slot
 /// forever. Read errors are tagged with the [`Side`] they come from.
 ///
-/// The timer is armed only when the inner body is pending and is re-armed lazily, at most once
-/// per `idle`: a fast stream costs one `Instant::now()` per frame.
+/// The idle period starts when the reader finds nothing new (the first pending poll after a
+/// frame), so a body whose frames are ready when asked for never reads the clock; the timer is
+/// armed only when the inner body is pending and is re-armed lazily, at most once per `idle`.
 pub(crate) struct Stalling<B> {
     inner: B,
     side: Side,
     idle: Duration,
-    last: Instant,
+    /// Since when the reader has been waiting with no new frame; `None`: a frame came since it
+    /// last waited (or it never has).
+    waiting_since: Option<Instant>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -126,14 +129,15 @@ impl<B> Stalling<B> {
             inner,
             side,
             idle,
-            last: Instant::now(),
+            waiting_since: None,
             timer: None,
         }
     }
 
     /// Whether the body has been idle too long (polls the timer so the task is woken later).
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = self.last + self.idle;
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.idle;
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
@@ -163,7 +167,7 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.last = Instant::now();
+                this.waiting_since = None;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(source))) => Poll::Ready(Some(Err(BodyError::Read {
@@ -396,6 +400,66 @@ pub(crate) fn escape_html(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use http_body::Body as _;
+    use std::collections::VecDeque;
+
+    /// A body that answers from a script: `Some` a frame, `None` (and an empty script) pending.
+    struct Script(VecDeque<Option<&'static str>>);
+
+    impl http_body::Body for Script {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            match self.0.pop_front() {
+                Some(Some(data)) => {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+                }
+                _ => Poll::Pending,
+            }
+        }
+    }
+
+    /// Polls once: `Some(true)` a frame, `Some(false)` stalled, `None` pending.
+    fn poll_once(body: &mut Stalling<Script>) -> Option<bool> {
+        let waker = std::task::Waker::noop();
+        match Pin::new(body).poll_frame(&mut Context::from_waker(waker)) {
+            Poll::Ready(Some(Ok(_))) => Some(true),
+            Poll::Ready(Some(Err(BodyError::Stalled { .. }))) => Some(false),
+            Poll::Pending => None,
+            other => panic!("unexpected {:?}", other.map(|f| f.map(|r| r.is_ok()))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_cut_once_the_reader_has_waited_idle_with_no_frame() {
+        // Real time: the idle clock is the monotonic clock, which tokio's paused time does not move.
+        let idle = Duration::from_millis(1000);
+        let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        let script = ["a", "", "b", "", ""].map(|s| (!s.is_empty()).then_some(s));
+        let mut body = Stalling::new(Script(script.into()), Side::Upstream, idle);
+        assert_eq!(poll_once(&mut body), Some(true));
+        // The reader was busy elsewhere, longer than `idle`: that is not waiting for the body.
+        pause(1500).await;
+        assert_eq!(poll_once(&mut body), None);
+        pause(600).await;
+        // A frame restarts the period.
+        assert_eq!(poll_once(&mut body), Some(true));
+        assert_eq!(poll_once(&mut body), None);
+        pause(600).await;
+        assert_eq!(
+            poll_once(&mut body),
+            None,
+            "0.6 s of waiting since the last frame"
+        );
+        pause(800).await;
+        assert_eq!(poll_once(&mut body), Some(false), "1.4 s");
+    }
+
     #[test]
     fn html_escaping_covers_markup_and_quotes() {
         assert_eq!(
