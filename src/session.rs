@@ -36,13 +36,12 @@ use crate::proxy::headers;
 use crate::secret::{self, Secret};
 use cache::SessionCache;
 use store::{AnyStore, Backend, EndReason, Event, Events, Record, Store, StoreError};
-use ticket::HandleMemo;
+use ticket::{CookieSpec, HandleMemo, Keys, Presented, Ticket};
 
 /// What a client connection remembers of the session its requests present (see [`HandleMemo`]
 /// and [`cache`]): the handle of the cookie's id and, while the cache's epoch has not moved, the
 /// session the cache answered for it.
 pub(crate) type ConnectionMemo = HandleMemo<(Arc<Session>, u64)>;
-use ticket::{CookieSpec, Keys, Presented, Ticket};
 
 /// How long the browser's `User-Agent` may be in the device list.
 const MAX_USER_AGENT: usize = 256;
