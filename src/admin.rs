@@ -20,7 +20,6 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -30,6 +29,7 @@ use crate::auth::{Auth, endpoints};
 use crate::body::{self, Body};
 use crate::config::Admin as AdminConfig;
 use crate::error::Error;
+use crate::listener::Drain;
 use crate::metrics::{self, Metrics};
 use crate::router::{self, Router};
 use crate::secret::{self, Secret};
@@ -258,7 +258,7 @@ fn now() -> humantime::Rfc3339Timestamp {
 
 /// Serves the admin listener until `shutdown`, then drains briefly.
 pub(crate) async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let graceful = GracefulShutdown::new();
+    let graceful = Drain::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {

@@ -9,9 +9,9 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -21,10 +21,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,7 @@ impl TlsServer {
     /// `routers` is the swap point of a reload: every request is handled by the router current
     /// when it arrived (one `ArcSwap` load), and finishes on it even if a reload swaps in another.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let graceful = GracefulShutdown::new();
+        let graceful = Drain::new();
         loop {
             let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
@@ -155,7 +155,7 @@ impl TlsServer {
         tcp: tokio::net::TcpStream,
         remote: SocketAddr,
         mut slot: ConnectionSlot,
-        watcher: hyper_util::server::graceful::Watcher,
+        watcher: Watcher,
     ) {
         let limits = &self.limits;
         let handshake_timeout = limits.header_read_timeout;
@@ -222,6 +222,115 @@ impl TlsServer {
     }
 }
 
+/// The graceful drain of one listener's connections: `shutdown` asks each connection to finish
+/// its request in flight and close, then waits until every one has. hyper-util's
+/// `GracefulShutdown` does the same but polls its shutdown signal (a `watch` notification) on
+/// every poll of every connection, about 100 instructions each, three times per request; here a
+/// connection polls it once, which registers the task's waker, and again only when the drain has
+/// begun (one atomic load) or the task's waker changed.
+pub(crate) struct Drain {
+    tx: watch::Sender<()>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Drain {
+    pub(crate) fn new() -> Drain {
+        Drain {
+            tx: watch::Sender::new(()),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Connections being served.
+    pub(crate) fn count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// A connection's share of the drain, handed to its task.
+    pub(crate) fn watcher(&self) -> Watcher {
+        Watcher {
+            rx: self.tx.subscribe(),
+            draining: self.draining.clone(),
+        }
+    }
+
+    /// Asks every connection to close after its request in flight, and waits until all have.
+    pub(crate) async fn shutdown(self) {
+        self.draining.store(true, Ordering::Release);
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+/// One connection's share of a [`Drain`]; it counts as open until its `watch` future ends.
+pub(crate) struct Watcher {
+    rx: watch::Receiver<()>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Serves `conn` until it ends; after [`Drain::shutdown`] (or a dropped `Drain`) it is asked to
+    /// close once its request in flight is answered.
+    pub(crate) fn watch<C: GracefulConnection>(self, conn: C) -> impl Future<Output = C::Output> {
+        let Watcher { mut rx, draining } = self;
+        Watching {
+            conn,
+            signal: async move {
+                let _ = rx.changed().await;
+                // Held until the connection has ended: it counts as open meanwhile.
+                rx
+            },
+            asked: None,
+            waker: None,
+            draining,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection served under a [`Drain`] ([`Watcher::watch`]).
+    struct Watching<C, F: Future> {
+        #[pin]
+        conn: C,
+        #[pin]
+        signal: F,
+        // Once the connection has been asked to close: the signal's receiver, held to the end.
+        asked: Option<F::Output>,
+        // The waker the signal holds.
+        waker: Option<Waker>,
+        draining: Arc<AtomicBool>,
+    }
+}
+
+impl<C: GracefulConnection, F: Future> Future for Watching<C, F> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if this.asked.is_none() {
+            let same = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if !same || this.draining.load(Ordering::Acquire) {
+                match this.signal.poll(cx) {
+                    Poll::Ready(rx) => {
+                        *this.asked = Some(rx);
+                        this.conn.as_mut().graceful_shutdown();
+                    }
+                    Poll::Pending if !same => *this.waker = Some(cx.waker().clone()),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        this.conn.poll(cx)
+    }
+}
+
+impl Drop for Drain {
+    /// A dropped drain (its listener's task aborted) closes connections as a shutdown does.
+    fn drop(&mut self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
 /// Concurrent connections per client address (`server.limits.max_connections_per_ip`). Holds an
 /// entry only for addresses with an open connection, so memory is bounded by `max_connections`.
 struct PerIp {
@@ -271,7 +380,7 @@ impl Drop for IpGuard {
     }
 }
 
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
+async fn drain(graceful: Drain, grace: Duration) {
     let open = graceful.count();
     if open > 0 {
         tracing::info!(
@@ -316,7 +425,7 @@ pub(crate) async fn serve_redirect(
     shutdown: CancellationToken,
 ) {
     let origin: Arc<str> = Arc::from(public_origin);
-    let graceful = GracefulShutdown::new();
+    let graceful = Drain::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -446,6 +555,9 @@ struct IdleIo<T> {
     count_bytes: bool,
     last_io: Instant,
     sleep: Pin<Box<Sleep>>,
+    /// The waker `sleep` last registered (polled pending with): while it has not fired and the
+    /// reader's waker is the same, there is nothing to poll (see [`IdleIo::expired`]).
+    sleep_waker: Option<Waker>,
     activity: Arc<Activity>,
     write_stall: Duration,
     /// Since when writes have been blocked, with the timer that wakes us to check.
@@ -553,6 +665,7 @@ impl<T> IdleIo<T> {
             sleep: Box::pin(tokio::time::sleep(
                 between_heads.map_or(timeout, |d| d.min(timeout)),
             )),
+            sleep_waker: None,
             activity,
             write_stall,
             blocked: None,
@@ -601,9 +714,28 @@ impl<T> IdleIo<T> {
     }
 
     /// Whether the connection has been idle for too long (polls the timer so we are woken later).
+    ///
+    /// Every pending read asks, twice per request. A timer that has not fired and holds this
+    /// reader's waker would only answer pending again: that costs one atomic load here instead
+    /// of a poll (the task budget, the timer's state, its waker compared and stored again).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.sleep.is_elapsed()
+            && self
+                .sleep_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return false;
+        }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
+                if !self
+                    .sleep_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.sleep_waker = Some(cx.waker().clone());
+                }
                 return false;
             }
             let timeout = self.idle_limit();
@@ -984,6 +1116,90 @@ mod tests {
         // The group's port named explicitly: refused, with the key.
         let e = bind_serving("server.listen", at, 2).unwrap_err();
         assert!(e.starts_with("server.listen: cannot listen on"), "{e}");
+    }
+
+    /// An HTTP/1.1 connection over an in-memory pipe, served under `drain`, whose one request
+    /// (if the client sends one) is answered after `delay`.
+    fn drained_connection(
+        drain: &Drain,
+        delay: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let (client, server) = tokio::io::duplex(4096);
+        let svc = service_fn(move |_req: Request<Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
+                "done",
+            ))))
+        });
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), svc);
+        (client, tokio::spawn(drain.watcher().watch(conn)))
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_idle_connections_at_once_and_lets_a_request_in_flight_finish() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let drain = Drain::new();
+        let (_idle_client, idle) = drained_connection(&drain, Duration::ZERO);
+        let (mut busy_client, busy) = drained_connection(&drain, Duration::from_millis(300));
+        busy_client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Both connections have been polled (the busy one is in its request, the idle one waits
+        // for one) before the drain starts: each was told by the signal it polled once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(drain.count(), 2);
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), drain.shutdown())
+            .await
+            .expect("every connection ended");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(idle.await.unwrap().is_ok());
+        assert!(busy.await.unwrap().is_ok());
+        let mut answer = String::new();
+        busy_client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn the_idle_timer_wakes_the_reader_that_waits_now() {
+        use tokio::io::AsyncReadExt;
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = IdleIo::new(
+            server,
+            Duration::from_millis(300),
+            Arc::new(Activity::new()),
+            true,
+            Duration::from_secs(5),
+            None,
+        );
+        // A first reader whose waker wakes nobody waits, then leaves: the timer holds its waker.
+        let mut buf = [0u8; 8];
+        let mut cx = Context::from_waker(Waker::noop());
+        let pending = Pin::new(&mut io).poll_read(&mut cx, &mut ReadBuf::new(&mut buf));
+        assert!(pending.is_pending());
+        // This task reads next: the timer must wake it once the connection has been idle.
+        let started = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf))
+            .await
+            .expect("the idle connection ended")
+            .unwrap();
+        assert_eq!(n, 0);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
     }
 
     fn watch(held: &[u8]) -> HeadWatch {
