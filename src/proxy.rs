@@ -307,36 +307,63 @@ pub(crate) struct ConnectionSlot {
 }
 
 /// One route-deadline timer shared by the requests of an HTTP/1.1 connection, which come one at a
-/// time. Each request re-arms it; tokio records a later instant on a timer that is still
-/// registered without touching its timer wheel (the entry is moved when its old instant comes), so
-/// a request costs no timer registration and no removal. The timer stays registered between
-/// requests; when it fires on an idle connection it wakes that connection's task once, to no effect.
+/// time. A request re-arms it only when it is due earlier than the timer (or the timer has
+/// fired): otherwise the timer fires first and [`deadline`] arms it again for what is left. And
+/// it is polled only when it has fired or the waiting task is not the one it would wake (all of a
+/// connection's requests run in its task). So a request on a busy connection costs no timer
+/// registration, no removal, no reset and no poll; when the timer fires on an idle connection it
+/// wakes that connection's task once, to no effect.
 pub(crate) struct ConnectionDeadline {
-    sleep: std::sync::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
+    timer: std::sync::Mutex<Option<Armed>>,
+}
+
+/// The timer of a [`ConnectionDeadline`] and the waker it holds.
+struct Armed {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The waker `sleep` was last polled pending with (`None` after a reset).
+    waker: Option<std::task::Waker>,
 }
 
 impl ConnectionDeadline {
     pub(crate) fn new() -> Self {
         ConnectionDeadline {
-            sleep: std::sync::Mutex::new(None),
+            timer: std::sync::Mutex::new(None),
         }
     }
 
-    /// Resolves at `due` (at once when `due` has passed).
+    /// Resolves at `due` (at once when `due` has passed), or earlier: the caller checks.
     async fn until(&self, due: Instant) {
+        let due = tokio::time::Instant::from_std(due);
         {
-            let mut sleep = self.sleep.lock().unwrap_or_else(|p| p.into_inner());
-            match sleep.as_mut() {
-                Some(s) => s.as_mut().reset(due.into()),
-                None => *sleep = Some(Box::pin(tokio::time::sleep_until(due.into()))),
+            let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
+            match timer.as_mut() {
+                Some(t) if !t.sleep.is_elapsed() && t.sleep.deadline() <= due => {}
+                Some(t) => {
+                    t.sleep.as_mut().reset(due);
+                    t.waker = None;
+                }
+                None => {
+                    *timer = Some(Armed {
+                        sleep: Box::pin(tokio::time::sleep_until(due)),
+                        waker: None,
+                    });
+                }
             }
         }
         std::future::poll_fn(|cx| {
-            let mut sleep = self.sleep.lock().unwrap_or_else(|p| p.into_inner());
-            match sleep.as_mut() {
-                Some(s) => s.as_mut().poll(cx),
-                None => std::task::Poll::Ready(()),
+            let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(t) = timer.as_mut() else {
+                return std::task::Poll::Ready(());
+            };
+            let holds = t.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if holds && !t.sleep.is_elapsed() {
+                return std::task::Poll::Pending;
             }
+            let r = t.sleep.as_mut().poll(cx);
+            if r.is_pending() && !holds {
+                t.waker = Some(cx.waker().clone());
+            }
+            r
         })
         .await;
     }

@@ -1557,6 +1557,34 @@ async fn the_requests_of_one_connection_each_get_their_whole_timeout() {
     proxy.stop().await;
 }
 
+/// The shared timer is armed for the earliest deadline: after a request on a route with a long
+/// timeout, a request on a route with a short one on the same connection is cut at its own.
+#[tokio::test]
+async fn a_shorter_route_timeout_after_a_longer_one_on_one_connection_is_kept() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&format!(
+        "{}{}",
+        route("/long/", &up.url(), "timeout = \"20s\""),
+        route("/short/", &up.url(), "timeout = \"300ms\""),
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(b"GET /long/slow?ms=10 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    let start = Instant::now();
+    conn.send(b"GET /short/slow?ms=5000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let res = conn.read_response().await;
+    let took = start.elapsed();
+    assert_eq!(res.status, 504, "{res:?} after {took:?}");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+        "504 after {took:?}"
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_upstream_gets_504_and_is_cancelled() {
     let up = Upstream::start().await;
