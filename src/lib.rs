@@ -27,7 +27,8 @@
 //! Leaves: [`config`] (file shape and validated truth), [`error`] (taxonomy → status),
 //! [`secret`] (values that never print), [`body`] (shared body types), [`telemetry`] (logs),
 //! [`metrics`] (counters and histograms, pre-resolved per route; Prometheus exposition),
-//! [`trace`] (W3C trace-context propagation and optional OTLP span export).
+//! [`trace`] (W3C trace-context propagation and optional OTLP span export), `wake` (the waker a
+//! timer or signal holds, so an unchanged one is not polled again).
 
 pub mod admin;
 pub mod app;
@@ -46,3 +47,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
+mod wake;

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -33,6 +33,7 @@ use crate::config::Limits;
 use crate::metrics::{Metrics, Open};
 use crate::proxy::ConnectionSlot;
 use crate::router::Router;
+use crate::wake::HeldWaker;
 
 /// Concurrent HTTP/2 streams per client connection.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -262,6 +263,13 @@ impl Drain {
     }
 }
 
+impl Drop for Drain {
+    /// A dropped drain (its listener's task aborted) closes connections as a shutdown does.
+    fn drop(&mut self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
 /// One connection's share of a [`Drain`]; it counts as open until its `watch` future ends.
 pub(crate) struct Watcher {
     rx: watch::Receiver<()>,
@@ -281,7 +289,7 @@ impl Watcher {
                 rx
             },
             asked: None,
-            waker: None,
+            waker: HeldWaker::default(),
             draining,
         }
     }
@@ -297,7 +305,7 @@ pin_project_lite::pin_project! {
         // Once the connection has been asked to close: the signal's receiver, held to the end.
         asked: Option<F::Output>,
         // The waker the signal holds.
-        waker: Option<Waker>,
+        waker: HeldWaker,
         draining: Arc<AtomicBool>,
     }
 }
@@ -307,27 +315,17 @@ impl<C: GracefulConnection, F: Future> Future for Watching<C, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
-        if this.asked.is_none() {
-            let same = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if !same || this.draining.load(Ordering::Acquire) {
-                match this.signal.poll(cx) {
-                    Poll::Ready(rx) => {
-                        *this.asked = Some(rx);
-                        this.conn.as_mut().graceful_shutdown();
-                    }
-                    Poll::Pending if !same => *this.waker = Some(cx.waker().clone()),
-                    Poll::Pending => {}
+        if this.asked.is_none() && (!this.waker.holds(cx) || this.draining.load(Ordering::Acquire))
+        {
+            match this.signal.poll(cx) {
+                Poll::Ready(rx) => {
+                    *this.asked = Some(rx);
+                    this.conn.as_mut().graceful_shutdown();
                 }
+                Poll::Pending => this.waker.polled_pending(cx),
             }
         }
         this.conn.poll(cx)
-    }
-}
-
-impl Drop for Drain {
-    /// A dropped drain (its listener's task aborted) closes connections as a shutdown does.
-    fn drop(&mut self) {
-        self.draining.store(true, Ordering::Release);
     }
 }
 
@@ -555,9 +553,9 @@ struct IdleIo<T> {
     count_bytes: bool,
     last_io: Instant,
     sleep: Pin<Box<Sleep>>,
-    /// The waker `sleep` last registered (polled pending with): while it has not fired and the
-    /// reader's waker is the same, there is nothing to poll (see [`IdleIo::expired`]).
-    sleep_waker: Option<Waker>,
+    /// The waker `sleep` holds: while it has not fired and the reader's waker is the same, there is
+    /// nothing to poll (see [`IdleIo::expired`]).
+    sleep_waker: HeldWaker,
     activity: Arc<Activity>,
     write_stall: Duration,
     /// Since when writes have been blocked, with the timer that wakes us to check.
@@ -665,7 +663,7 @@ impl<T> IdleIo<T> {
             sleep: Box::pin(tokio::time::sleep(
                 between_heads.map_or(timeout, |d| d.min(timeout)),
             )),
-            sleep_waker: None,
+            sleep_waker: HeldWaker::default(),
             activity,
             write_stall,
             blocked: None,
@@ -719,23 +717,12 @@ impl<T> IdleIo<T> {
     /// reader's waker would only answer pending again: that costs one atomic load here instead
     /// of a poll (the task budget, the timer's state, its waker compared and stored again).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.sleep.is_elapsed()
-            && self
-                .sleep_waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        if self.sleep_waker.holds(cx) && !self.sleep.is_elapsed() {
             return false;
         }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
-                if !self
-                    .sleep_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    self.sleep_waker = Some(cx.waker().clone());
-                }
+                self.sleep_waker.polled_pending(cx);
                 return false;
             }
             let timeout = self.idle_limit();
@@ -1185,7 +1172,7 @@ mod tests {
         );
         // A first reader whose waker wakes nobody waits, then leaves: the timer holds its waker.
         let mut buf = [0u8; 8];
-        let mut cx = Context::from_waker(Waker::noop());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         let pending = Pin::new(&mut io).poll_read(&mut cx, &mut ReadBuf::new(&mut buf));
         assert!(pending.is_pending());
         // This task reads next: the timer must wake it once the connection has been idle.

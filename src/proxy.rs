@@ -35,6 +35,7 @@ pub(crate) const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream, UpstreamError};
+use crate::wake::HeldWaker;
 
 /// What the caller decided about the request before it leaves.
 pub(crate) struct Forward<'a> {
@@ -320,8 +321,8 @@ pub(crate) struct ConnectionDeadline {
 /// The timer of a [`ConnectionDeadline`] and the waker it holds.
 struct Armed {
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// The waker `sleep` was last polled pending with (`None` after a reset).
-    waker: Option<std::task::Waker>,
+    /// The waker `sleep` holds (none after a reset).
+    waker: HeldWaker,
 }
 
 impl ConnectionDeadline {
@@ -340,12 +341,12 @@ impl ConnectionDeadline {
                 Some(t) if !t.sleep.is_elapsed() && t.sleep.deadline() <= due => {}
                 Some(t) => {
                     t.sleep.as_mut().reset(due);
-                    t.waker = None;
+                    t.waker.clear();
                 }
                 None => {
                     *timer = Some(Armed {
                         sleep: Box::pin(tokio::time::sleep_until(due)),
-                        waker: None,
+                        waker: HeldWaker::default(),
                     });
                 }
             }
@@ -355,13 +356,12 @@ impl ConnectionDeadline {
             let Some(t) = timer.as_mut() else {
                 return std::task::Poll::Ready(());
             };
-            let holds = t.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if holds && !t.sleep.is_elapsed() {
+            if t.waker.holds(cx) && !t.sleep.is_elapsed() {
                 return std::task::Poll::Pending;
             }
             let r = t.sleep.as_mut().poll(cx);
-            if r.is_pending() && !holds {
-                t.waker = Some(cx.waker().clone());
+            if r.is_pending() {
+                t.waker.polled_pending(cx);
             }
             r
         })
