@@ -33,7 +33,7 @@ use crate::config::Limits;
 use crate::metrics::{Metrics, Open};
 use crate::proxy::ConnectionSlot;
 use crate::router::Router;
-use crate::wake::HeldWaker;
+use crate::wake::{HeldWaker, QuietSleep};
 
 /// Concurrent HTTP/2 streams per client connection.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -552,10 +552,8 @@ struct IdleIo<T> {
     between_heads: Option<Duration>,
     count_bytes: bool,
     last_io: Instant,
-    sleep: Pin<Box<Sleep>>,
-    /// The waker `sleep` holds: while it has not fired and the reader's waker is the same, there is
-    /// nothing to poll (see [`IdleIo::expired`]).
-    sleep_waker: HeldWaker,
+    /// Polled only when it may have fired or for another reader (see [`IdleIo::expired`]).
+    sleep: QuietSleep,
     activity: Arc<Activity>,
     write_stall: Duration,
     /// Since when writes have been blocked, with the timer that wakes us to check.
@@ -660,10 +658,9 @@ impl<T> IdleIo<T> {
             between_heads,
             count_bytes,
             last_io: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(
-                between_heads.map_or(timeout, |d| d.min(timeout)),
-            )),
-            sleep_waker: HeldWaker::default(),
+            sleep: QuietSleep::until(
+                tokio::time::Instant::now() + between_heads.map_or(timeout, |d| d.min(timeout)),
+            ),
             activity,
             write_stall,
             blocked: None,
@@ -717,12 +714,8 @@ impl<T> IdleIo<T> {
     /// reader's waker would only answer pending again: that costs one atomic load here instead
     /// of a poll (the task budget, the timer's state, its waker compared and stored again).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.sleep_waker.holds(cx) && !self.sleep.is_elapsed() {
-            return false;
-        }
         loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                self.sleep_waker.polled_pending(cx);
+            if self.sleep.poll_fired(cx).is_pending() {
                 return false;
             }
             let timeout = self.idle_limit();
@@ -735,7 +728,7 @@ impl<T> IdleIo<T> {
             } else {
                 deadline
             };
-            self.sleep.as_mut().reset(next.into());
+            self.sleep.reset(next.into());
         }
     }
 }

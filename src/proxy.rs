@@ -35,7 +35,7 @@ pub(crate) const PRIME_GAP: Duration = Duration::from_millis(50);
 use crate::config::{AuthMode, Route};
 use crate::error::{BoxError, Error};
 use crate::upstream::{Progress, Upstream, UpstreamError};
-use crate::wake::HeldWaker;
+use crate::wake::QuietSleep;
 
 /// What the caller decided about the request before it leaves.
 pub(crate) struct Forward<'a> {
@@ -315,14 +315,7 @@ pub(crate) struct ConnectionSlot {
 /// registration, no removal, no reset and no poll; when the timer fires on an idle connection it
 /// wakes that connection's task once, to no effect.
 pub(crate) struct ConnectionDeadline {
-    timer: std::sync::Mutex<Option<Armed>>,
-}
-
-/// The timer of a [`ConnectionDeadline`] and the waker it holds.
-struct Armed {
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// The waker `sleep` holds (none after a reset).
-    waker: HeldWaker,
+    timer: std::sync::Mutex<Option<QuietSleep>>,
 }
 
 impl ConnectionDeadline {
@@ -338,32 +331,17 @@ impl ConnectionDeadline {
         {
             let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
             match timer.as_mut() {
-                Some(t) if !t.sleep.is_elapsed() && t.sleep.deadline() <= due => {}
-                Some(t) => {
-                    t.sleep.as_mut().reset(due);
-                    t.waker.clear();
-                }
-                None => {
-                    *timer = Some(Armed {
-                        sleep: Box::pin(tokio::time::sleep_until(due)),
-                        waker: HeldWaker::default(),
-                    });
-                }
+                Some(t) if !t.is_elapsed() && t.deadline() <= due => {}
+                Some(t) => t.reset(due),
+                None => *timer = Some(QuietSleep::until(due)),
             }
         }
         std::future::poll_fn(|cx| {
             let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(t) = timer.as_mut() else {
-                return std::task::Poll::Ready(());
-            };
-            if t.waker.holds(cx) && !t.sleep.is_elapsed() {
-                return std::task::Poll::Pending;
+            match timer.as_mut() {
+                Some(t) => t.poll_fired(cx),
+                None => std::task::Poll::Ready(()),
             }
-            let r = t.sleep.as_mut().poll(cx);
-            if r.is_pending() {
-                t.waker.polled_pending(cx);
-            }
-            r
         })
         .await;
     }
