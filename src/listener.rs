@@ -710,9 +710,9 @@ impl<T> IdleIo<T> {
 
     /// Whether the connection has been idle for too long (polls the timer so we are woken later).
     ///
-    /// Every pending read asks, twice per request. A timer that has not fired and holds this
-    /// reader's waker would only answer pending again: that costs one atomic load here instead
-    /// of a poll (the task budget, the timer's state, its waker compared and stored again).
+    /// Every pending read asks, twice per request: while the timer has not fired and holds this
+    /// reader's waker, [`QuietSleep::poll_fired`] answers with one atomic load instead of a poll
+    /// (the task budget, the timer's state, its waker compared and stored again).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             if self.sleep.poll_fired(cx).is_pending() {

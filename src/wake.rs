@@ -33,8 +33,9 @@ impl HeldWaker {
         }
     }
 
-    /// Forgets the waker: the future was re-armed and must be polled again.
-    pub(crate) fn clear(&mut self) {
+    /// Forgets the waker: the future was re-armed and must be polled again (only a
+    /// [`QuietSleep`] is re-armed).
+    fn clear(&mut self) {
         self.0 = None;
     }
 }
