@@ -518,7 +518,7 @@ impl Sessions {
         memo: Option<&ConnectionMemo>,
         at: Instant,
     ) -> Probe {
-        let Some(value) = headers::cookie(headers, &self.cookie.name) else {
+        let Some(value) = headers::cookie_bytes(headers, &self.cookie.name) else {
             return Probe::Found(Lookup::None);
         };
         let Some(presented) = Presented::of(value) else {

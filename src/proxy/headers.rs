@@ -527,6 +527,12 @@ pub fn remove_cookies(headers: &mut HeaderMap, is_own: impl Fn(&[u8]) -> bool) {
 /// is read as bytes: a browser may send another cookie with UTF-8 or other non-ASCII bytes in its
 /// value, and that must not hide ours.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    std::str::from_utf8(cookie_bytes(headers, name)?).ok()
+}
+
+/// [`cookie`]'s value as bytes, not checked as text: for a reader that checks the characters
+/// itself (the session ticket is base64url of a fixed length), so they are not walked twice.
+pub fn cookie_bytes<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     let mut found = None;
     for v in headers.get_all(header::COOKIE) {
         for pair in cookie_pairs(v.as_bytes()) {
@@ -540,7 +546,7 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
             }
         }
     }
-    std::str::from_utf8(found?).ok()
+    found
 }
 
 /// The `;`-separated pairs of a `Cookie` value, trimmed of ASCII whitespace (RFC 6265 §4.2.1).

@@ -281,8 +281,8 @@ pub(crate) struct Presented<'a>(&'a Encoded);
 
 impl<'a> Presented<'a> {
     /// A cookie value of the ticket's length; `None` for any other.
-    pub(crate) fn of(value: &'a str) -> Option<Presented<'a>> {
-        value.as_bytes().try_into().ok().map(Presented)
+    pub(crate) fn of<V: AsRef<[u8]> + ?Sized>(value: &'a V) -> Option<Presented<'a>> {
+        value.as_ref().try_into().ok().map(Presented)
     }
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine; `None` if
