@@ -87,17 +87,29 @@ def mib(kib):
     return f"{kib / 1024:,.1f} MiB" if kib else "–"
 
 
+def paired(rows, s, ref):
+    """The median of the per-round req/s ratios of subject `s` to `ref`: each round runs every subject
+    back to back, so a pair shares that round's state of a machine whose capacity drifts."""
+    by = {(r["subject"], r.get("round")): r["rps"] for r in rows}
+    v = [a / by[(ref, n)] for (t, n), a in by.items() if t == s and n is not None and by.get((ref, n))]
+    return f"{statistics.median(v):.2f}×" if v and s != ref else "–"
+
+
 def per_subject_table(rows, title):
-    """A median req/s table (with ÷ nginx and CPU per 10k requests) from per-round JSON lines."""
-    out = [title, "", "| subject | req/s (min–max) | ÷ nginx | CPU s / 10k req |", "|---|---:|---:|---:|"]
+    """A median req/s table (with ÷ nginx, paired ÷ nginx and CPU per 10k requests) from per-round
+    JSON lines."""
+    out = [title, "", "| subject | req/s (min–max) | ÷ nginx | paired ÷ nginx | CPU s / 10k req |",
+           "|---|---:|---:|---:|---:|"]
     subjects = list(dict.fromkeys(r["subject"] for r in rows))
     med_of = {s: statistics.median(r["rps"] for r in rows if r["subject"] == s) for s in subjects}
     for s in subjects:
         rs = [r["rps"] for r in rows if r["subject"] == s]
-        base = med_of.get("nginx/h2" if s.endswith("/h2") else "nginx")
+        ref = "nginx/h2" if s.endswith("/h2") else "nginx"
         cpu = statistics.median(r["cpu_s_per_10k"] for r in rows if r["subject"] == s)
-        out.append(f"| {s} | {med_of[s]:,.0f} ({min(rs):,.0f}–{max(rs):,.0f}) | {ratio(med_of[s], base)} | "
-                   f"{cpu:.3f} |")
+        out.append(f"| {s} | {med_of[s]:,.0f} ({min(rs):,.0f}–{max(rs):,.0f}) | {ratio(med_of[s], med_of.get(ref))} | "
+                   f"{paired(rows, s, ref)} | {cpu:.3f} |")
+    out.append("")
+    out.append("Paired ÷ nginx: the median of the per-round ratios (every round runs all subjects back to back).")
     out.append("")
     return out
 
@@ -135,15 +147,18 @@ def main():
         md.append(f"### Saturation (wrk -t1 -c{machine.get('connections', '?')} -d{machine.get('duration_s', '?')}s, "
                   f"keep-alive HTTPS, HTTP/1.1, 1 KiB JSON; median of {machine.get('rounds', '?')} alternating rounds)")
         md.append("")
-        md.append("| subject | req/s (min–max) | ÷ direct | ÷ nginx | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | peak RSS | non-2xx |")
-        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        md.append("| subject | req/s (min–max) | ÷ direct | ÷ nginx | paired ÷ nginx | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | peak RSS | non-2xx |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        sat_rows = [r for r in runs if r["phase"] == "saturation"]
         for s, r in sat.items():
             md.append(f"| {LABELS[s]} | {r['rps']:,.0f} ({r['rps_min']:,.0f}–{r['rps_max']:,.0f}) | "
-                      f"{ratio(r['rps'], d)} | {ratio(r['rps'], n)} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | "
+                      f"{ratio(r['rps'], d)} | {ratio(r['rps'], n)} | {paired(sat_rows, s, 'nginx')} | "
+                      f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | "
                       f"{fmt(r['p999_ms'])} | {fmt(r['cpu_s_per_10k'], 3)} | {mib(peak.get(RSS_OF[s]))} | "
                       f"{r['non_2xx'] + r['errors']} |")
         md.append("")
-        md.append("CPU is the subject's own processes only (for `direct`, the upstream's; for the proxies, not the "
+        md.append("Paired ÷ nginx: the median of the per-round ratios (every round runs all subjects back to "
+                  "back). CPU is the subject's own processes only (for `direct`, the upstream's; for the proxies, not the "
                   "upstream's), from `/proc/<pid>/stat` utime+stime. Peak RSS is `VmHWM` at the end of the load "
                   "phases (`none` and `auth` are served by the same coatcheck process).")
         md.append("")
