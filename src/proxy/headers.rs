@@ -892,6 +892,21 @@ mod tests {
     fn a_duplicated_cookie_is_not_trusted() {
         assert_eq!(cookie(&map(&[("cookie", "a=1; s=v")]), "s"), Some("v"));
         assert_eq!(cookie(&map(&[("cookie", "s=v1; s=v2")]), "s"), None);
+        assert_eq!(cookie_bytes(&map(&[("cookie", "s=v1; s=v2")]), "s"), None);
+    }
+
+    #[test]
+    fn cookie_bytes_finds_what_cookie_finds_without_the_text_check() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"a=\xff\xfe; s=ok; t=\xc3\x28").unwrap(),
+        );
+        assert_eq!(cookie_bytes(&h, "s"), Some(&b"ok"[..]));
+        assert_eq!(cookie(&h, "s"), Some("ok"));
+        assert_eq!(cookie_bytes(&h, "t"), Some(&b"\xc3\x28"[..]));
+        assert_eq!(cookie(&h, "t"), None, "not UTF-8: no text value");
+        assert_eq!(cookie_bytes(&h, "u"), None);
     }
 }
 
