@@ -87,11 +87,20 @@ def mib(kib):
     return f"{kib / 1024:,.1f} MiB" if kib else "–"
 
 
+def paired_values(rows, s, ref, rate=False):
+    """Subject `s` against `ref` round by round: req/s ratios, or p99 differences in ms at a fixed
+    rate. Each round runs every subject back to back, so a pair shares that round's state of a
+    machine whose capacity drifts from outside. (bench/cpu's summary uses this too.)"""
+    by = {(r["subject"], r.get("round")): r for r in rows}
+    pairs = [(a, by[(ref, n)]) for (t, n), a in by.items() if t == s and n is not None and (ref, n) in by]
+    if rate:
+        return [a["p99_ms"] - b["p99_ms"] for a, b in pairs]
+    return [a["rps"] / b["rps"] for a, b in pairs if b["rps"]]
+
+
 def paired(rows, s, ref):
-    """The median of the per-round req/s ratios of subject `s` to `ref`: each round runs every subject
-    back to back, so a pair shares that round's state of a machine whose capacity drifts."""
-    by = {(r["subject"], r.get("round")): r["rps"] for r in rows}
-    v = [a / by[(ref, n)] for (t, n), a in by.items() if t == s and n is not None and by.get((ref, n))]
+    """The median of the per-round req/s ratios of `s` to `ref`, for a table cell."""
+    v = paired_values(rows, s, ref)
     return f"{statistics.median(v):.2f}×" if v and s != ref else "–"
 
 

@@ -281,8 +281,8 @@ pub(crate) struct Presented<'a>(&'a Encoded);
 
 impl<'a> Presented<'a> {
     /// A cookie value of the ticket's length; `None` for any other.
-    pub(crate) fn of<V: AsRef<[u8]> + ?Sized>(value: &'a V) -> Option<Presented<'a>> {
-        value.as_ref().try_into().ok().map(Presented)
+    pub(crate) fn of(value: &'a [u8]) -> Option<Presented<'a>> {
+        value.try_into().ok().map(Presented)
     }
 
     /// The handle its id names (the cache key), whether or not the ticket is genuine; `None` if
@@ -353,7 +353,7 @@ impl Ticket {
 
     /// Verifies a cookie value; `None` for anything malformed, forged or altered.
     pub fn verify(value: &str, keys: &Keys) -> Option<Ticket> {
-        Presented::of(value)?.verify(keys)
+        Presented::of(value.as_bytes())?.verify(keys)
     }
 
     /// The cookie value, authenticated with the current key.
@@ -507,10 +507,13 @@ mod tests {
                 }
             }
         }
-        assert!(Presented::of(&text[1..]).is_none(), "too short");
-        assert!(Presented::of(&format!("{text}A")).is_none(), "too long");
+        assert!(Presented::of(&text.as_bytes()[1..]).is_none(), "too short");
+        assert!(
+            Presented::of(format!("{text}A").as_bytes()).is_none(),
+            "too long"
+        );
         let not_ascii = format!("é{}", &text[2..]);
-        let presented = Presented::of(&not_ascii).expect("86 bytes");
+        let presented = Presented::of(not_ascii.as_bytes()).expect("86 bytes");
         assert!(presented.handle_bytes(None).is_none(), "not ASCII");
         assert!(presented.verify(&keys(1)).is_none(), "not ASCII");
     }
@@ -529,7 +532,7 @@ mod tests {
             assert_eq!(id_of(&bad).is_some(), pos >= 24, "position {pos}");
             assert!(decode_ticket(&bad).is_none(), "position {pos}");
             let text = std::str::from_utf8(&bad).unwrap();
-            assert!(Presented::of(text).unwrap().verify(&k).is_none());
+            assert!(Presented::of(text.as_bytes()).unwrap().verify(&k).is_none());
         }
     }
 
@@ -540,7 +543,7 @@ mod tests {
         let value = t.encode(&k);
         let verified = encode(&t.signed(&k));
         assert_eq!(value.expose().as_bytes(), verified);
-        let presented = Presented::of(value.expose()).unwrap();
+        let presented = Presented::of(value.expose().as_bytes()).unwrap();
         assert!(presented.is(&verified));
         assert_eq!(presented.encoded(), verified);
         let mut other = verified;
@@ -560,7 +563,7 @@ mod tests {
         assert_eq!(t.handle_bytes(), expected.as_ref()[..16]);
         let k = keys(3);
         let value = t.encode(&k);
-        let presented = Presented::of(value.expose()).unwrap();
+        let presented = Presented::of(value.expose().as_bytes()).unwrap();
         assert_eq!(
             presented.handle_bytes(None).unwrap(),
             expected.as_ref()[..16]
@@ -573,8 +576,8 @@ mod tests {
         let (t, u) = (Ticket::generate(), Ticket::generate());
         let (tv, uv) = (t.encode(&k), u.encode(&k));
         let (pt, pu) = (
-            Presented::of(tv.expose()).unwrap(),
-            Presented::of(uv.expose()).unwrap(),
+            Presented::of(tv.expose().as_bytes()).unwrap(),
+            Presented::of(uv.expose().as_bytes()).unwrap(),
         );
         let memo = HandleMemo::default();
         assert_eq!(pt.handle_bytes(Some(&memo)), Some(t.handle_bytes()));
@@ -590,7 +593,12 @@ mod tests {
         let mut bad = tv.expose().as_bytes().to_vec();
         bad[3] = b'.';
         let bad = String::from_utf8(bad).unwrap();
-        assert_eq!(Presented::of(&bad).unwrap().handle_bytes(Some(&memo)), None);
+        assert_eq!(
+            Presented::of(bad.as_bytes())
+                .unwrap()
+                .handle_bytes(Some(&memo)),
+            None
+        );
         assert_eq!(memo.get(chars).map(|(h, _)| h), Some(t.handle_bytes()));
         assert!(memo.clone().get(chars).is_none(), "a copy starts empty");
     }
@@ -613,7 +621,10 @@ mod tests {
         let signed = encode(&t.signed(&k));
         assert_eq!(of_verified(&signed).record_key(), t.record_key());
         let value = t.encode(&k);
-        let verified = Presented::of(value.expose()).unwrap().verify(&k).unwrap();
+        let verified = Presented::of(value.expose().as_bytes())
+            .unwrap()
+            .verify(&k)
+            .unwrap();
         assert_eq!(of_verified(&signed).record_key(), verified.record_key());
         assert_ne!(
             of_verified(&signed).record_key(),
